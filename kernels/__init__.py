@@ -1,0 +1,20 @@
+"""sophia_kernels: hierarchical attention for Sophia (sophia.md section 2).
+
+    from sophia_kernels import HierLayout, hierarchical_attention, level_counts
+
+Depends only on torch; triton is imported lazily by the "triton" implementation.
+"""
+
+from .attention import hierarchical_attention, plain_token_mask, triton_available
+from .layout import HierLayout, VideoSpan, level_counts
+from .reference import hierarchical_attention_reference
+
+__all__ = [
+    "HierLayout",
+    "VideoSpan",
+    "hierarchical_attention",
+    "hierarchical_attention_reference",
+    "level_counts",
+    "plain_token_mask",
+    "triton_available",
+]

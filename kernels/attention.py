@@ -1,0 +1,65 @@
+"""Public entry point: ``hierarchical_attention`` (sophia.md section 2).
+
+Decoding needs nothing from here: after prefill no text token reads an aggregated token's keys or values, so the
+KV cache can drop them and decoding is plain causal attention over text and level-0 tokens (use SDPA / flash with
+``is_causal`` semantics over the cache). ``plain_token_mask`` gives the positions to keep in the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import HierLayout
+from .reference import check_inputs, hierarchical_attention_reference
+
+__all__ = ["hierarchical_attention", "triton_available", "plain_token_mask"]
+
+_IMPLEMENTATIONS = ("auto", "reference", "triton")
+
+
+def triton_available(device: torch.device | str | None = None) -> bool:
+    """True when the Triton kernels can run on ``device`` (CUDA, triton importable)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def _triton_supports(q: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in (16, 32, 64, 128, 256)
+
+
+def hierarchical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout, *,
+                           scale: float | None = None, implementation: str = "auto") -> torch.Tensor:
+    """Hierarchical attention over packed sequences with videos.
+
+    q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 (GQA). Returns [B, Hq, N, D] in q's dtype.
+    ``implementation``: "auto" (Triton on CUDA when available and the shape is supported, else the reference),
+    "reference" (plain PyTorch) or "triton". Padding query positions output exactly 0 and get zero gradients;
+    nothing attends to padding or across packed sequences. Default scale is D ** -0.5; softmax in float32.
+    """
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
+    check_inputs(q, k, v, layout)
+    if implementation == "auto":
+        use_triton = q.is_cuda and triton_available(q.device) and _triton_supports(q)
+        implementation = "triton" if use_triton else "reference"
+    if implementation == "reference":
+        return hierarchical_attention_reference(q, k, v, layout, scale=scale)
+    from .ops.hier_attention_triton import hier_attention_triton
+
+    return hier_attention_triton(q, k, v, layout, scale=scale)
+
+
+def plain_token_mask(layout: HierLayout, batch_size: int, seq_len: int, device=None) -> torch.Tensor:
+    """Bool [B, N]: True for tokens that stay in the KV cache after prefill (text and level-0 video tokens of
+    some sequence); False for aggregated tokens (level >= 1) and padding."""
+    meta = layout.token_metadata(batch_size, seq_len, device=device)
+    return (meta["seq"] >= 0) & (meta["level"] <= 0)

@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: importing sophia_kernels never imports triton)."""

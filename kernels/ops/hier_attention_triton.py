@@ -1,0 +1,607 @@
+"""Triton forward and backward kernels of hierarchical attention (sophia.md section 2).
+
+Tile schedule (built on the host from the layout's few integers, cached on the layout, copied once to the device):
+
+* Query tiles never straddle a frame, a text run or a sequence: a tile is ``BLOCK_M`` (or fewer) consecutive
+  tokens of one frame, or of one text run, or of one padding run. Each tile carries its key ranges:
+  - the *plain prefix*: every non-aggregated token of its sequence before ``limit`` (``limit`` = the tile start for
+    text, the video start for video tiles). In memory this is ``1 + #earlier videos`` contiguous segments
+    ``[s0, v1.l0_end), [v1.end, v2.l0_end), ..., [vk.end, limit)`` read from two small per-video tables;
+  - the *diagonal* (text tiles): keys ``[q0, q1)`` with the causal mask;
+  - the *hierarchy* (video tiles): the same-level window W, the parent frame P and the children frames C, three
+    contiguous ranges walked by one flat loop.
+* Key tiles (dK/dV) are the same kind of tiles. The rule is symmetric inside a video, so a key frame is seen by the
+  query frames of the same W/P/C ranges; a text key is seen by every token after it in its sequence (causal on
+  the diagonal), a level-0 key of video V by every token after V's extended span.
+
+No mask or block table of size N^2 exists anywhere; counts are runtime integers (no recompilation per layout).
+Padding tiles write zeros (output, dQ, dK, dV). The work list is sorted by decreasing cost (longest first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import HierLayout
+from ..reference import check_inputs
+
+__all__ = ["hier_attention_triton", "HierAttnConfig", "build_plan"]
+
+LOG2E = 1.4426950408889634
+DESC_COLS = 16
+KIND_TEXT, KIND_VIDEO, KIND_PAD = 0, 1, 2
+
+
+# ============================================================================================== host-side plan
+def _tiles_for_range(t0, t1, bs):
+    starts = np.arange(t0, t1, bs, dtype=np.int64)
+    return starts, np.minimum(starts + bs, t1)
+
+
+def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: str):
+    """Descriptors [T, 16] (int64 numpy) and costs [T] for query tiles (side='q') or key tiles (side='k')."""
+    m, e, a = layout.tokens_per_frame, layout.neighbours, layout.arity
+    spans = layout.video_spans()
+    seqs = layout.seq_list()
+    order = sorted(range(len(spans)), key=lambda i: (spans[i].row, spans[i].start))
+    rank = {vi: r for r, vi in enumerate(order)}
+    blocks, costs = [], []
+
+    def text_tiles(row, t0, t1, s0, s1, vid_lo, nprev, plain_before):
+        if t1 <= t0:
+            return
+        st, en = _tiles_for_range(t0, t1, bs)
+        d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
+        d[:, 0] = KIND_TEXT
+        d[:, 1] = row
+        d[:, 2] = st
+        d[:, 3] = en
+        if side == "q":
+            d[:, 4] = s0
+            d[:, 5] = vid_lo
+            d[:, 6] = nprev
+            d[:, 7] = st  # plain prefix ends at the tile start
+            d[:, 14] = st  # diagonal
+            d[:, 15] = en
+            cost = plain_before + (st - t0) + (en - st)
+        else:
+            d[:, 4] = en  # queries after the tile: [k1, s1)
+            d[:, 5] = s1
+            d[:, 14] = st  # diagonal (queries [k0, k1), causal)
+            d[:, 15] = en
+            cost = (s1 - en) + (en - st)
+        blocks.append(d)
+        costs.append(np.asarray(cost, dtype=np.int64) + np.zeros(st.size, dtype=np.int64))
+
+    for j, (row, s0, s1) in enumerate(seqs):
+        vids = sorted((sp for sp in spans if sp.seq == j), key=lambda s: s.start)
+        vid_lo = rank[vids[0].index] if vids else 0
+        cursor, plain_before = s0, 0
+        for nprev, sp in enumerate(vids):
+            text_tiles(row, cursor, sp.start, s0, s1, vid_lo, nprev, plain_before)
+            plain_before += sp.start - cursor
+            counts, lstarts = sp.counts, sp.level_starts
+            nlev = len(counts)
+            for lvl, c in enumerate(counts):
+                n = np.arange(c, dtype=np.int64)
+                sub = np.arange(0, m, bs, dtype=np.int64)
+                nn = np.repeat(n, sub.size)
+                ss = np.tile(sub, c)
+                f0 = lstarts[lvl] + nn * m
+                st = f0 + ss
+                en = np.minimum(st + bs, f0 + m)
+                d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
+                d[:, 0] = KIND_VIDEO
+                d[:, 1] = row
+                d[:, 2] = st
+                d[:, 3] = en
+                d[:, 8] = lstarts[lvl] + m * np.maximum(nn - e, 0)
+                d[:, 9] = lstarts[lvl] + m * (np.minimum(nn + e, c - 1) + 1)
+                if lvl + 1 < nlev:
+                    d[:, 10] = lstarts[lvl + 1] + m * (nn // a)
+                    d[:, 11] = d[:, 10] + m
+                if lvl >= 1:
+                    d[:, 12] = lstarts[lvl - 1] + m * nn * a
+                    d[:, 13] = lstarts[lvl - 1] + m * np.minimum(nn * a + a, counts[lvl - 1])
+                hier = (d[:, 9] - d[:, 8]) + (d[:, 11] - d[:, 10]) + (d[:, 13] - d[:, 12])
+                if side == "q":
+                    d[:, 4] = s0
+                    d[:, 5] = vid_lo
+                    d[:, 6] = nprev
+                    d[:, 7] = sp.start
+                    cost = hier + plain_before
+                else:
+                    if lvl == 0:
+                        d[:, 4] = sp.end
+                        d[:, 5] = s1
+                    cost = hier + (d[:, 5] - d[:, 4])
+                blocks.append(d)
+                costs.append(cost)
+            plain_before += sp.frames * m
+            cursor = sp.end
+        text_tiles(row, cursor, s1, s0, s1, vid_lo, len(vids), plain_before)
+
+    # padding: complement of the sequences in every row
+    by_row: dict[int, list[tuple[int, int]]] = {}
+    for row, s0, s1 in seqs:
+        by_row.setdefault(row, []).append((s0, s1))
+    for row in range(batch):
+        pos = 0
+        for s0, s1 in sorted(by_row.get(row, [])) + [(seq_len, seq_len)]:
+            if s0 > pos:
+                st, en = _tiles_for_range(pos, s0, bs)
+                d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
+                d[:, 0] = KIND_PAD
+                d[:, 1] = row
+                d[:, 2] = st
+                d[:, 3] = en
+                blocks.append(d)
+                costs.append(np.zeros(st.size, dtype=np.int64))
+            pos = max(pos, s1)
+    if not blocks:
+        return np.zeros((0, DESC_COLS), dtype=np.int64), np.zeros(0, dtype=np.int64), order
+    desc = np.concatenate(blocks)
+    cost = np.concatenate(costs)
+    perm = np.argsort(-cost, kind="stable")  # longest tiles first
+    return desc[perm], cost[perm], order
+
+
+@dataclass
+class Plan:
+    qdesc: torch.Tensor  # [Tq, 16] int32, query tiles of size block_q
+    kdesc: torch.Tensor  # [Tk, 16] int32, key tiles of size block_k
+    vid_l0_end: torch.Tensor  # [V] int32, sorted by (row, start)
+    vid_end: torch.Tensor  # [V] int32
+    n_qtiles: int
+    n_ktiles: int
+
+
+def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block_k: int, device) -> Plan:
+    """Tile schedule for the forward/dQ (query tiles of ``block_q``) and dK/dV (key tiles of ``block_k``)."""
+    key = ("plan", batch, seq_len, block_q, block_k, str(device))
+    hit = layout._cache.get(key)
+    if hit is not None:
+        return hit
+    layout.validate(batch, seq_len)
+    qd, _, order = _build_tiles(layout, batch, seq_len, block_q, "q")
+    kd, _, _ = _build_tiles(layout, batch, seq_len, block_k, "k")
+    spans = layout.video_spans()
+    l0 = np.array([spans[i].l0_end for i in order] or [0], dtype=np.int64)
+    ve = np.array([spans[i].end for i in order] or [0], dtype=np.int64)
+    if max(seq_len, 1) >= 2**31 - 1:
+        raise ValueError("sequence too long for int32 tile descriptors")
+    sizes = [qd.size, kd.size, l0.size, ve.size]
+    flat = np.concatenate([qd.reshape(-1), kd.reshape(-1), l0, ve]).astype(np.int32)
+    dev_flat = torch.from_numpy(flat).to(device)
+    parts = torch.split(dev_flat, sizes)
+    plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[0],
+                kd.shape[0])
+    layout._cache[key] = plan
+    return plan
+
+
+# ============================================================================================== kernels
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, kstart, kend, offs_m, offs_n, offs_d, qk_scale,
+               MASK_END: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_k = kstart + offs_n
+    if MASK_END:
+        kmask = offs_k < kend
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :])
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASK_END:
+        qk = tl.where(offs_k[None, :] < kend, qk, float("-inf"))
+    if CAUSAL:
+        qk = tl.where(offs_k[None, :] <= offs_m[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, kstart, kend, offs_m, offs_n, offs_d, qk_scale,
+              MASK_END: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_k = kstart + offs_n
+    if MASK_END:
+        kmask = offs_k < kend
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :])
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASK_END:
+        p = tl.where(offs_k[None, :] < kend, p, 0.0)
+    if CAUSAL:
+        p = tl.where(offs_k[None, :] <= offs_m[:, None], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                   sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+                   Hq, N, qk_scale, sm_scale,
+                   G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN_HIER: tl.constexpr, MODE: tl.constexpr):
+    """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O))."""
+    pid = tl.program_id(0)
+    t = pid // Hq
+    h = pid % Hq
+    hk = h // G
+    dp_ = QDESC + t * 16
+    kind = tl.load(dp_ + 0)
+    b = tl.load(dp_ + 1)
+    q0 = tl.load(dp_ + 2)
+    q1 = tl.load(dp_ + 3)
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    qmask = offs_m < q1
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    row_stat = (b64 * Hq + h64) * N  # LSE / DELTA are [B, Hq, N] float32
+    if MODE == 0:
+        o_ptrs = O + b64 * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :]
+    else:
+        o_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqn + offs_d[None, :]
+    if kind == 2:
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, HEAD_D], dtype=o_ptrs.dtype.element_ty), mask=qmask[:, None])
+    else:
+        s0 = tl.load(dp_ + 4)
+        vid_lo = tl.load(dp_ + 5)
+        nprev = tl.load(dp_ + 6)
+        limit = tl.load(dp_ + 7)
+        w0 = tl.load(dp_ + 8)
+        w1 = tl.load(dp_ + 9)
+        p0 = tl.load(dp_ + 10)
+        p1 = tl.load(dp_ + 11)
+        c0 = tl.load(dp_ + 12)
+        c1 = tl.load(dp_ + 13)
+        d0 = tl.load(dp_ + 14)
+        d1 = tl.load(dp_ + 15)
+        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qmask[:, None],
+                    other=0.0)
+        k_base = K + b64 * skb + hk64 * skh
+        v_base = V + b64 * svb + hk64 * svh
+        if MODE == 0:
+            acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdon + offs_d[None, :],
+                         mask=qmask[:, None], other=0.0)
+            o = tl.load(O + b64 * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :], mask=qmask[:, None],
+                        other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            tl.store(DELTA + row_stat + offs_m, delta, mask=qmask)
+            lse = tl.load(LSE + row_stat + offs_m, mask=qmask, other=0.0)
+            dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+
+        # ---- phase 1: plain prefix segments [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [end(vk), limit)
+        seg_start = s0
+        for j in range(0, nprev + 1):
+            has_vid = j < nprev
+            seg_end = tl.load(VID_L0END + vid_lo + j, mask=has_vid, other=0)
+            seg_end = tl.where(has_vid, seg_end, limit)
+            nxt = tl.load(VID_END + vid_lo + j, mask=has_vid, other=0)
+            nxt = tl.where(has_vid, nxt, limit)
+            n_full = (seg_end - seg_start) // BLOCK_N
+            for i in range(0, n_full):
+                ks = seg_start + i * BLOCK_N
+                if MODE == 0:
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
+                                               offs_n, offs_d, qk_scale, False, False)
+                else:
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m, offs_n,
+                                   offs_d, qk_scale, False, False)
+            ks = seg_start + n_full * BLOCK_N
+            if ks < seg_end:
+                if MODE == 0:
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
+                                               offs_n, offs_d, qk_scale, True, False)
+                else:
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m, offs_n,
+                                   offs_d, qk_scale, True, False)
+            seg_start = nxt
+
+        # ---- phase 2: diagonal of text tiles, causal
+        for ks in range(d0, d1, BLOCK_N):
+            if MODE == 0:
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n,
+                                           offs_d, qk_scale, True, True)
+            else:
+                dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n, offs_d,
+                               qk_scale, True, True)
+
+        # ---- phase 3: hierarchy of video tiles: window W, parent P, children C in one flat loop
+        nw = tl.cdiv(w1 - w0, BLOCK_N)
+        np_ = tl.cdiv(p1 - p0, BLOCK_N)
+        nc = tl.cdiv(c1 - c0, BLOCK_N)
+        nwp = nw + np_
+        for i in range(0, nwp + nc):
+            in_p = i >= nw
+            in_c = i >= nwp
+            base = tl.where(in_c, c0 - nwp * BLOCK_N, tl.where(in_p, p0 - nw * BLOCK_N, w0))
+            kend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
+            ks = base + i * BLOCK_N
+            if MODE == 0:
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
+                                           offs_d, qk_scale, not EVEN_HIER, False)
+            else:
+                dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n, offs_d,
+                               qk_scale, not EVEN_HIER, False)
+
+        if MODE == 0:
+            out = acc / l_i[:, None]
+            tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=qmask[:, None])
+            tl.store(LSE + row_stat + offs_m, m_i + tl.math.log2(l_i), mask=qmask)
+        else:
+            tl.store(o_ptrs, (dq * sm_scale).to(o_ptrs.dtype.element_ty), mask=qmask[:, None])
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
+                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_q = qstart + offs_m
+    if ROW_MASK:
+        qm = offs_q < qend
+        q = tl.load(q_base + offs_q[:, None] * sqn + offs_d[None, :], mask=qm[:, None], other=0.0)
+        do = tl.load(do_base + offs_q[:, None] * sdon + offs_d[None, :], mask=qm[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_q, mask=qm, other=float("inf"))
+        delta = tl.load(delta_base + offs_q, mask=qm, other=0.0)
+    else:
+        q = tl.load(q_base + offs_q[:, None] * sqn + offs_d[None, :])
+        do = tl.load(do_base + offs_q[:, None] * sdon + offs_d[None, :])
+        lse = tl.load(lse_base + offs_q)
+        delta = tl.load(delta_base + offs_q)
+    qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+    pT = tl.math.exp2(qkT - lse[None, :])
+    if CAUSAL:
+        pT = tl.where(offs_q[None, :] >= offs_kn[:, None], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
+                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                 sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                 Hq, Hkv, N, qk_scale, sm_scale,
+                 G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_HIER: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid // Hkv
+    hk = pid % Hkv
+    dp_ = KDESC + t * 16
+    kind = tl.load(dp_ + 0)
+    b = tl.load(dp_ + 1)
+    k0 = tl.load(dp_ + 2)
+    k1 = tl.load(dp_ + 3)
+    offs_kn = k0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    kmask = offs_kn < k1
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + offs_kn[:, None] * sdkn + offs_d[None, :]
+    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + offs_kn[:, None] * sdvn + offs_d[None, :]
+    if kind == 2:
+        tl.store(dk_ptrs, tl.zeros([BLOCK_N, HEAD_D], dtype=dk_ptrs.dtype.element_ty), mask=kmask[:, None])
+        tl.store(dv_ptrs, tl.zeros([BLOCK_N, HEAD_D], dtype=dv_ptrs.dtype.element_ty), mask=kmask[:, None])
+    else:
+        x0 = tl.load(dp_ + 4)
+        x1 = tl.load(dp_ + 5)
+        w0 = tl.load(dp_ + 8)
+        w1 = tl.load(dp_ + 9)
+        p0 = tl.load(dp_ + 10)
+        p1 = tl.load(dp_ + 11)
+        c0 = tl.load(dp_ + 12)
+        c1 = tl.load(dp_ + 13)
+        d0 = tl.load(dp_ + 14)
+        d1 = tl.load(dp_ + 15)
+        k = tl.load(K + b64 * skb + hk64 * skh + offs_kn[:, None] * skn + offs_d[None, :], mask=kmask[:, None],
+                    other=0.0)
+        v = tl.load(V + b64 * svb + hk64 * svh + offs_kn[:, None] * svn + offs_d[None, :], mask=kmask[:, None],
+                    other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+        nw = tl.cdiv(w1 - w0, BLOCK_M)
+        np_ = tl.cdiv(p1 - p0, BLOCK_M)
+        nc = tl.cdiv(c1 - c0, BLOCK_M)
+        nwp = nw + np_
+        n_full = (x1 - x0) // BLOCK_M
+        for g in range(0, G):
+            h64 = hk64 * G + g
+            q_base = Q + b64 * sqb + h64 * sqh
+            do_base = DO + b64 * sdob + h64 * sdoh
+            row_stat = (b64 * Hq + h64) * N
+            lse_base = LSE + row_stat
+            delta_base = DELTA + row_stat
+            # diagonal of text key tiles: queries [k0, k1), q >= k
+            for qs in range(d0, d1, BLOCK_M):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, d1,
+                                     offs_kn, offs_m, offs_d, qk_scale, True, True)
+            # every later token of the sequence (text keys) / after the video span (level-0 keys)
+            for i in range(0, n_full):
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
+                                     x0 + i * BLOCK_M, x1, offs_kn, offs_m, offs_d, qk_scale, False, False)
+            qs = x0 + n_full * BLOCK_M
+            if qs < x1:
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, x1,
+                                     offs_kn, offs_m, offs_d, qk_scale, True, False)
+            # hierarchy (symmetric): query frames in W, P, C
+            for i in range(0, nwp + nc):
+                in_p = i >= nw
+                in_c = i >= nwp
+                base = tl.where(in_c, c0 - nwp * BLOCK_M, tl.where(in_p, p0 - nw * BLOCK_M, w0))
+                qend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
+                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
+                                     base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, not EVEN_HIER,
+                                     False)
+        tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptrs.dtype.element_ty), mask=kmask[:, None])
+        tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kmask[:, None])
+
+
+# ============================================================================================== wrappers
+@dataclass(frozen=True)
+class HierAttnConfig:
+    """Block sizes and launch parameters (defaults tuned for H100, D = 128, bf16)."""
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkdv_block_n: int = 128
+    dkdv_block_m: int = 64
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+
+    @staticmethod
+    def for_interpreter() -> "HierAttnConfig":
+        return HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
+
+
+_DEFAULT_CONFIG: HierAttnConfig | None = None
+
+
+def default_config(head_dim: int) -> HierAttnConfig:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return HierAttnConfig.for_interpreter()
+    if head_dim <= 64:
+        return HierAttnConfig(128, 64, 4, 3, 128, 64, 4, 2, 128, 64, 4, 2)
+    return _DEFAULT_CONFIG or HierAttnConfig()
+
+
+def _prep(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.stride(-1) != 1 or x.stride(2) * n >= 2**31:
+        x = x.contiguous()
+    return x
+
+
+def _plans(layout, b, n, cfg, device):
+    pf = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, device)
+    pq = pf if cfg.dq_block_m == cfg.fwd_block_m else build_plan(layout, b, n, cfg.dq_block_m, cfg.dkdv_block_n,
+                                                                 device)
+    return pf, pq
+
+
+def _even(m: int, block: int) -> bool:
+    return m % block == 0
+
+
+def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False):
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    plan, _ = _plans(layout, b, n, cfg, q.device)
+    o = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format) if poison else \
+        torch.empty((b, hq, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
+    if plan.n_qtiles == 0:
+        return o, lse
+    grid = (plan.n_qtiles * hq,)
+    m = layout.tokens_per_frame
+    _q_side_kernel[grid](
+        q, k, v, o, lse, o, lse, o, plan.qdesc, plan.vid_l0_end, plan.vid_end,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        0, 0, 0, 0, 0, 0,
+        hq, n, scale * LOG2E, scale,
+        G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        EVEN_HIER=_even(m, cfg.fwd_block_n), MODE=0, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return o, lse
+
+
+def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, poison: bool = False):
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    _, pq = _plans(layout, b, n, cfg, q.device)
+    pk = pq
+    do = _prep(do, n)
+
+    def alloc(x):
+        if poison:
+            return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    delta = torch.empty_like(lse)
+    m = layout.tokens_per_frame
+    if pq.n_qtiles:
+        _q_side_kernel[(pq.n_qtiles * hq,)](
+            q, k, v, o, lse, do, delta, dq, pq.qdesc, pq.vid_l0_end, pq.vid_end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+            hq, n, scale * LOG2E, scale,
+            G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+            EVEN_HIER=_even(m, cfg.dq_block_n), MODE=1, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    if pk.n_ktiles:
+        _dkdv_kernel[(pk.n_ktiles * hkv,)](
+            q, k, v, do, lse, delta, dk, dv, pk.kdesc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            hq, hkv, n, scale * LOG2E, scale,
+            G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+            EVEN_HIER=_even(m, cfg.dkdv_block_m), num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    return dq, dk, dv
+
+
+class _HierAttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, cfg, poison):
+        o, lse = hier_attention_fwd(q, k, v, layout, scale, cfg, poison)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.scale, ctx.cfg, ctx.poison = layout, scale, cfg, poison
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = hier_attention_bwd(do, q, k, v, o, lse, ctx.layout, ctx.scale, ctx.cfg, ctx.poison)
+        return dq, dk, dv, None, None, None, None
+
+
+def hier_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout, *,
+                          scale: float | None = None, config: HierAttnConfig | None = None,
+                          poison: bool = False) -> torch.Tensor:
+    """Triton hierarchical attention with autograd. ``poison`` fills outputs and gradients with NaN before the
+    kernels run (tests: every element must be written)."""
+    b, hq, hkv, n, d = check_inputs(q, k, v, layout)
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"the Triton kernel supports head dims 16, 32, 64, 128, 256; got {d}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError("q, k, v must have the same dtype")
+    if scale is None:
+        scale = d ** -0.5
+    cfg = config or default_config(d)
+    q, k, v = _prep(q, n), _prep(k, n), _prep(v, n)
+    return _HierAttnFn.apply(q, k, v, layout, float(scale), cfg, poison)

@@ -1,0 +1,51 @@
+"""`sophia`: small commands around ms-swift's own CLIs.
+
+    sophia plugin-path                 the file to give `swift ... --external_plugins`
+    sophia build-tiny DIR              write the sophia-tiny checkpoint (random weights, offline tokenizer)
+    sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def plugin_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sophia", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("plugin-path", help="print the path of the ms-swift plugin file")
+    tiny = sub.add_parser("build-tiny", help="build the sophia-tiny checkpoint")
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--decoder", default="qwen2", choices=["qwen2", "llama"])
+    tiny.add_argument("--num-frames", type=int, default=8)
+    tiny.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("make-data", help="write the synthetic video QA dataset")
+    data.add_argument("output_dir")
+    data.add_argument("--num-train", type=int, default=64)
+    data.add_argument("--num-val", type=int, default=8)
+    data.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "plugin-path":
+        print(plugin_path())
+    elif args.command == "build-tiny":
+        from .tiny import build_tiny
+
+        path = build_tiny(args.output_dir, seed=args.seed, decoder=args.decoder, num_frames=args.num_frames)
+        print(f"sophia-tiny written to {path}")
+    elif args.command == "make-data":
+        from .synthetic import make_dataset
+
+        paths = make_dataset(args.output_dir, args.num_train, args.num_val, seed=args.seed)
+        print(f"train: {paths['train']}\nval: {paths['val']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

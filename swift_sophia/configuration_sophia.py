@@ -1,0 +1,69 @@
+"""Configuration of the Sophia long-video VLM.
+
+Sophia is an InternVL-style model (InternViT vision tower, pixel-shuffle MLP projector, any transformers
+decoder) plus two additions: shot-adaptive frame pruning before the decoder and hierarchical attention inside
+it. Everything InternVL has lives in `InternVLConfig`; this class adds the Sophia settings.
+"""
+from __future__ import annotations
+
+from transformers import InternVLConfig
+
+
+class SophiaConfig(InternVLConfig):
+    r"""
+    video_token_id (`int`):
+        Id of the placeholder token that stands for one visual token of a video frame. The template expands a
+        `<video>` tag into `frames * tokens_per_frame` of them, between `<vid>` and `</vid>`.
+    hier_arity (`int`, defaults to 2): A, children per parent frame in the hierarchy.
+    hier_levels (`int`, defaults to 4): L, levels including the real frames (level 0).
+    hier_neighbours (`int`, defaults to 2): E, hops to same-level neighbour frames a video frame attends to.
+    attention_backend (`str`, defaults to `"auto"`): `"auto"` (Triton on CUDA, PyTorch reference elsewhere),
+        `"triton"` or `"reference"`.
+    num_frames (`int`, defaults to 32): frames sampled per video when the `VIDEO_SEGMENTS` environment
+        variable (or `--model_kwargs '{"video_segments": N}'`) does not say otherwise.
+    prune_alpha, prune_beta (`float`, defaults to 0): percent of shots dropped by query-guided inter-shot
+        pruning, and percent of frames dropped inside each kept shot by intra-shot redundancy pruning.
+        0 and 0 give the unpruned model.
+    gumbel_tau_start, gumbel_tau_min, gumbel_anneal_rate: temperature schedule of the Gumbel-Softmax used to
+        train the pruner: tau(step) = max(tau_min, tau_start * exp(-rate * step)).
+    """
+
+    model_type = "sophia"
+
+    video_token_id: int = 151668
+    hier_arity: int = 2
+    hier_levels: int = 4
+    hier_neighbours: int = 2
+    attention_backend: str = "auto"
+    num_frames: int = 32
+    prune_alpha: float = 0.0
+    prune_beta: float = 0.0
+    gumbel_tau_start: float = 1.0
+    gumbel_tau_min: float = 0.1
+    gumbel_anneal_rate: float = 1e-3
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.hier_arity < 2:
+            raise ValueError(f"hier_arity must be >= 2, got {self.hier_arity}")
+        if self.hier_levels < 1:
+            raise ValueError(f"hier_levels must be >= 1, got {self.hier_levels}")
+        if self.hier_neighbours < 0:
+            raise ValueError(f"hier_neighbours must be >= 0, got {self.hier_neighbours}")
+        if self.attention_backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"attention_backend must be auto, triton or reference, got {self.attention_backend!r}")
+
+    @property
+    def hidden_size(self) -> int:
+        # DeepSpeed ZeRO-3 sizes its buckets from the top-level config's hidden_size.
+        return self.text_config.hidden_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """M: visual tokens per frame after pixel shuffle (one tile per frame)."""
+        vision = self.vision_config
+        patches = (vision.image_size[0] // vision.patch_size[0]) * (vision.image_size[1] // vision.patch_size[1])
+        return int(patches * self.downsample_ratio**2)
+
+
+__all__ = ["SophiaConfig"]

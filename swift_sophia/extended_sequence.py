@@ -1,0 +1,208 @@
+"""From the plain token sequence to Sophia's extended sequence, and back.
+
+The template writes what a plain VLM would see: text tokens, and for every video `frames * M` placeholder
+tokens. The model prunes frames, then builds the *extended* sequence that the decoder runs on: every video's
+kept level-0 frames are followed directly by its aggregated frames (levels 1 .. L-1). This module computes, from
+a few integers per row and video, where every token goes (`ExtendedPlan`), and the layout the hierarchical
+attention kernel reads (`sophia_kernels.HierLayout`).
+
+Position ids (sophia.md section 2): text and level-0 tokens keep the positions a plain VLM given only the kept
+frames would give them (consecutive within each sequence), so aggregated tokens never shift the text. Token m
+of aggregated frame (l, n) takes the position of token m of the middle level-0 frame of the span it summarises,
+frame min(n * A**l + (A**l - 1) // 2, F' - 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from sophia_kernels import HierLayout, level_counts
+
+
+@dataclass
+class VideoRun:
+    """One video as it appears in the plain sequence."""
+
+    row: int
+    start: int  # first placeholder token in the plain row
+    frames: int  # frames sampled (placeholder tokens = frames * M)
+    kept: List[int]  # indices of the frames kept by pruning, sorted
+
+
+@dataclass
+class ExtendedPlan:
+    """Where every token of the extended sequence comes from, and where every plain token went."""
+
+    length: int  # N_ext, the longest extended row
+    # For every extended position (B * N_ext): index into cat([plain embeddings (B * N), visual bank]), or -1 (pad).
+    source: torch.Tensor
+    # For every plain position (B * N): its extended position (flat, row-major), or -1 (padding or pruned frame).
+    plain_to_extended: torch.Tensor
+    position_ids: torch.Tensor  # [B, N_ext]
+    layout: HierLayout
+    # Per row, the extended positions that stay in the KV cache after prefill (text and level-0 tokens).
+    cache_keep: List[torch.Tensor]
+    next_position: torch.Tensor  # [B], the position the next generated token takes
+
+
+def find_video_runs(input_ids: torch.Tensor, video_token_id: int, frame_counts: Sequence[int],
+                    tokens_per_frame: int) -> List[VideoRun]:
+    """Locate each video's placeholder run, in row-major order, and check it against the frame counts."""
+    is_video = (input_ids == video_token_id)
+    runs: List[VideoRun] = []
+    for row in range(input_ids.shape[0]):
+        flags = is_video[row].to(torch.int8)
+        if not bool(flags.any()):
+            continue
+        edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
+        starts = (edges == 1).nonzero().flatten().tolist()
+        ends = (edges == -1).nonzero().flatten().tolist()
+        for s, e in zip(starts, ends):
+            runs.append(VideoRun(row=row, start=s, frames=-1, kept=[]))
+            runs[-1].frames = e - s  # token count for now
+    if len(runs) != len(frame_counts):
+        raise ValueError(f"the batch holds {len(runs)} runs of video placeholder tokens but {len(frame_counts)} "
+                         "videos were given: every <video> tag needs exactly one video")
+    for i, (run, frames) in enumerate(zip(runs, frame_counts)):
+        frames = int(frames)
+        if run.frames != frames * tokens_per_frame:
+            raise ValueError(f"video {i} has {run.frames} placeholder tokens in row {run.row}, expected "
+                             f"{frames} frames x {tokens_per_frame} tokens; was the input truncated "
+                             "(--max_length too small) or built with another tokens_per_frame?")
+        run.frames = frames
+        run.kept = list(range(frames))
+    return runs
+
+
+def plain_sequences(attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                    batch: int, length: int) -> List[List[tuple]]:
+    """Per row, the (start, end, first_position) of each sequence in the plain row.
+
+    Padded batches: one sequence per row over the attended tokens (left or right padding). Packed rows
+    (ms-swift padding_free): a new sequence starts wherever position_ids restarts at 0.
+    """
+    rows: List[List[tuple]] = []
+    for b in range(batch):
+        if attention_mask is not None:
+            valid = attention_mask[b].nonzero().flatten()
+            if valid.numel() == 0:
+                rows.append([])
+                continue
+            s, e = int(valid[0]), int(valid[-1]) + 1
+            if e - s != valid.numel():
+                raise ValueError("attention_mask must be contiguous ones with padding on one side only")
+        else:
+            s, e = 0, length
+        if position_ids is not None and attention_mask is None:
+            pos = position_ids[b]
+            restarts = (pos[s:e] == 0).nonzero().flatten().add(s).tolist()
+            bounds = sorted(set([s] + restarts)) + [e]
+            rows.append([(bounds[i], bounds[i + 1], 0) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]])
+        else:
+            rows.append([(s, e, 0)])
+    return rows
+
+
+def build_extended_plan(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        position_ids: Optional[torch.Tensor], runs: List[VideoRun], *, tokens_per_frame: int,
+                        arity: int, levels: int, neighbours: int) -> ExtendedPlan:
+    """Lay out the extended rows (valid tokens first, padding at the end of each row).
+
+    The visual bank that `source` indexes after the plain embeddings holds, video after video, the kept
+    level-0 frames and then the aggregated frames of levels 1.., each frame M consecutive tokens.
+    """
+    batch, length = input_ids.shape
+    m = tokens_per_frame
+    device = input_ids.device
+    runs_by_row: List[List[VideoRun]] = [[] for _ in range(batch)]
+    for run in runs:
+        runs_by_row[run.row].append(run)
+
+    sources, plain_map, positions, cache_keep = [], [], [], []
+    seqs, videos = [], []
+    next_position = torch.zeros(batch, dtype=torch.long)
+    bank_offset = batch * length
+    row_lengths = []
+    for b, row_seqs in enumerate(plain_sequences(attention_mask, position_ids, batch, length)):
+        src: List[torch.Tensor] = []
+        pos: List[torch.Tensor] = []
+        keep: List[torch.Tensor] = []
+        p2e = torch.full((length,), -1, dtype=torch.long)
+        cursor = 0  # extended position in this row
+        row_runs = runs_by_row[b]
+        for s, e, first_pos in row_seqs:
+            seq_start = cursor
+            p = first_pos
+            t = s
+            for run in [r for r in row_runs if s <= r.start < e]:
+                if run.start + run.frames * m > e:
+                    raise ValueError(f"video placeholder run at row {b}, token {run.start} crosses the end of its "
+                                     "sequence")
+                # text before the video
+                n_text = run.start - t
+                src.append(torch.arange(b * length + t, b * length + run.start))
+                pos.append(torch.arange(p, p + n_text))
+                p2e[t:run.start] = torch.arange(cursor, cursor + n_text)
+                keep.append(torch.arange(cursor, cursor + n_text))
+                cursor += n_text
+                p += n_text
+                # kept level-0 frames, then aggregated levels
+                counts = level_counts(len(run.kept), arity, levels)
+                n_bank = sum(counts) * m
+                videos.append((b, cursor, len(run.kept)))
+                src.append(torch.arange(bank_offset, bank_offset + n_bank))
+                bank_offset += n_bank
+                l0_tokens = len(run.kept) * m
+                pos.append(_video_positions(p, counts, m, arity))
+                for j, f in enumerate(run.kept):
+                    p2e[run.start + f * m: run.start + (f + 1) * m] = torch.arange(cursor + j * m, cursor + (j + 1) * m)
+                keep.append(torch.arange(cursor, cursor + l0_tokens))
+                cursor += n_bank
+                p += l0_tokens
+                t = run.start + run.frames * m
+            n_text = e - t
+            src.append(torch.arange(b * length + t, b * length + e))
+            pos.append(torch.arange(p, p + n_text))
+            p2e[t:e] = torch.arange(cursor, cursor + n_text)
+            keep.append(torch.arange(cursor, cursor + n_text))
+            cursor += n_text
+            p += n_text
+            seqs.append((b, seq_start, cursor))
+            next_position[b] = p
+        row_lengths.append(cursor)
+        sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
+        positions.append(torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long))
+        plain_map.append(p2e)
+        cache_keep.append(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
+
+    n_ext = max(row_lengths) if row_lengths else 0
+    source = torch.full((batch, n_ext), -1, dtype=torch.long)
+    position_out = torch.zeros((batch, n_ext), dtype=torch.long)
+    plain_to_extended = torch.full((batch, length), -1, dtype=torch.long)
+    for b in range(batch):
+        source[b, :row_lengths[b]] = sources[b]
+        position_out[b, :row_lengths[b]] = positions[b]
+        mapped = plain_map[b]
+        plain_to_extended[b] = torch.where(mapped >= 0, mapped + b * n_ext, mapped)
+    layout = HierLayout.from_lists(seqs, videos, m, arity, levels, neighbours)
+    return ExtendedPlan(length=n_ext, source=source.view(-1).to(device),
+                        plain_to_extended=plain_to_extended.view(-1).to(device),
+                        position_ids=position_out.to(device), layout=layout.to(device),
+                        cache_keep=[k.to(device) for k in cache_keep], next_position=next_position.to(device))
+
+
+def _video_positions(first: int, counts: List[int], m: int, arity: int) -> torch.Tensor:
+    """Positions of a video's extended span: level 0 consecutive, aggregated frames at their span's middle."""
+    frames = counts[0]
+    out = [torch.arange(first, first + frames * m)]
+    token = torch.arange(m)
+    for level, count in enumerate(counts[1:], start=1):
+        span = arity ** level
+        middle = torch.clamp(torch.arange(count) * span + (span - 1) // 2, max=frames - 1)
+        out.append((first + middle[:, None] * m + token[None, :]).flatten())
+    return torch.cat(out)
+
+
+__all__ = ["VideoRun", "ExtendedPlan", "find_video_runs", "plain_sequences", "build_extended_plan"]

@@ -1,0 +1,52 @@
+"""Registers Sophia with ms-swift: model type, model architecture keys and chat template.
+
+Import this module (or pass `swift_sophia/plugin.py` to `--external_plugins`) before ms-swift resolves models.
+"""
+from __future__ import annotations
+
+from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
+from transformers import AutoModelForImageTextToText
+
+from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
+from .template import SOPHIA_TEMPLATE
+
+SOPHIA_MODEL_TYPE = "sophia"
+
+# Which modules --freeze_vit / --freeze_aligner / --freeze_llm and LoRA target. The frame pruner belongs to no
+# group: it only receives gradients when pruning is on (stage 3), where `--trainable_parameters model.pruner`
+# trains it alone.
+register_model_arch(
+    MultiModelKeys(
+        SOPHIA_MODEL_TYPE,
+        language_model=["model.language_model", "lm_head"],
+        aligner=["model.multi_modal_projector", "model.aggregator"],
+        vision_tower=["model.vision_tower"],
+    ),
+    exist_ok=True,
+)
+
+
+class SophiaLoader(ModelLoader):
+    # The classes are registered with transformers' Auto classes by this package: no remote code runs.
+    default_trust_remote_code = False
+
+    def get_model(self, model_dir, config, processor, model_kwargs):
+        self.auto_model_cls = self.auto_model_cls or AutoModelForImageTextToText
+        return super().get_model(model_dir, config, processor, model_kwargs)
+
+
+register_model(
+    ModelMeta(
+        SOPHIA_MODEL_TYPE,
+        [ModelGroup([], template=SOPHIA_TEMPLATE)],
+        SophiaLoader,
+        template=SOPHIA_TEMPLATE,
+        model_arch=SOPHIA_MODEL_TYPE,
+        architectures=["SophiaForConditionalGeneration"],
+        is_multimodal=True,
+        tags=["vision", "video"],
+    ),
+    exist_ok=True,
+)
+
+__all__ = ["SOPHIA_MODEL_TYPE", "SophiaLoader"]

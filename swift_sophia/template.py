@@ -1,0 +1,147 @@
+"""The `sophia` chat template for ms-swift: the decoder's ChatML format plus `<video>` and `<image>` tags.
+
+A `<video>` tag becomes `<vid>` + frames x M `<VIDEO_CONTEXT>` tokens + `</vid>`: the frames' tokens are contiguous,
+so that the model can place each video's hierarchy right after its level-0 frames. An `<image>` tag becomes
+`<img>` + M `<IMG_CONTEXT>` tokens + `</img>` (one tile per image). Frames per video: the `VIDEO_SEGMENTS`
+environment variable, which `--model_kwargs '{"video_segments": N}'` sets, else the model config's `num_frames`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Literal, Optional
+
+import torch
+from swift.template import Template, TemplateMeta, register_template
+from swift.template.template_inputs import StdTemplateInputs
+from swift.template.templates.utils import ChatmlTemplateMeta
+from swift.template.utils import Context
+from swift.utils import get_env_args
+
+from .video import VideoError, describe, frames_to_pixel_values, load_video
+
+SOPHIA_TEMPLATE = "sophia"
+VIDEO_START, VIDEO_CONTEXT, VIDEO_END = "<vid>", "<VIDEO_CONTEXT>", "</vid>"
+IMAGE_START, IMAGE_CONTEXT, IMAGE_END = "<img>", "<IMG_CONTEXT>", "</img>"
+SPECIAL_TOKENS = [VIDEO_START, VIDEO_CONTEXT, VIDEO_END, IMAGE_START, IMAGE_CONTEXT, IMAGE_END]
+_TAG = re.compile(r"<(video|image)>")
+
+
+class SophiaTemplate(Template):
+    placeholder_tokens = [VIDEO_CONTEXT, IMAGE_CONTEXT]
+    support_padding_free = False
+
+    def init_env_args(self):
+        super().init_env_args()
+        default_frames = getattr(self.config, "num_frames", 32) if self.config is not None else 32
+        self.video_segments = get_env_args("video_segments", int, default_frames)
+        if self.video_segments < 1:
+            raise ValueError(f"VIDEO_SEGMENTS must be >= 1, got {self.video_segments}")
+
+    # --------------------------------------------------------------------------------------------- tags
+    @staticmethod
+    def _add_default_tags(inputs: StdTemplateInputs):
+        """ms-swift's fallback (a row with media but no tags gets them in front of its first message), made
+        strict: a row with some tags must have exactly one tag per video and per image."""
+        texts = [m["content"] for m in inputs.messages if isinstance(m.get("content"), str)]
+        if inputs.system:
+            texts.append(inputs.system)
+        for media, tag in ((inputs.videos, "<video>"), (inputs.images, "<image>")):
+            tags = sum(t.count(tag) for t in texts)
+            if tags and tags != len(media):
+                names = ", ".join(describe(v) for v in media[:4]) or "none"
+                raise ValueError(f"the sample has {tags} {tag} tag(s) but {len(media)} {tag[1:-1]}(s) "
+                                 f"[{names}]; give exactly one tag per {tag[1:-1]}, or no tags at all "
+                                 f"(then they are put before the first message)")
+        Template._add_default_tags(inputs)
+
+    def replace_tag(self, media_type: Literal["image", "video", "audio"], index: int,
+                    inputs: StdTemplateInputs) -> List[Context]:
+        tokenizer = self.processor if not hasattr(self.processor, "tokenizer") else self.processor.tokenizer
+        m = self.config.tokens_per_frame
+        if media_type == "video":
+            clip = inputs._sophia_clips[index]
+            ids = tokenizer.convert_tokens_to_ids([VIDEO_START, VIDEO_CONTEXT, VIDEO_END])
+            return [[ids[0]] + [ids[1]] * (len(clip.indices) * m) + [ids[2]], "\n"]
+        if media_type == "image":
+            ids = tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_CONTEXT, IMAGE_END])
+            return [[ids[0]] + [ids[1]] * m + [ids[2]], "\n"]
+        raise ValueError(f"the sophia template does not take {media_type} inputs")
+
+    # --------------------------------------------------------------------------------------------- encode
+    def _encode(self, inputs: StdTemplateInputs) -> Dict[str, Any]:
+        if inputs.audios:
+            raise ValueError("the sophia template does not take audio inputs")
+        size = self.config.vision_config.image_size[0]
+        clips = []
+        for i, video in enumerate(inputs.videos):
+            try:
+                clips.append(load_video(video, self.video_segments))
+            except VideoError as exc:
+                raise VideoError(f"video {i} of the sample: {exc}") from exc
+        inputs._sophia_clips = clips
+        encoded = super()._encode(inputs)
+        if clips:
+            encoded["pixel_values_videos"] = torch.cat(
+                [frames_to_pixel_values(c.frames, size) for c in clips]).to(self.model_info.torch_dtype)
+            encoded["video_frame_counts"] = torch.tensor([len(c.indices) for c in clips], dtype=torch.long)
+            encoded["video_query_ids"] = self._video_queries(inputs)
+            shots = self._video_shots(clips)
+            if shots is not None:
+                encoded["video_frame_shots"] = shots
+        if inputs.images:
+            encoded["pixel_values"] = frames_to_pixel_values(inputs.images, size).to(self.model_info.torch_dtype)
+        return encoded
+
+    def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
+        """Per video, the token ids of the user text of the turn that holds it (the pruning query)."""
+        tokenizer = self.tokenizer
+        queries = []
+        for message in inputs.messages:
+            content = message.get("content")
+            if not isinstance(content, str):
+                continue
+            text = _TAG.sub("", content).strip()
+            ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+            queries.extend([ids] * content.count("<video>"))
+        return queries
+
+    def _video_shots(self, clips) -> Optional[torch.Tensor]:
+        """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
+        from .modeling_sophia import _prune_settings
+
+        alpha, beta = _prune_settings(self.config)
+        if alpha <= 0 and beta <= 0:
+            return None
+        from .shots import sampled_shots
+
+        ids = []
+        for clip in clips:
+            frame_ids = torch.zeros(len(clip.indices), dtype=torch.long)
+            for shot, (start, end) in enumerate(sampled_shots(clip.source, clip.indices,
+                                                              total_frames=clip.total_frames)):
+                frame_ids[start:end] = shot
+            ids.append(frame_ids)
+        return torch.cat(ids)
+
+    # --------------------------------------------------------------------------------------------- collate
+    def _data_collator_mm_data(self, batch: List[Dict[str, Any]]) -> Dict[str, Any]:
+        res = super()._data_collator_mm_data(batch)
+        for key in ("video_frame_counts", "video_frame_shots"):
+            values = [b[key] for b in batch if b.get(key) is not None]
+            if values:
+                res[key] = torch.cat(values)
+        queries = [q for b in batch for q in (b.get("video_query_ids") or [])]
+        if queries:
+            longest = max(1, max(len(q) for q in queries))
+            ids = torch.zeros(len(queries), longest, dtype=torch.long)
+            mask = torch.zeros(len(queries), longest, dtype=torch.long)
+            for i, q in enumerate(queries):
+                ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[i, :len(q)] = 1
+            res["video_query_ids"], res["video_query_mask"] = ids, mask
+        return res
+
+
+register_template(ChatmlTemplateMeta(SOPHIA_TEMPLATE, template_cls=SophiaTemplate, auto_add_bos=False))
+
+__all__ = ["SophiaTemplate", "SOPHIA_TEMPLATE", "SPECIAL_TOKENS"]

@@ -1,0 +1,144 @@
+"""SophiaForConditionalGeneration on the tiny config: save/load, the extended sequence, generation, errors."""
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.tiny import build_tiny
+
+from helpers import left_pad, video_prompt
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _batch(tokenizer, model, frames=(5, 3), seed=0):
+    m = model.config.tokens_per_frame
+    rows = [video_prompt(tokenizer, f, m, after=f"What color is shot {i}?<|im_end|>\n<|im_start|>assistant\n")
+            for i, f in enumerate(frames)]
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(frames), 3, 56, 56, generator=g)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels,
+                video_frame_counts=torch.tensor(frames))
+
+
+def test_save_and_reload_with_auto_classes(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(again) is SophiaForConditionalGeneration
+    inputs = _batch(tokenizer, model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, again(**inputs).logits)
+
+
+def test_decoder_routes_attention_through_sophia(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    assert model.model.language_model.config._attn_implementation == "sophia_sdpa"
+
+
+def test_generate_with_cache_equals_full_recomputation(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    inputs = _batch(tokenizer, model, frames=(6, 1))
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+        full = model.generate(**inputs, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_prefill_drops_aggregated_tokens_from_cache(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    inputs = _batch(tokenizer, model, frames=(6, 3))
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    plain_tokens = inputs["attention_mask"].sum(1)
+    # Without pruning the compacted cache holds exactly the plain tokens of each row, right-aligned.
+    assert out.past_key_values.get_seq_length() == inputs["input_ids"].shape[1]
+    assert torch.equal(out.cache_attention_mask.sum(1), plain_tokens)
+    assert torch.equal(out.next_position_ids, plain_tokens)
+
+
+def test_logits_line_up_with_the_plain_sequence(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    inputs = _batch(tokenizer, model)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-4] = -100
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
+                                               labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+
+
+def test_text_never_reads_aggregated_tokens(tiny_model_dir):
+    """With one decoder layer, text outputs depend on aggregated frames only through attention: none allowed."""
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    model.model.language_model.layers = model.model.language_model.layers[:1]
+    model.model.language_model.config.num_hidden_layers = 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    inputs = _batch(tokenizer, model, frames=(8,))
+    video = inputs["input_ids"] == model.config.video_token_id
+    with torch.no_grad():
+        before = model(**inputs).logits
+        for conv in model.model.aggregator.convs:
+            conv.weight.mul_(-3.0).add_(0.5)
+        after = model(**inputs).logits
+    torch.testing.assert_close(before[~video], after[~video])
+    assert not torch.allclose(before[video], after[video])
+
+
+def test_one_frame_video_and_text_only_and_images(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with torch.no_grad():
+        one = model.generate(**_batch(tokenizer, model, frames=(1,)), max_new_tokens=3, do_sample=False)
+        assert one.shape[1] > 0
+        text = tokenizer("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
+        out = model.generate(**text, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == text["input_ids"].shape[1] + 3 or out[0, -1] == tokenizer.eos_token_id
+        img = tokenizer.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
+        ids = torch.tensor([[img[0]] + [img[1]] * model.config.tokens_per_frame + [img[2]]
+                            + tokenizer.encode("shape?")])
+        logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits
+        assert torch.isfinite(logits).all()
+
+
+def test_llama_decoder(tmp_path):
+    path = build_tiny(str(tmp_path / "llama"), decoder="llama")
+    model = SophiaForConditionalGeneration.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.config.text_config.model_type == "llama"
+    inputs = _batch(tokenizer, model, frames=(4, 2))
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        full = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_mismatched_video_inputs_raise_clear_errors(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    inputs = _batch(tokenizer, model, frames=(5, 3))
+    with pytest.raises(ValueError, match="2 runs of video placeholder tokens but 3 videos"):
+        model(**dict(inputs, video_frame_counts=torch.tensor([4, 3, 1])))
+    with pytest.raises(ValueError, match="expected 4 frames"):
+        model(**dict(inputs, video_frame_counts=torch.tensor([4, 4])))
+    truncated = dict(inputs, input_ids=inputs["input_ids"][:, :-20], attention_mask=inputs["attention_mask"][:, :-20])
+    with pytest.raises(ValueError, match="truncated"):
+        model(**truncated)
+
+
+def test_training_step_reaches_every_new_module(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    model = SophiaForConditionalGeneration(model.config).train()
+    inputs = _batch(tokenizer, model)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    model(**inputs, labels=labels).loss.backward()
+    for name in ("model.aggregator.convs.0.weight", "model.multi_modal_projector.linear_1.weight",
+                 "model.vision_tower.embeddings.patch_embeddings.projection.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
