@@ -94,6 +94,7 @@ def _worker() -> None:
         for tag, x, y in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
             x = x.detach().double()
             nan = int(torch.isnan(x).sum())
+            y = y.detach()
             err = float((x - y).norm() / y.norm().clamp_min(1e-30)) if nan == 0 else float("nan")
             pad_nonzero = int((x.permute(0, 2, 1, 3)[pad] != 0).sum())
             res[tag] = {"rel_err": err, "nan": nan, "pad_nonzero": pad_nonzero}

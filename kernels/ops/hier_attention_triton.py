@@ -240,7 +240,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                    sdob, sdoh, sdon, sdqb, sdqh, sdqn,
                    Hq, N, qk_scale, sm_scale,
                    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   EVEN_HIER: tl.constexpr, MODE: tl.constexpr):
+                   HIER_MASK: tl.constexpr, MODE: tl.constexpr):
     """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O))."""
     pid = tl.program_id(0)
     t = pid // Hq
@@ -345,10 +345,10 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
             ks = base + i * BLOCK_N
             if MODE == 0:
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                           offs_d, qk_scale, not EVEN_HIER, False)
+                                           offs_d, qk_scale, HIER_MASK, False)
             else:
                 dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n, offs_d,
-                               qk_scale, not EVEN_HIER, False)
+                               qk_scale, HIER_MASK, False)
 
         if MODE == 0:
             out = acc / l_i[:, None]
@@ -360,7 +360,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
-                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr):
     offs_q = qstart + offs_m
     if ROW_MASK:
         qm = offs_q < qend
@@ -373,14 +373,25 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
         do = tl.load(do_base + offs_q[:, None] * sdon + offs_d[None, :])
         lse = tl.load(lse_base + offs_q)
         delta = tl.load(delta_base + offs_q)
-    qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
-    pT = tl.math.exp2(qkT - lse[None, :])
-    if CAUSAL:
-        pT = tl.where(offs_q[None, :] >= offs_kn[:, None], pT, 0.0)
-    dv += tl.dot(pT.to(do.dtype), do)
-    dpT = tl.dot(v, tl.trans(do))
-    dsT = pT * (dpT - delta[None, :])
-    dk += tl.dot(dsT.to(q.dtype), q)
+    if KV_AS_B:
+        # k, v stay in shared memory as the B operands; p and ds are transposed in registers
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk - lse[:, None])
+        if CAUSAL:
+            p = tl.where(offs_q[:, None] >= offs_kn[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    else:
+        qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT - lse[None, :])
+        if CAUSAL:
+            pT = tl.where(offs_q[None, :] >= offs_kn[:, None], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
     return dk, dv
 
 
@@ -390,7 +401,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 EVEN_HIER: tl.constexpr):
+                 HIER_MASK: tl.constexpr, KV_AS_B: tl.constexpr):
     pid = tl.program_id(0)
     t = pid // Hkv
     hk = pid % Hkv
@@ -442,15 +453,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
             # diagonal of text key tiles: queries [k0, k1), q >= k
             for qs in range(d0, d1, BLOCK_M):
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, d1,
-                                     offs_kn, offs_m, offs_d, qk_scale, True, True)
+                                     offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B)
             # every later token of the sequence (text keys) / after the video span (level-0 keys)
             for i in range(0, n_full):
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
-                                     x0 + i * BLOCK_M, x1, offs_kn, offs_m, offs_d, qk_scale, False, False)
+                                     x0 + i * BLOCK_M, x1, offs_kn, offs_m, offs_d, qk_scale, False, False, KV_AS_B)
             qs = x0 + n_full * BLOCK_M
             if qs < x1:
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, x1,
-                                     offs_kn, offs_m, offs_d, qk_scale, True, False)
+                                     offs_kn, offs_m, offs_d, qk_scale, True, False, KV_AS_B)
             # hierarchy (symmetric): query frames in W, P, C
             for i in range(0, nwp + nc):
                 in_p = i >= nw
@@ -458,8 +469,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
                 base = tl.where(in_c, c0 - nwp * BLOCK_M, tl.where(in_p, p0 - nw * BLOCK_M, w0))
                 qend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
                 dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
-                                     base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, not EVEN_HIER,
-                                     False)
+                                     base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, HIER_MASK,
+                                     False, KV_AS_B)
         tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptrs.dtype.element_ty), mask=kmask[:, None])
         tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kmask[:, None])
 
@@ -505,6 +516,7 @@ def _prep(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _plans(layout, b, n, cfg, device):
+    """(plan with query tiles of fwd_block_m, plan with query tiles of dq_block_m); key tiles of dkdv_block_n."""
     pf = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, device)
     pq = pf if cfg.dq_block_m == cfg.fwd_block_m else build_plan(layout, b, n, cfg.dq_block_m, cfg.dkdv_block_n,
                                                                  device)
@@ -533,15 +545,44 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
         0, 0, 0, 0, 0, 0,
         hq, n, scale * LOG2E, scale,
         G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        EVEN_HIER=_even(m, cfg.fwd_block_n), MODE=0, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+        HIER_MASK=not _even(m, cfg.fwd_block_n), MODE=0, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return o, lse
 
 
-def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, poison: bool = False):
+def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig):
+    """dQ kernel (also writes delta = rowsum(dO * O), needed by the dK/dV kernel)."""
+    b, hq, n, d = q.shape
+    _, pq = _plans(layout, b, n, cfg, q.device)
+    if pq.n_qtiles:
+        _q_side_kernel[(pq.n_qtiles * hq,)](
+            q, k, v, o, lse, do, delta, dq, pq.qdesc, pq.vid_l0_end, pq.vid_end,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+            hq, n, scale * LOG2E, scale,
+            G=hq // k.shape[1], HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+            HIER_MASK=not _even(layout.tokens_per_frame, cfg.dq_block_n), MODE=1, num_warps=cfg.dq_warps,
+            num_stages=cfg.dq_stages)
+
+
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    _, pq = _plans(layout, b, n, cfg, q.device)
-    pk = pq
+    pk, _ = _plans(layout, b, n, cfg, q.device)
+    if pk.n_ktiles:
+        _dkdv_kernel[(pk.n_ktiles * hkv,)](
+            q, k, v, do, lse, delta, dk, dv, pk.kdesc,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            hq, hkv, n, scale * LOG2E, scale,
+            G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+            HIER_MASK=not _even(layout.tokens_per_frame, cfg.dkdv_block_m), num_warps=cfg.dkdv_warps,
+            num_stages=cfg.dkdv_stages)
+
+
+def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, poison: bool = False):
+    n = q.shape[2]
     do = _prep(do, n)
 
     def alloc(x):
@@ -551,25 +592,8 @@ def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, 
 
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     delta = torch.empty_like(lse)
-    m = layout.tokens_per_frame
-    if pq.n_qtiles:
-        _q_side_kernel[(pq.n_qtiles * hq,)](
-            q, k, v, o, lse, do, delta, dq, pq.qdesc, pq.vid_l0_end, pq.vid_end,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-            hq, n, scale * LOG2E, scale,
-            G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            EVEN_HIER=_even(m, cfg.dq_block_n), MODE=1, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
-    if pk.n_ktiles:
-        _dkdv_kernel[(pk.n_ktiles * hkv,)](
-            q, k, v, do, lse, delta, dk, dv, pk.kdesc,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            hq, hkv, n, scale * LOG2E, scale,
-            G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-            EVEN_HIER=_even(m, cfg.dkdv_block_m), num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg)
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
     return dq, dk, dv
 
 

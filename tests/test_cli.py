@@ -1,0 +1,168 @@
+"""The standard ms-swift CLIs on the tiny default: sft (stages 1 and 2, LoRA), infer, export, deploy."""
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from swift_cli import SWIFT, env, sft, swift, train_losses
+
+pytestmark = pytest.mark.slow
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_model_dir, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stage1"))
+    ckpt = sft(tiny_model_dir, synthetic_data["train"], out, "--tuner_type", "full", "--freeze_vit", "true",
+               "--freeze_llm", "true", "--freeze_aligner", "false", "--learning_rate", "3e-4",
+               "--lr_scheduler_type", "constant", "--max_steps", "6", "--per_device_train_batch_size", "4",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--save_steps", "6")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, synthetic_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("stage2"))
+    ckpt = sft(stage1, synthetic_data["train"], out, "--tuner_type", "full", "--freeze_vit", "false",
+               "--freeze_llm", "false", "--freeze_aligner", "false", "--learning_rate", "2e-3",
+               "--warmup_ratio", "0.05", "--num_train_epochs", "4", "--per_device_train_batch_size", "8",
+               "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--save_strategy", "epoch",
+               "--save_total_limit", "1")
+    return out, ckpt
+
+
+def test_stage1_trains_only_the_new_modules(tiny_model_dir, stage1):
+    before, after = _weights(tiny_model_dir), _weights(stage1)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.aggregator.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert not any(k.startswith(("model.language_model.", "lm_head.", "model.vision_tower.")) for k in changed)
+
+
+def test_stage2_loss_falls_and_checkpoint_reloads(stage2):
+    out, ckpt = stage2
+    losses = train_losses(out)
+    assert len(losses) >= 20
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, losses
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    model = SophiaForConditionalGeneration.from_pretrained(ckpt)
+    assert model.config.model_type == "sophia"
+
+
+def test_infer_batch_over_validation_jsonl(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    result = tmp_path / "result.jsonl"
+    swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
+          "--max_new_tokens", "4", "--max_batch_size", "2", "--result_path", result)
+    rows = [json.loads(line) for line in open(result)]
+    assert len(rows) == 4
+    assert all(r["response"].strip() for r in rows)
+    assert all(r["videos"] for r in rows)
+
+
+def test_infer_interactive_takes_a_video_path(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    video = json.loads(open(synthetic_data["val"]).readline())["videos"][0]
+    script = f"<video>What color is the background of the first shot? Answer with one word.\n{video}\nexit\n"
+    proc = swift("infer", "--model", ckpt, "--infer_backend", "transformers", "--max_new_tokens", "4",
+                 "--stream", "false", input=script)
+    text = proc.stdout + proc.stderr
+    assert "Input a video path or URL" in text
+    answer = text.split("Input a video path or URL <<< ", 1)[1].split("<<<", 1)[0].strip()
+    assert answer, text[-2000:]
+
+
+def test_lora_export_merge_and_answer(tiny_model_dir, synthetic_data, tmp_path):
+    out = str(tmp_path / "lora")
+    ckpt = sft(tiny_model_dir, synthetic_data["train"], out, "--tuner_type", "lora", "--target_modules",
+               "all-linear", "--max_steps", "3", "--per_device_train_batch_size", "4",
+               "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3", "--save_steps", "3",
+               "--logging_steps", "1")
+    adapter = json.load(open(os.path.join(ckpt, "adapter_config.json")))
+    assert "language_model" in adapter["target_modules"] and "vision_tower" not in adapter["target_modules"]
+    swift("export", "--adapters", ckpt, "--merge_lora", "true")
+    merged = os.path.realpath(ckpt) + "-merged"
+    assert os.path.exists(os.path.join(merged, "model.safetensors"))
+    result = tmp_path / "merged.jsonl"
+    swift("infer", "--model", merged, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
+          "--max_new_tokens", "3", "--result_path", result)
+    assert len(open(result).readlines()) == 4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_deploy_serves_chat_completions_with_videos(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    port = _free_port()
+    log = open(tmp_path / "deploy.log", "w")
+    proc = subprocess.Popen([SWIFT, "deploy", "--model", ckpt, "--infer_backend", "transformers", "--host",
+                             "127.0.0.1", "--port", str(port), "--max_new_tokens", "4", "--served_model_name",
+                             "sophia-tiny"], stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+                    models = json.loads(r.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, open(tmp_path / "deploy.log").read()[-3000:]
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(2)
+        assert [m["id"] for m in models["data"]] == ["sophia-tiny"]
+
+        video = json.loads(open(synthetic_data["val"]).readline())["videos"][0]
+        data_url = "data:video/mp4;base64," + base64.b64encode(open(video, "rb").read()).decode()
+        question = {"type": "text", "text": "What color is the background of the first shot? Answer with one word."}
+        for part in ({"type": "video_url", "video_url": {"url": data_url}}, {"type": "video", "video": video}):
+            status, body = _post(base + "/v1/chat/completions", {
+                "model": "sophia-tiny", "messages": [{"role": "user", "content": [part, question]}],
+                "max_tokens": 4, "temperature": 0})
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"].strip()
+
+        status, body = _post(base + "/v1/chat/completions", {
+            "model": "sophia-tiny", "max_tokens": 4,
+            "messages": [{"role": "user", "content": [{"type": "video", "video": str(tmp_path / "missing.mp4")},
+                                                      question]}]})
+        assert 400 <= status < 500
+        assert "missing.mp4" in json.dumps(body)
+        status, _ = _post(base + "/v1/chat/completions", {
+            "model": "sophia-tiny", "max_tokens": 4,
+            "messages": [{"role": "user", "content": [{"type": "video", "video": video}, question]}]})
+        assert status == 200, "the server must keep serving after a bad request"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -1,0 +1,126 @@
+"""The `sophia` template through ms-swift's own API: encoding, collation and every kind of bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import swift_sophia.register  # noqa: F401
+from swift.model import get_model_processor
+from swift.template import get_template
+from swift_sophia.synthetic import write_mp4
+
+
+@pytest.fixture(scope="module")
+def template(tiny_model_dir):
+    _, processor = get_model_processor(tiny_model_dir, model_type="sophia", load_model=False)
+    t = get_template(processor, template_type="sophia")
+    t.set_mode("train")
+    return t
+
+
+@pytest.fixture(scope="module")
+def sample(synthetic_data):
+    return json.loads(open(synthetic_data["train"]).readline())
+
+
+def _row(videos, text="<video>What color?"):
+    return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}],
+            "videos": videos}
+
+
+def test_video_becomes_contiguous_frame_tokens(template, sample):
+    enc = template.encode(sample)
+    config = template.config
+    m, frames = config.tokens_per_frame, config.num_frames
+    ids = enc["input_ids"]
+    assert ids.count(config.video_token_id) == frames * m
+    first = ids.index(config.video_token_id)
+    assert ids[first:first + frames * m] == [config.video_token_id] * (frames * m)
+    assert enc["pixel_values_videos"].shape == (frames, 3, 56, 56)
+    assert enc["video_frame_counts"].tolist() == [frames]
+    assert template.tokenizer.decode(enc["video_query_ids"][0]).startswith("What color")
+    # Only the answer is trained on.
+    labels = [t for t in enc["labels"] if t != -100]
+    assert template.tokenizer.decode(labels).startswith(sample["messages"][1]["content"])
+
+
+def test_frame_count_follows_video_segments(template, sample, monkeypatch):
+    monkeypatch.setenv("VIDEO_SEGMENTS", "3")
+    template.init_env_args()
+    try:
+        enc = template.encode(sample)
+        assert enc["video_frame_counts"].tolist() == [3]
+    finally:
+        monkeypatch.delenv("VIDEO_SEGMENTS")
+        template.init_env_args()
+
+
+def test_collator_concatenates_videos_and_pads_queries(template, sample):
+    text_only = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
+    batch = template.data_collator([template.encode(sample), template.encode(text_only), template.encode(sample)])
+    frames = template.config.num_frames
+    assert batch["pixel_values_videos"].shape[0] == 2 * frames
+    assert batch["video_frame_counts"].tolist() == [frames, frames]
+    assert batch["video_query_ids"].shape[0] == 2 and batch["video_query_mask"].shape == batch["video_query_ids"].shape
+
+
+def test_several_videos_in_one_sample(template, sample):
+    row = _row(sample["videos"] * 2, "<video>first, <video>second: same colour?")
+    enc = template.encode(row)
+    assert enc["video_frame_counts"].tolist() == [template.config.num_frames] * 2
+    assert len(enc["video_query_ids"]) == 2
+
+
+def test_one_frame_video(template, tmp_path):
+    path = str(tmp_path / "one.mp4")
+    write_mp4(path, np.full((1, 64, 64, 3), 200, dtype=np.uint8))
+    enc = template.encode(_row([path]))
+    assert enc["video_frame_counts"].tolist() == [1]
+
+
+def test_missing_video_names_the_file(template, tmp_path):
+    missing = str(tmp_path / "nope.mp4")
+    with pytest.raises(ValueError, match="video file not found: .*nope.mp4"):
+        template.encode(_row([missing]))
+
+
+def test_file_that_is_not_a_video(template, tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    with pytest.raises(ValueError, match="cannot decode video .*notes.mp4"):
+        template.encode(_row([str(bad)]))
+
+
+def test_zero_frame_video(template, tmp_path):
+    import av
+
+    path = str(tmp_path / "empty.mp4")
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+    with pytest.raises(ValueError, match="empty.mp4"):
+        template.encode(_row([path]))
+
+
+def test_tag_and_video_count_mismatch(template, sample):
+    with pytest.raises(ValueError, match="2 <video> tag\\(s\\) but 1 video"):
+        template.encode(_row(sample["videos"], "<video><video>What color?"))
+    with pytest.raises(ValueError, match="1 <video> tag\\(s\\) but 2 video"):
+        template.encode(_row(sample["videos"] * 2, "<video>What color?"))
+
+
+def test_untagged_videos_get_default_tags(template, sample):
+    enc = template.encode(_row(sample["videos"], "What color?"))
+    assert enc["video_frame_counts"].tolist() == [template.config.num_frames]
+
+
+def test_too_long_input_is_rejected(tiny_model_dir, sample):
+    from swift.template.base import MaxLengthError
+
+    _, processor = get_model_processor(tiny_model_dir, model_type="sophia", load_model=False)
+    t = get_template(processor, template_type="sophia", max_length=16)
+    t.set_mode("train")
+    with pytest.raises(MaxLengthError):
+        t.encode(sample)
