@@ -3,6 +3,7 @@
     sophia plugin-path                 the file to give `swift ... --external_plugins`
     sophia build-tiny DIR              write the sophia-tiny checkpoint (random weights, offline tokenizer)
     sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
+    sophia init-from-internvl SRC DIR  start a Sophia checkpoint from a transformers-native InternVL one
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def main(argv=None) -> int:
     data.add_argument("--num-train", type=int, default=64)
     data.add_argument("--num-val", type=int, default=8)
     data.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("init-from-internvl", help="start a Sophia checkpoint from an InternVL (-hf) one")
+    conv.add_argument("source", help="local folder of a transformers-native InternVL checkpoint")
+    conv.add_argument("output_dir")
+    conv.add_argument("--num-frames", type=int, default=32)
     args = parser.parse_args(argv)
 
     if args.command == "plugin-path":
@@ -44,6 +49,10 @@ def main(argv=None) -> int:
 
         paths = make_dataset(args.output_dir, args.num_train, args.num_val, seed=args.seed)
         print(f"train: {paths['train']}\nval: {paths['val']}")
+    elif args.command == "init-from-internvl":
+        from .convert import init_from_internvl
+
+        print(f"Sophia checkpoint written to {init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)}")
     return 0
 
 

@@ -30,35 +30,40 @@ class SophiaAggregator(nn.Module):
     """The learnable CNN that builds frame n of level l + 1 from frames nA .. nA + A - 1 of level l.
 
     It works token by token: token m of the parent sees token m of its A children (missing children are zero),
-    a 1-D convolution over the frame axis with kernel and stride A. One convolution per level transition,
-    initialised to the mean of the children so that stage 1 starts from average pooling.
+    a 1-D convolution over the frame axis with kernel and stride A; one convolution per level transition,
+    initialised to the mean of the children so that stage 1 starts from average pooling. The weights are
+    parameters of this module itself and all videos of a batch go through one call, so that under ZeRO-3 every
+    rank gathers them exactly once per step.
     """
 
     def __init__(self, hidden_size: int, arity: int, levels: int):
         super().__init__()
-        self.arity = arity
-        self.convs = nn.ModuleList(
-            nn.Conv1d(hidden_size, hidden_size, kernel_size=arity, stride=arity) for _ in range(max(levels - 1, 0)))
+        self.arity, self.levels = arity, levels
+        self.weight = nn.Parameter(torch.empty(max(levels - 1, 0), hidden_size, hidden_size, arity))
+        self.bias = nn.Parameter(torch.empty(max(levels - 1, 0), hidden_size))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        for conv in self.convs:
-            eye = torch.eye(conv.in_channels, dtype=conv.weight.dtype, device=conv.weight.device)
-            conv.weight.copy_(eye[:, :, None].expand_as(conv.weight) / self.arity)
-            conv.bias.zero_()
+        eye = torch.eye(self.weight.shape[1], dtype=self.weight.dtype, device=self.weight.device)
+        self.weight.copy_(eye[None, :, :, None].expand_as(self.weight) / self.arity)
+        self.bias.zero_()
 
-    def forward(self, frames: torch.Tensor) -> List[torch.Tensor]:
-        """frames: [F, M, D] level-0 frames of one video. Returns the aggregated levels, [count_l, M, D] each."""
-        counts = level_counts(frames.shape[0], self.arity, len(self.convs) + 1)
-        levels, current = [], frames
-        for level, count in enumerate(counts[1:]):
-            pad = count * self.arity - current.shape[0]
-            x = current.permute(1, 2, 0)  # [M, D, F]: one sequence of frames per token position
-            x = nn.functional.pad(x, (0, pad))
-            current = self.convs[level](x).permute(2, 0, 1)  # [count, M, D]
-            levels.append(current)
-        return levels
+    def forward(self, videos: List[torch.Tensor]) -> List[List[torch.Tensor]]:
+        """videos: level-0 frames [F, M, D] of each video. Returns each video's aggregated levels, [count_l, M, D]."""
+        out = []
+        for frames in videos:
+            counts = level_counts(frames.shape[0], self.arity, self.levels)
+            levels, current = [], frames
+            for level, count in enumerate(counts[1:]):
+                x = current.permute(1, 2, 0)  # [M, D, F]: one sequence of frames per token position
+                x = nn.functional.pad(x, (0, count * self.arity - current.shape[0]))
+                x = nn.functional.conv1d(x, self.weight[level].to(x.dtype), self.bias[level].to(x.dtype),
+                                         stride=self.arity)
+                current = x.permute(2, 0, 1)  # [count, M, D]
+                levels.append(current)
+            out.append(levels)
+        return out
 
 
 class SophiaModel(InternVLModel):
@@ -146,10 +151,12 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         """Text, images, and decoding steps: the InternVL forward with causal attention."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        features = None
         if pixel_values is not None:
-            inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values)
-        elif self.training and is_deepspeed_zero3_enabled():
-            inputs_embeds = inputs_embeds + self._dummy_visual_pass(inputs_embeds)
+            features = self.model.video_frame_features(pixel_values).to(inputs_embeds.dtype)
+            inputs_embeds = self._scatter_images(input_ids, inputs_embeds, features)
+        if self.training and is_deepspeed_zero3_enabled():
+            inputs_embeds = inputs_embeds + self._dummy_visual_pass(inputs_embeds, features)
         outputs = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                             position_ids=position_ids, past_key_values=past_key_values,
                                             use_cache=use_cache, **kwargs)
@@ -168,21 +175,28 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
             raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
                              "were given")
         embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            embeds = self._merge_images(input_ids, embeds, pixel_values)
-        frames = self.model.video_frame_features(pixel_values_videos).to(embeds.dtype)
+        # One pass of the vision tower over image tiles and video frames together.
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
+        features = self.model.video_frame_features(pixels).to(embeds.dtype)
+        if images:
+            embeds = self._scatter_images(input_ids, embeds, features[:images])
+        frames = features[images:]
         runs = find_video_runs(input_ids, config.video_token_id, counts, m)
 
         # 1. Shot-adaptive pruning, then 2. the hierarchy of each video: its kept frames and aggregated levels.
-        bank, offset = [], 0
+        kept, offset = [], 0
         for i, run in enumerate(runs):
             video = frames[offset:offset + run.frames]
             shots = _shots_of(video_frame_shots, offset, run.frames)
             query = self._query_embeds(video_query_ids, video_query_mask, i)
             video, run.kept = self._prune(video, shots, query)
             offset += run.frames
+            kept.append(video)
+        bank = []
+        for video, levels in zip(kept, self.model.aggregator(kept)):
             bank.append(video.reshape(-1, video.shape[-1]))
-            bank.extend(level.reshape(-1, level.shape[-1]) for level in self.model.aggregator(video))
+            bank.extend(level.reshape(-1, level.shape[-1]) for level in levels)
 
         # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
         plan = build_extended_plan(input_ids, attention_mask, position_ids, runs, tokens_per_frame=m,
@@ -213,21 +227,25 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         return out
 
     # --------------------------------------------------------------------------------------------- pieces
-    def _merge_images(self, input_ids, embeds, pixel_values):
-        features = self.model.video_frame_features(pixel_values).to(embeds.dtype)
+    def _scatter_images(self, input_ids, embeds, features):
         mask = (input_ids == self.config.image_token_id)
         if int(mask.sum()) != features.shape[0] * features.shape[1]:
             raise ValueError(f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tiles of "
                              f"{features.shape[1]} tokens")
         return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
-    def _dummy_visual_pass(self, embeds):
-        """ZeRO-3 needs every rank to run the same submodules, also on a batch without any video."""
-        size = self.config.vision_config.image_size
-        pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
-        video = self.model.video_frame_features(pixels).to(embeds.dtype)
-        levels = self.model.aggregator(video.expand(self.config.hier_arity, -1, -1))
-        touched = video.sum() + sum(level.sum() for level in levels) + self.model.pruner.touch()
+    def _dummy_visual_pass(self, embeds, features=None):
+        """ZeRO-3 gathers a module's weights when it is called, so every rank must call the same modules the same
+        number of times per step: a batch without video still runs the vision tower (unless images did), the
+        aggregation CNN and the pruner, on a blank frame, and adds nothing."""
+        if features is None:
+            size = self.config.vision_config.image_size
+            pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
+            features = self.model.video_frame_features(pixels).to(embeds.dtype)
+        video = features[:1]
+        levels = self.model.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
+        touched = video.sum() + sum(level.sum() for level in levels)
+        touched = touched + self.model.pruner.map_query(embeds[0, :1]).sum()
         return touched * 0.0
 
     def _query_embeds(self, query_ids, query_mask, video: int) -> Optional[torch.Tensor]:
@@ -302,11 +320,16 @@ def _shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _prune_settings(config) -> tuple:
+def runtime_setting(config, name: str) -> float:
+    """A pruning setting: the environment (`--model_kwargs '{"prune_alpha": 30}'` sets PRUNE_ALPHA) overrides the
+    config, so it can change per run and at inference without touching the checkpoint."""
     import os
-    alpha = float(os.environ.get("SOPHIA_PRUNE_ALPHA", config.prune_alpha))
-    beta = float(os.environ.get("SOPHIA_PRUNE_BETA", config.prune_beta))
-    return alpha, beta
+    value = os.environ.get(name.upper())
+    return float(value) if value not in (None, "") else float(getattr(config, name))
+
+
+def _prune_settings(config) -> tuple:
+    return runtime_setting(config, "prune_alpha"), runtime_setting(config, "prune_beta")
 
 
 def _compact_cache(cache: DynamicCache, plan: ExtendedPlan, text_config):

@@ -26,12 +26,17 @@ CASES = [
     ("fp32_packed_padded", 7, "float32", 16, (2, 1), 2, "small"),
     ("fp32_text_only", 8, "float32", 16, (2, 1), 4, "mixed"),
     ("fp32_noncontiguous", 9, "float32", 16, (2, 1), 4, "small"),
+    ("fp32_many_videos_flat", 10, "float32", 16, (2, 1), 3, "small"),
+    ("fp32_many_videos_general", 10, "float32", 16, (2, 1), 3, "general"),
+    ("fp32_two_videos_general", 11, "float32", 16, (2, 1), 5, "general_mixed"),
 ]
 
 
 def _random_rows(rng: random.Random, case_name: str):
     if case_name == "fp32_text_only":
         return [[[37]], [[5], ("pad", 3), [20]]]
+    if case_name.startswith("fp32_many_videos"):  # 5 videos in one sequence: > 3 prefix segments
+        return [[("pad", 2), [3, ("video", 2), 2, ("video", 1), ("video", 3), 4, ("video", 2), 1, ("video", 2), 3]]]
     rows = []
     nrows = 2 if case_name == "fp32_packed_padded" else 1
     for _ in range(nrows):
@@ -60,6 +65,9 @@ def _worker() -> None:
     configs = {
         "small": HierAttnConfig.for_interpreter(),
         "mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1),
+        "general": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, allow_flat=False),
+        "general_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1, dkdv_kv_as_b=True,
+                                        allow_flat=False),
     }
     results = {}
     for name, seed, dtype_name, d, (hq, hkv), m, cfg_name in CASES:

@@ -85,8 +85,7 @@ def test_text_never_reads_aggregated_tokens(tiny_model_dir):
     video = inputs["input_ids"] == model.config.video_token_id
     with torch.no_grad():
         before = model(**inputs).logits
-        for conv in model.model.aggregator.convs:
-            conv.weight.mul_(-3.0).add_(0.5)
+        model.model.aggregator.weight.mul_(-3.0).add_(0.5)
         after = model(**inputs).logits
     torch.testing.assert_close(before[~video], after[~video])
     assert not torch.allclose(before[video], after[video])
@@ -138,7 +137,7 @@ def test_training_step_reaches_every_new_module(model_and_tokenizer):
     labels = inputs["input_ids"].clone()
     labels[:, :-3] = -100
     model(**inputs, labels=labels).loss.backward()
-    for name in ("model.aggregator.convs.0.weight", "model.multi_modal_projector.linear_1.weight",
+    for name in ("model.aggregator.weight", "model.multi_modal_projector.linear_1.weight",
                  "model.vision_tower.embeddings.patch_embeddings.projection.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name

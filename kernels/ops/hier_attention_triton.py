@@ -34,7 +34,8 @@ from ..reference import check_inputs
 __all__ = ["hier_attention_triton", "HierAttnConfig", "build_plan"]
 
 LOG2E = 1.4426950408889634
-DESC_COLS = 16
+DESC_COLS = 32
+PRE_SLOTS = 3  # prefix segments handled by the flat query-side loop (more -> general nested-loop path)
 KIND_TEXT, KIND_VIDEO, KIND_PAD = 0, 1, 2
 
 
@@ -53,7 +54,7 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
     rank = {vi: r for r, vi in enumerate(order)}
     blocks, costs = [], []
 
-    def text_tiles(row, t0, t1, s0, s1, vid_lo, nprev, plain_before):
+    def text_tiles(row, t0, t1, s0, s1, vid_lo, nprev, plain_before, prefix_segs):
         if t1 <= t0:
             return
         st, en = _tiles_for_range(t0, t1, bs)
@@ -69,6 +70,16 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
             d[:, 7] = st  # plain prefix ends at the tile start
             d[:, 14] = st  # diagonal
             d[:, 15] = en
+            segs = [sg for sg in prefix_segs if sg[1] > sg[0]]
+            for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
+                d[:, 16 + 2 * r] = a0
+                d[:, 17 + 2 * r] = a1
+            r = len(segs)
+            last = st > t0  # the text run's own earlier tokens: [t0, q0)
+            if r < PRE_SLOTS:
+                d[:, 16 + 2 * r] = np.where(last, t0, 0)
+                d[:, 17 + 2 * r] = np.where(last, st, 0)
+            d[:, 30] = r + last.astype(np.int64)  # number of prefix segments
             cost = plain_before + (st - t0) + (en - st)
         else:
             d[:, 4] = en  # queries after the tile: [k1, s1)
@@ -83,9 +94,11 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
         vids = sorted((sp for sp in spans if sp.seq == j), key=lambda s: s.start)
         vid_lo = rank[vids[0].index] if vids else 0
         cursor, plain_before = s0, 0
+        done_segs: list[tuple[int, int]] = []  # plain segments before `cursor`
         for nprev, sp in enumerate(vids):
-            text_tiles(row, cursor, sp.start, s0, s1, vid_lo, nprev, plain_before)
+            text_tiles(row, cursor, sp.start, s0, s1, vid_lo, nprev, plain_before, done_segs)
             plain_before += sp.start - cursor
+            vid_prefix = done_segs + [(cursor, sp.start)]
             counts, lstarts = sp.counts, sp.level_starts
             nlev = len(counts)
             for lvl, c in enumerate(counts):
@@ -115,6 +128,11 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
                     d[:, 5] = vid_lo
                     d[:, 6] = nprev
                     d[:, 7] = sp.start
+                    segs = [sg for sg in vid_prefix if sg[1] > sg[0]]
+                    for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
+                        d[:, 16 + 2 * r] = a0
+                        d[:, 17 + 2 * r] = a1
+                    d[:, 30] = len(segs)
                     cost = hier + plain_before
                 else:
                     if lvl == 0:
@@ -124,8 +142,9 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
                 blocks.append(d)
                 costs.append(cost)
             plain_before += sp.frames * m
+            done_segs = done_segs + [(cursor, sp.l0_end)]
             cursor = sp.end
-        text_tiles(row, cursor, s1, s0, s1, vid_lo, len(vids), plain_before)
+        text_tiles(row, cursor, s1, s0, s1, vid_lo, len(vids), plain_before, done_segs)
 
     # padding: complement of the sequences in every row
     by_row: dict[int, list[tuple[int, int]]] = {}
@@ -154,12 +173,22 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
 
 @dataclass
 class Plan:
-    qdesc: torch.Tensor  # [Tq, 16] int32, query tiles of size block_q
-    kdesc: torch.Tensor  # [Tk, 16] int32, key tiles of size block_k
+    qdesc: torch.Tensor  # [Tq, 32] int32, query tiles of size block_q
+    kdesc: torch.Tensor  # [Tk, 32] int32, key tiles of size block_k
     vid_l0_end: torch.Tensor  # [V] int32, sorted by (row, start)
     vid_end: torch.Tensor  # [V] int32
     n_qtiles: int
     n_ktiles: int
+    q_flat: bool  # every query tile has <= PRE_SLOTS prefix segments: flat loop
+    q_gcd: int  # gcd of the lengths of every key range of the flat query-side loop (prefix slots, W, P, C)
+    k_gcd: int  # gcd of the lengths of every query range of the flat dK/dV loop (suffix, W, P, C)
+
+
+def _gcd_of_lengths(desc: np.ndarray, cols) -> int:
+    g = 0
+    for c0 in cols:
+        g = int(np.gcd.reduce(np.concatenate([[g], desc[:, c0 + 1] - desc[:, c0]])))
+    return g
 
 
 def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block_k: int, device) -> Plan:
@@ -180,8 +209,11 @@ def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block
     flat = np.concatenate([qd.reshape(-1), kd.reshape(-1), l0, ve]).astype(np.int32)
     dev_flat = torch.from_numpy(flat).to(device)
     parts = torch.split(dev_flat, sizes)
+    q_flat = bool(qd.shape[0] == 0 or int(qd[:, 30].max()) <= PRE_SLOTS)
+    q_gcd = _gcd_of_lengths(qd, [8, 10, 12, 16, 18, 20])
+    k_gcd = _gcd_of_lengths(kd, [4, 8, 10, 12])
     plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[0],
-                kd.shape[0])
+                kd.shape[0], q_flat, q_gcd, k_gcd)
     layout._cache[key] = plan
     return plan
 
@@ -240,13 +272,17 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                    sdob, sdoh, sdon, sdqb, sdqh, sdqn,
                    Hq, N, qk_scale, sm_scale,
                    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HIER_MASK: tl.constexpr, MODE: tl.constexpr):
-    """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O))."""
+                   RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, MODE: tl.constexpr):
+    """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O)).
+
+    FLAT: one loop over the blocks of six key ranges (<= 3 prefix segments, W, P, C) read from the descriptor;
+    otherwise the general path walks any number of prefix segments (nested loop). RANGE_MASK: some range length
+    is not a multiple of BLOCK_N (mask the key end)."""
     pid = tl.program_id(0)
     t = pid // Hq
     h = pid % Hq
     hk = h // G
-    dp_ = QDESC + t * 16
+    dp_ = QDESC + t * 32
     kind = tl.load(dp_ + 0)
     b = tl.load(dp_ + 1)
     q0 = tl.load(dp_ + 2)
@@ -266,10 +302,6 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
     if kind == 2:
         tl.store(o_ptrs, tl.zeros([BLOCK_M, HEAD_D], dtype=o_ptrs.dtype.element_ty), mask=qmask[:, None])
     else:
-        s0 = tl.load(dp_ + 4)
-        vid_lo = tl.load(dp_ + 5)
-        nprev = tl.load(dp_ + 6)
-        limit = tl.load(dp_ + 7)
         w0 = tl.load(dp_ + 8)
         w1 = tl.load(dp_ + 9)
         p0 = tl.load(dp_ + 10)
@@ -296,34 +328,72 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
             lse = tl.load(LSE + row_stat + offs_m, mask=qmask, other=0.0)
             dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
 
-        # ---- phase 1: plain prefix segments [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [end(vk), limit)
-        seg_start = s0
-        for j in range(0, nprev + 1):
-            has_vid = j < nprev
-            seg_end = tl.load(VID_L0END + vid_lo + j, mask=has_vid, other=0)
-            seg_end = tl.where(has_vid, seg_end, limit)
-            nxt = tl.load(VID_END + vid_lo + j, mask=has_vid, other=0)
-            nxt = tl.where(has_vid, nxt, limit)
-            n_full = (seg_end - seg_start) // BLOCK_N
-            for i in range(0, n_full):
-                ks = seg_start + i * BLOCK_N
+        if FLAT:
+            # ---- one flat loop over prefix segments a, b, c and the hierarchy ranges W, P, C
+            a0 = tl.load(dp_ + 16)
+            a1 = tl.load(dp_ + 17)
+            e0 = tl.load(dp_ + 18)
+            e1 = tl.load(dp_ + 19)
+            f0 = tl.load(dp_ + 20)
+            f1 = tl.load(dp_ + 21)
+            n1 = tl.cdiv(a1 - a0, BLOCK_N)
+            n2 = n1 + tl.cdiv(e1 - e0, BLOCK_N)
+            n3 = n2 + tl.cdiv(f1 - f0, BLOCK_N)
+            n4 = n3 + tl.cdiv(w1 - w0, BLOCK_N)
+            n5 = n4 + tl.cdiv(p1 - p0, BLOCK_N)
+            n6 = n5 + tl.cdiv(c1 - c0, BLOCK_N)
+            for i in range(0, n6):
+                base = tl.where(i < n1, a0, tl.where(i < n2, e0 - n1 * BLOCK_N, tl.where(
+                    i < n3, f0 - n2 * BLOCK_N, tl.where(i < n4, w0 - n3 * BLOCK_N, tl.where(
+                        i < n5, p0 - n4 * BLOCK_N, c0 - n5 * BLOCK_N)))))
+                ks = base + i * BLOCK_N
+                kend = tl.where(i < n1, a1, tl.where(i < n2, e1, tl.where(i < n3, f1, tl.where(
+                    i < n4, w1, tl.where(i < n5, p1, c1)))))
                 if MODE == 0:
-                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
-                                               offs_n, offs_d, qk_scale, False, False)
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m,
+                                               offs_n, offs_d, qk_scale, RANGE_MASK, False)
                 else:
-                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m, offs_n,
-                                   offs_d, qk_scale, False, False)
-            ks = seg_start + n_full * BLOCK_N
-            if ks < seg_end:
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
+                                   offs_d, qk_scale, RANGE_MASK, False)
+        else:
+            # ---- general phase 1: plain prefix segments [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [., limit)
+            s0 = tl.load(dp_ + 4)
+            vid_lo = tl.load(dp_ + 5)
+            nprev = tl.load(dp_ + 6)
+            limit = tl.load(dp_ + 7)
+            seg_start = s0
+            for j in range(0, nprev + 1):
+                has_vid = j < nprev
+                seg_end = tl.load(VID_L0END + vid_lo + j, mask=has_vid, other=0)
+                seg_end = tl.where(has_vid, seg_end, limit)
+                nxt = tl.load(VID_END + vid_lo + j, mask=has_vid, other=0)
+                nxt = tl.where(has_vid, nxt, limit)
+                for ks in range(seg_start, seg_end, BLOCK_N):
+                    if MODE == 0:
+                        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
+                                                   offs_n, offs_d, qk_scale, True, False)
+                    else:
+                        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m,
+                                       offs_n, offs_d, qk_scale, True, False)
+                seg_start = nxt
+            # ---- general phase 3: hierarchy W, P, C
+            nw = tl.cdiv(w1 - w0, BLOCK_N)
+            nwp = nw + tl.cdiv(p1 - p0, BLOCK_N)
+            nc = tl.cdiv(c1 - c0, BLOCK_N)
+            for i in range(0, nwp + nc):
+                in_p = i >= nw
+                in_c = i >= nwp
+                base = tl.where(in_c, c0 - nwp * BLOCK_N, tl.where(in_p, p0 - nw * BLOCK_N, w0))
+                kend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
+                ks = base + i * BLOCK_N
                 if MODE == 0:
-                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
-                                               offs_n, offs_d, qk_scale, True, False)
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m,
+                                               offs_n, offs_d, qk_scale, RANGE_MASK, False)
                 else:
-                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m, offs_n,
-                                   offs_d, qk_scale, True, False)
-            seg_start = nxt
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
+                                   offs_d, qk_scale, RANGE_MASK, False)
 
-        # ---- phase 2: diagonal of text tiles, causal
+        # ---- diagonal of text tiles, causal (zero iterations for video tiles)
         for ks in range(d0, d1, BLOCK_N):
             if MODE == 0:
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n,
@@ -331,24 +401,6 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
             else:
                 dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n, offs_d,
                                qk_scale, True, True)
-
-        # ---- phase 3: hierarchy of video tiles: window W, parent P, children C in one flat loop
-        nw = tl.cdiv(w1 - w0, BLOCK_N)
-        np_ = tl.cdiv(p1 - p0, BLOCK_N)
-        nc = tl.cdiv(c1 - c0, BLOCK_N)
-        nwp = nw + np_
-        for i in range(0, nwp + nc):
-            in_p = i >= nw
-            in_c = i >= nwp
-            base = tl.where(in_c, c0 - nwp * BLOCK_N, tl.where(in_p, p0 - nw * BLOCK_N, w0))
-            kend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
-            ks = base + i * BLOCK_N
-            if MODE == 0:
-                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                           offs_d, qk_scale, HIER_MASK, False)
-            else:
-                dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n, offs_d,
-                               qk_scale, HIER_MASK, False)
 
         if MODE == 0:
             out = acc / l_i[:, None]
@@ -401,11 +453,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HIER_MASK: tl.constexpr, KV_AS_B: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr):
+    """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
+    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles."""
     pid = tl.program_id(0)
     t = pid // Hkv
     hk = pid % Hkv
-    dp_ = KDESC + t * 16
+    dp_ = KDESC + t * 32
     kind = tl.load(dp_ + 0)
     b = tl.load(dp_ + 1)
     k0 = tl.load(dp_ + 2)
@@ -438,39 +492,31 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
                     other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-        nw = tl.cdiv(w1 - w0, BLOCK_M)
-        np_ = tl.cdiv(p1 - p0, BLOCK_M)
-        nc = tl.cdiv(c1 - c0, BLOCK_M)
-        nwp = nw + np_
-        n_full = (x1 - x0) // BLOCK_M
-        for g in range(0, G):
+        n1 = tl.cdiv(x1 - x0, BLOCK_M)
+        n2 = n1 + tl.cdiv(w1 - w0, BLOCK_M)
+        n3 = n2 + tl.cdiv(p1 - p0, BLOCK_M)
+        nb = n3 + tl.cdiv(c1 - c0, BLOCK_M)
+        for it in range(0, G * nb):
+            g = it // nb
+            i = it - g * nb
+            base = tl.where(i < n1, x0, tl.where(i < n2, w0 - n1 * BLOCK_M, tl.where(
+                i < n3, p0 - n2 * BLOCK_M, c0 - n3 * BLOCK_M)))
+            qend = tl.where(i < n1, x1, tl.where(i < n2, w1, tl.where(i < n3, p1, c1)))
             h64 = hk64 * G + g
-            q_base = Q + b64 * sqb + h64 * sqh
-            do_base = DO + b64 * sdob + h64 * sdoh
             row_stat = (b64 * Hq + h64) * N
-            lse_base = LSE + row_stat
-            delta_base = DELTA + row_stat
-            # diagonal of text key tiles: queries [k0, k1), q >= k
-            for qs in range(d0, d1, BLOCK_M):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, d1,
-                                     offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B)
-            # every later token of the sequence (text keys) / after the video span (level-0 keys)
-            for i in range(0, n_full):
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
-                                     x0 + i * BLOCK_M, x1, offs_kn, offs_m, offs_d, qk_scale, False, False, KV_AS_B)
-            qs = x0 + n_full * BLOCK_M
-            if qs < x1:
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qs, x1,
-                                     offs_kn, offs_m, offs_d, qk_scale, True, False, KV_AS_B)
-            # hierarchy (symmetric): query frames in W, P, C
-            for i in range(0, nwp + nc):
-                in_p = i >= nw
-                in_c = i >= nwp
-                base = tl.where(in_c, c0 - nwp * BLOCK_M, tl.where(in_p, p0 - nw * BLOCK_M, w0))
-                qend = tl.where(in_c, c1, tl.where(in_p, p1, w1))
-                dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon,
-                                     base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, HIER_MASK,
-                                     False, KV_AS_B)
+            dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
+                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
+                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B)
+        # diagonal of text key tiles: queries [k0, k1) with q >= k
+        nd = tl.cdiv(d1 - d0, BLOCK_M)
+        for it in range(0, G * nd):
+            g = it // nd
+            i = it - g * nd
+            h64 = hk64 * G + g
+            row_stat = (b64 * Hq + h64) * N
+            dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
+                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
+                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B)
         tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptrs.dtype.element_ty), mask=kmask[:, None])
         tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kmask[:, None])
 
@@ -492,6 +538,8 @@ class HierAttnConfig:
     dkdv_block_m: int = 64
     dkdv_warps: int = 8
     dkdv_stages: int = 2
+    dkdv_kv_as_b: bool = False
+    allow_flat: bool = True  # False forces the general (nested-loop) query-side path (tests)
 
     @staticmethod
     def for_interpreter() -> "HierAttnConfig":
@@ -523,8 +571,9 @@ def _plans(layout, b, n, cfg, device):
     return pf, pq
 
 
-def _even(m: int, block: int) -> bool:
-    return m % block == 0
+def _need_mask(plan: "Plan", block: int, query_side: bool) -> bool:
+    g = plan.q_gcd if query_side else plan.k_gcd
+    return g % block != 0
 
 
 def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False):
@@ -537,7 +586,6 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
     if plan.n_qtiles == 0:
         return o, lse
     grid = (plan.n_qtiles * hq,)
-    m = layout.tokens_per_frame
     _q_side_kernel[grid](
         q, k, v, o, lse, o, lse, o, plan.qdesc, plan.vid_l0_end, plan.vid_end,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -545,7 +593,8 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
         0, 0, 0, 0, 0, 0,
         hq, n, scale * LOG2E, scale,
         G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        HIER_MASK=not _even(m, cfg.fwd_block_n), MODE=0, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+        RANGE_MASK=_need_mask(plan, cfg.fwd_block_n, True), FLAT=plan.q_flat and cfg.allow_flat, MODE=0, num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages)
     return o, lse
 
 
@@ -561,7 +610,7 @@ def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig
             do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
             hq, n, scale * LOG2E, scale,
             G=hq // k.shape[1], HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            HIER_MASK=not _even(layout.tokens_per_frame, cfg.dq_block_n), MODE=1, num_warps=cfg.dq_warps,
+            RANGE_MASK=_need_mask(pq, cfg.dq_block_n, True), FLAT=pq.q_flat and cfg.allow_flat, MODE=1, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages)
 
 
@@ -577,7 +626,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, hkv, n, scale * LOG2E, scale,
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-            HIER_MASK=not _even(layout.tokens_per_frame, cfg.dkdv_block_m), num_warps=cfg.dkdv_warps,
+            RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
 
 
