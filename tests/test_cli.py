@@ -77,12 +77,15 @@ def test_infer_batch_over_validation_jsonl(stage2, synthetic_data, tmp_path):
 def test_infer_interactive_takes_a_video_path(stage2, synthetic_data, tmp_path):
     _, ckpt = stage2
     video = json.loads(open(synthetic_data["val"]).readline())["videos"][0]
-    script = f"<video>What color is the background of the first shot? Answer with one word.\n{video}\nexit\n"
+    missing = tmp_path / "typo.mp4"
+    question = "<video>What color is the background of the first shot? Answer with one word."
+    # A mistyped path is asked for again; the session goes on and answers.
+    script = f"{question}\n{missing}\n{video}\nexit\n"
     proc = swift("infer", "--model", ckpt, "--infer_backend", "transformers", "--max_new_tokens", "4",
                  "--stream", "false", input=script)
     text = proc.stdout + proc.stderr
-    assert "Input a video path or URL" in text
-    answer = text.split("Input a video path or URL <<< ", 1)[1].split("<<<", 1)[0].strip()
+    assert f"video file not found: {missing}" in text
+    answer = text.split("Input a video path or URL <<< ")[-1].split("<<<", 1)[0].strip()
     assert answer, text[-2000:]
 
 

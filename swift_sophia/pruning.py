@@ -1,0 +1,356 @@
+"""Shot-adaptive frame pruning (sophia.md section 1, steps 3-5; docs/pruning.md).
+
+:class:`FramePruner` takes the projected features of the F sampled frames of one video, its shots (from
+:func:`swift_sophia.shots.sampled_shots`) and the embeddings of the query text, and returns which frames
+the LLM gets (:class:`FrameSelection`).
+
+Rules (the points sophia.md leaves open are fixed here):
+
+* Token similarity: ``sim(f_n, f_n') = mean_{m, m'} cos(f_n[m], f_n'[m'])``. Because the mean of a cosine
+  matrix is the dot product of the means of the L2-normalised rows, ``sim(f_n, f_n') = g_n . g_n'`` with
+  ``g_n = mean_m normalize(f_n[m])``; the pruner computes ``g`` (frame-chunked) instead of ``M x M``
+  matrices, with the same result (tested against the explicit matrices) and O(F D) memory.
+* Inter-shot (query-guided): representative of shot ``[b_i, b_{i+1})`` is frame
+  ``(b_i + b_{i+1} - 1) // 2``. The query tokens go through the learnable MLP; the score is the pooled
+  ``M x N_T`` cosine matrix between the representative's tokens and the mapped query tokens. Pooling
+  ``'mean'`` (default; equals ``g_rep . mean_t normalize(q_t)``) or ``'max'`` (the best single
+  token pair; computed from the explicit matrices, chunked by shot).
+* Counts: ``drop = floor(p * n / 100 + 0.5)`` (round half up) of the ``n`` candidates, capped at ``n - 1``
+  (at least one shot, and at least one frame per kept shot, stay). ``p = 0`` drops nothing.
+* Intra-shot (redundancy): in every kept shot with ``n >= 2`` frames, ``score(k) = mean_{k' != k} sim(k, k')``;
+  the ``drop`` highest scores go. Ties: the later frame goes first. A one-frame shot keeps its frame.
+* No query (``None`` or zero tokens): no inter-shot pruning, every shot is kept (intra-shot pruning still
+  runs). ``alpha = beta = 0`` returns every frame with a gate of exactly 1 and no gradient path.
+* Training (``self.training`` and ``tau`` given): Gumbel top-k with a straight-through estimator. The
+  kept shots are the top ``S - drop`` of ``(score + Gumbel noise) / tau`` (the same top-k structure as
+  inference, with exploration noise); ``gate = hard + soft - soft.detach()`` where ``soft`` is the softmax
+  of the perturbed logits, so the gate is exactly 1.0 for every kept frame while its gradient flows into
+  the shot scores and through them into the query MLP (and the frame features). Intra-shot selection has no
+  parameters and stays deterministic. Inference (eval mode, or ``tau=None``): deterministic top-k, gates
+  are plain ones.
+
+The query MLP is ``Linear(D, D) -> GELU -> Linear(D, D)`` used residually, ``q + MLP(q)``, with the last
+layer zero-initialised: the mapping is exactly the identity at initialisation in any dtype (an untrained
+pruner compares visual tokens with the raw text embeddings, which live in the same space after the
+projector).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Shot = Tuple[int, int]
+
+DEFAULT_TAU_START = 1.0
+DEFAULT_TAU_MIN = 0.1
+DEFAULT_ANNEAL_RATE = 1e-3
+
+
+def drop_count(percent: float, n: int) -> int:
+    """How many of ``n`` candidates ``percent`` % drops: round half up, capped at ``n - 1``, >= 0."""
+    if n <= 1 or percent <= 0:
+        return 0
+    k = int(math.floor(float(percent) * n / 100.0 + 0.5 + 1e-9))
+    return max(0, min(n - 1, k))
+
+
+def representative_frame(shot: Shot) -> int:
+    a, b = shot
+    return (a + b - 1) // 2
+
+
+def _check_shots(shots: Optional[Sequence[Shot]], num_frames: int) -> List[Shot]:
+    if not shots:
+        return [(0, num_frames)] if num_frames > 0 else []
+    shots = [(int(a), int(b)) for a, b in shots]
+    if shots[0][0] != 0 or shots[-1][1] != num_frames or any(a >= b for a, b in shots) \
+            or any(shots[i][1] != shots[i + 1][0] for i in range(len(shots) - 1)):
+        raise ValueError(f'shots {shots} do not tile 0..{num_frames} with non-empty ranges')
+    return shots
+
+
+@dataclass
+class FrameSelection:
+    """The outcome of :meth:`FramePruner.select` for one video of F frames and S shots."""
+    keep: torch.LongTensor  # sorted indices of the kept frames
+    gate: torch.Tensor  # [len(keep)], value 1.0; carries the straight-through gradient in training
+    shots: List[Shot]  # the shots used
+    shot_scores: torch.Tensor  # [S] inter-shot scores (NaN when there is no query)
+    kept_shots: torch.LongTensor  # sorted indices of the kept shots
+    representatives: torch.LongTensor  # [S] representative frame of every shot
+    frame_scores: torch.Tensor  # [F] intra-shot redundancy (NaN for frames of one-frame shots)
+    intra_dropped: torch.LongTensor  # frames of kept shots dropped by intra-shot pruning
+    shot_of_frame: torch.LongTensor  # [F]
+    alpha: float = 0.0
+    beta: float = 0.0
+    tau: Optional[float] = None
+    pooling: str = 'mean'
+    query_used: bool = False
+    stochastic: bool = False  # Gumbel noise was used (training)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.shot_of_frame.numel())
+
+    @property
+    def dropped_shots(self) -> torch.LongTensor:
+        mask = torch.ones(len(self.shots), dtype=torch.bool)
+        mask[self.kept_shots.cpu()] = False
+        return torch.nonzero(mask).flatten()
+
+    @property
+    def keep_mask(self) -> torch.BoolTensor:
+        mask = torch.zeros(self.num_frames, dtype=torch.bool)
+        mask[self.keep.cpu()] = True
+        return mask
+
+    def summary(self) -> str:
+        return (f'{len(self.keep)}/{self.num_frames} frames kept; shots kept {self.kept_shots.tolist()} of '
+                f'{len(self.shots)}; intra-shot dropped {self.intra_dropped.tolist()}')
+
+
+class GumbelTemperature(nn.Module):
+    """``tau(step) = max(tau_min, tau_start * exp(-anneal_rate * step))``.
+
+    ``step`` is a persistent buffer (saved in the checkpoint with the model, so a resumed run continues the
+    schedule). :meth:`forward` / :meth:`value` read the current value; :meth:`advance` counts one step.
+    """
+
+    def __init__(self, tau_start: float = DEFAULT_TAU_START, tau_min: float = DEFAULT_TAU_MIN,
+                 anneal_rate: float = DEFAULT_ANNEAL_RATE):
+        super().__init__()
+        self.tau_start = float(tau_start)
+        self.tau_min = float(tau_min)
+        self.anneal_rate = float(anneal_rate)
+        self.register_buffer('step', torch.zeros((), dtype=torch.long), persistent=True)
+
+    def extra_repr(self) -> str:
+        return f'tau_start={self.tau_start}, tau_min={self.tau_min}, anneal_rate={self.anneal_rate}'
+
+    @staticmethod
+    def schedule(step: int, tau_start: float, tau_min: float, anneal_rate: float) -> float:
+        return max(float(tau_min), float(tau_start) * math.exp(-float(anneal_rate) * int(step)))
+
+    def value(self, step: Optional[int] = None) -> float:
+        s = int(self.step) if step is None else int(step)
+        return self.schedule(s, self.tau_start, self.tau_min, self.anneal_rate)
+
+    def forward(self) -> float:
+        return self.value()
+
+    @torch.no_grad()
+    def advance(self, n: int = 1) -> None:
+        self.step += int(n)
+
+    @torch.no_grad()
+    def set_step(self, step: int) -> None:
+        self.step.fill_(int(step))
+
+    def configure(self, tau_start: Optional[float] = None, tau_min: Optional[float] = None,
+                  anneal_rate: Optional[float] = None) -> None:
+        if tau_start is not None:
+            self.tau_start = float(tau_start)
+        if tau_min is not None:
+            self.tau_min = float(tau_min)
+        if anneal_rate is not None:
+            self.anneal_rate = float(anneal_rate)
+
+
+class FramePruner(nn.Module):
+    """Learnable query MLP + the inter-/intra-shot selection rules (module docstring)."""
+
+    def __init__(self, hidden_size: int, *, pooling: str = 'mean', residual: bool = True,
+                 tau_start: float = DEFAULT_TAU_START, tau_min: float = DEFAULT_TAU_MIN,
+                 anneal_rate: float = DEFAULT_ANNEAL_RATE, chunk_elements: int = 1 << 24):
+        super().__init__()
+        if pooling not in ('mean', 'max'):
+            raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+        self.hidden_size = int(hidden_size)
+        self.pooling = pooling
+        self.residual = residual
+        self.chunk_elements = int(chunk_elements)
+        self.query_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
+                                       nn.Linear(hidden_size, hidden_size))
+        self.gumbel = GumbelTemperature(tau_start, tau_min, anneal_rate)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The documented initialisation. A transformers model's ``_init_weights`` re-initialises every
+        ``nn.Linear`` it visits (children before parents): call this from it for FramePruner modules."""
+        first, last = self.query_mlp[0], self.query_mlp[2]
+        if self.residual:
+            nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5))
+            nn.init.zeros_(first.bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        else:  # plain MLP, near identity: GELU(x + c) - c ~ x for |x| << c (fp32 only)
+            c = 6.0
+            with torch.no_grad():
+                first.weight.copy_(torch.eye(self.hidden_size))
+                first.bias.fill_(c)
+                last.weight.copy_(torch.eye(self.hidden_size))
+                last.bias.fill_(-c)
+
+    # ---------------------------------------------------------------------------------- helpers for the model
+    def map_query(self, query_embeds: torch.Tensor) -> torch.Tensor:
+        """The mapped query tokens ``[N_T, D]`` (``q + MLP(q)`` when residual)."""
+        q = query_embeds.to(self.query_mlp[0].weight.dtype)
+        out = self.query_mlp(q)
+        return q + out if self.residual else out
+
+    def temperature(self, config: Any = None, *, advance: Optional[bool] = None) -> float:
+        """Current Gumbel temperature. Reads ``gumbel_tau_start``, ``gumbel_tau_min`` and
+        ``gumbel_anneal_rate`` from ``config`` when it has them. In training (``advance`` defaults to
+        ``self.training``) every call counts one step of the schedule: the model calls it once per pruned
+        video, so the step counts pruned videos seen in training."""
+        if config is not None:
+            self.gumbel.configure(getattr(config, 'gumbel_tau_start', None),
+                                  getattr(config, 'gumbel_tau_min', None),
+                                  getattr(config, 'gumbel_anneal_rate', None))
+        tau = self.gumbel.value()
+        if self.training if advance is None else advance:
+            self.gumbel.advance()
+        return tau
+
+    def touch(self) -> torch.Tensor:
+        """A scalar that depends on every parameter (for ZeRO-3 batches that prune nothing); multiply by 0."""
+        return sum(p.sum() for p in self.parameters()) * 0.0
+
+    def frame_descriptors(self, frame_feats: torch.Tensor) -> torch.Tensor:
+        """``g_n = mean_m normalize(f_n[m])`` in fp32, ``[F, D]``, computed a few frames at a time."""
+        f, m, d = frame_feats.shape
+        step = max(1, self.chunk_elements // max(1, m * d))
+        parts = [F.normalize(frame_feats[i:i + step].float(), dim=-1).mean(dim=1) for i in range(0, f, step)]
+        return torch.cat(parts) if parts else frame_feats.new_zeros((0, d), dtype=torch.float32)
+
+    def shot_scores(self, frame_feats: torch.Tensor, g: torch.Tensor, reps: torch.Tensor,
+                    query: torch.Tensor) -> torch.Tensor:
+        """Inter-shot scores ``[S]`` (pooled ``M x N_T`` cosine matrices of representative frames)."""
+        qn = F.normalize(self.map_query(query).float(), dim=-1)  # [N_T, D]
+        if self.pooling == 'mean':
+            return g[reps] @ qn.mean(dim=0)
+        m, d = frame_feats.shape[1:]
+        step = max(1, self.chunk_elements // max(1, m * max(d, qn.shape[0])))
+        out = []
+        for i in range(0, len(reps), step):
+            tok = F.normalize(frame_feats[reps[i:i + step]].float(), dim=-1)  # [s, M, D]
+            out.append((tok @ qn.T).amax(dim=(1, 2)))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------------------------------------ select
+    def select(self, frame_feats: torch.Tensor, shots: Optional[Sequence[Shot]],
+               query_embeds: Optional[torch.Tensor], *, alpha: float, beta: float,
+               tau: Optional[float] = None, generator: Optional[torch.Generator] = None) -> FrameSelection:
+        """Choose the frames of one video. ``frame_feats`` ``[F, M, D]``, ``shots`` tiling ``0..F`` (None or
+        empty: one shot), ``query_embeds`` ``[N_T, D]`` or None, ``alpha``/``beta`` in percent, ``tau`` the
+        Gumbel temperature (used only in training mode)."""
+        if frame_feats.ndim != 3:
+            raise ValueError(f'frame_feats must be [F, M, D], got {tuple(frame_feats.shape)}')
+        nf = frame_feats.shape[0]
+        device = frame_feats.device
+        shots = _check_shots(shots, nf)
+        ns = len(shots)
+        shot_of_frame = torch.empty(nf, dtype=torch.long)
+        for i, (a, b) in enumerate(shots):
+            shot_of_frame[a:b] = i
+        reps = torch.tensor([representative_frame(s) for s in shots], dtype=torch.long)
+        alpha = float(alpha)
+        beta = float(beta)
+        has_query = query_embeds is not None and query_embeds.ndim == 2 and query_embeds.shape[0] > 0
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+
+        if nf == 0:
+            return FrameSelection(empty, frame_feats.new_ones(0), shots, torch.zeros(0), empty, reps, torch.zeros(0),
+                                  empty, shot_of_frame.to(device), alpha, beta, tau, self.pooling, has_query)
+
+        if alpha <= 0 and beta <= 0:  # exactly the unpruned model: no scores needed, no gradient path
+            with torch.no_grad():
+                g = self.frame_descriptors(frame_feats)
+                sc = self.shot_scores(frame_feats, g, reps.to(device), query_embeds) if has_query \
+                    else torch.full((ns,), float('nan'))
+                fs = self._intra_scores(g, shots)
+            return FrameSelection(torch.arange(nf, device=device), frame_feats.new_ones(nf), shots, sc.detach().cpu(),
+                                  torch.arange(ns, device=device), reps, fs.cpu(), empty,
+                                  shot_of_frame.to(device), alpha, beta, tau, self.pooling, has_query)
+
+        stochastic = self.training and tau is not None
+        n_drop = drop_count(alpha, ns) if has_query else 0
+        need_grad = stochastic and n_drop > 0 and torch.is_grad_enabled()
+        with torch.set_grad_enabled(need_grad):
+            g = self.frame_descriptors(frame_feats)
+            scores = self.shot_scores(frame_feats, g, reps.to(device), query_embeds) if has_query \
+                else torch.full((ns,), float('nan'), device=device)
+        with torch.no_grad():
+            frame_scores = self._intra_scores(g.detach(), shots)
+
+        # inter-shot selection
+        shot_gate = None
+        if n_drop == 0:
+            kept_shots = torch.arange(ns)
+        elif stochastic:
+            u = torch.rand(scores.shape, device=scores.device, generator=generator, dtype=torch.float32)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
+            logits = (scores.float() + gumbel) / max(float(tau), 1e-6)
+            kept_shots = _top_k_stable(logits.detach().cpu(), ns - n_drop)
+            soft = torch.softmax(logits, dim=0)
+            hard = torch.zeros_like(soft)
+            hard[kept_shots.to(soft.device)] = 1.0
+            shot_gate = hard + (soft - soft.detach())
+        else:
+            kept_shots = _top_k_stable(scores.detach().float().cpu(), ns - n_drop)
+
+        # intra-shot selection, in the kept shots
+        keep_mask = torch.zeros(nf, dtype=torch.bool)
+        dropped = []
+        fs_cpu = frame_scores.cpu()
+        for s in kept_shots.tolist():
+            a, b = shots[s]
+            k = drop_count(beta, b - a)
+            keep_mask[a:b] = True
+            if k:
+                order = sorted(range(a, b), key=lambda n: (-float(fs_cpu[n]), -n))  # most redundant, later first
+                for n in order[:k]:
+                    keep_mask[n] = False
+                    dropped.append(n)
+        keep = torch.nonzero(keep_mask).flatten()
+        if shot_gate is not None:
+            gate = shot_gate[shot_of_frame[keep].to(shot_gate.device)].to(frame_feats.dtype)
+        else:
+            gate = frame_feats.new_ones(len(keep))
+        return FrameSelection(
+            keep=keep.to(device), gate=gate.to(device), shots=shots, shot_scores=scores.detach().float().cpu(),
+            kept_shots=kept_shots.to(device), representatives=reps, frame_scores=fs_cpu,
+            intra_dropped=torch.tensor(sorted(dropped), dtype=torch.long, device=device),
+            shot_of_frame=shot_of_frame.to(device), alpha=alpha, beta=beta, tau=tau if stochastic else None,
+            pooling=self.pooling, query_used=has_query, stochastic=stochastic and n_drop > 0)
+
+    @staticmethod
+    def _intra_scores(g: torch.Tensor, shots: Sequence[Shot]) -> torch.Tensor:
+        """``score(n) = mean_{n' != n in shot} g_n . g_n'``; NaN in one-frame shots. ``[F]`` fp32."""
+        out = torch.full((g.shape[0],), float('nan'), dtype=torch.float32, device=g.device)
+        for a, b in shots:
+            n = b - a
+            if n < 2:
+                continue
+            gs = g[a:b].float()
+            sim = gs @ gs.T
+            out[a:b] = (sim.sum(dim=1) - sim.diagonal()) / (n - 1)
+        return out
+
+
+def _top_k_stable(values: torch.Tensor, k: int) -> torch.LongTensor:
+    """Indices of the ``k`` largest values, sorted; ties go to the lower index; NaN counts as lowest."""
+    v = torch.nan_to_num(values.float(), nan=-float('inf'))
+    order = sorted(range(len(v)), key=lambda i: (-float(v[i]), i))
+    return torch.tensor(sorted(order[:k]), dtype=torch.long)
+
+
+def explicit_similarity(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """``mean`` of the ``M x M`` token cosine matrix between two frames (reference for tests)."""
+    return (F.normalize(fa.float(), dim=-1) @ F.normalize(fb.float(), dim=-1).T).mean()
