@@ -13,7 +13,7 @@ _NOT_COPIED = {"model_type", "transformers_version", "architectures", "auto_map"
 
 
 def init_from_internvl(source: str, output_dir: str, **overrides) -> str:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
     from .modeling_sophia import SophiaForConditionalGeneration
 
@@ -29,7 +29,14 @@ def init_from_internvl(source: str, output_dir: str, **overrides) -> str:
     fields.update(image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT),
                   video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_CONTEXT), **overrides)
     config = SophiaConfig(**fields)
-    model = SophiaForConditionalGeneration.from_pretrained(source, config=config)
+    # InternVL loads its own (older-layout) checkpoints; its module names are Sophia's, plus Sophia's new modules.
+    internvl = InternVLForConditionalGeneration.from_pretrained(source, dtype="auto")
+    model = SophiaForConditionalGeneration(config).to(internvl.dtype)
+    missing, unexpected = model.load_state_dict(internvl.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith(("model.aggregator.", "model.pruner."))]
+    if unexpected or new:
+        raise ValueError(f"{source} does not match Sophia's layout: unexpected {unexpected[:5]}, missing {new[:5]}")
+    del internvl
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(output_dir, safe_serialization=True)

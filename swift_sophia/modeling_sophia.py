@@ -110,7 +110,7 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, SophiaAggregator):
+        if isinstance(module, (SophiaAggregator, FramePruner)):
             module.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- forward

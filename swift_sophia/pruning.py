@@ -295,7 +295,7 @@ class FramePruner(nn.Module):
             kept_shots = torch.arange(ns)
         elif stochastic:
             u = torch.rand(scores.shape, device=scores.device, generator=generator, dtype=torch.float32)
-            gumbel = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
+            gumbel = -torch.log((-torch.log(u.clamp(1e-10, 1.0 - 1e-7))).clamp_min(1e-10))
             logits = (scores.float() + gumbel) / max(float(tau), 1e-6)
             kept_shots = _top_k_stable(logits.detach().cpu(), ns - n_drop)
             soft = torch.softmax(logits, dim=0)
