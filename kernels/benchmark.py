@@ -153,9 +153,10 @@ def sweep(frames: int = 128) -> dict:
     do = torch.randn_like(q)
     scale = D ** -0.5
     base = H.HierAttnConfig()
-    fwd_cfgs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-    dq_cfgs = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
-    dkdv_cfgs = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+    fwd_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]
+    dq_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)]
+    dkdv_cfgs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3, True),
+                 (64, 64, 4, 4)]
     out = {"fwd": [], "dq": [], "dkdv": []}
     best = {}
     for bm, bn, w, s in fwd_cfgs:
@@ -183,18 +184,21 @@ def sweep(frames: int = 128) -> dict:
     best["dq"] = min(out["dq"], key=lambda x: x[1])[0]
     H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    for bn, bm, w, s in dkdv_cfgs:
-        cfg = H.HierAttnConfig(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s)
+    for c in dkdv_cfgs:
+        bn, bm, w, s = c[:4]
+        kvb = len(c) > 4 and c[4]
+        cfg = H.HierAttnConfig(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s, dkdv_kv_as_b=kvb)
         try:
             t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
         except Exception as exc:
             t = float("inf")
-            print("dkdv", (bn, bm, w, s), "failed:", str(exc)[:200])
-        out["dkdv"].append(((bn, bm, w, s), t))
-        print(f"sweep dkdv {bn, bm, w, s}: {t:.3f} ms", flush=True)
+            print("dkdv", c, "failed:", str(exc)[:200])
+        out["dkdv"].append((tuple(c), t))
+        print(f"sweep dkdv {c}: {t:.3f} ms", flush=True)
     best["dkdv"] = min(out["dkdv"], key=lambda x: x[1])[0]
     f, dqc, dkc = best["fwd"], best["dq"], best["dkdv"]
-    cfg = H.HierAttnConfig(f[0], f[1], f[2], f[3], dqc[0], dqc[1], dqc[2], dqc[3], dkc[0], dkc[1], dkc[2], dkc[3])
+    cfg = H.HierAttnConfig(f[0], f[1], f[2], f[3], dqc[0], dqc[1], dqc[2], dqc[3], dkc[0], dkc[1], dkc[2], dkc[3],
+                           dkdv_kv_as_b=len(dkc) > 4 and dkc[4])
     del q, k, v, do, o, lse, delta, dq, dk, dv
     torch.cuda.empty_cache()
     return {"results": out, "best": cfg}

@@ -21,13 +21,17 @@ Rules (the points sophia.md leaves open are fixed here):
   the ``drop`` highest scores go. Ties: the later frame goes first. A one-frame shot keeps its frame.
 * No query (``None`` or zero tokens): no inter-shot pruning, every shot is kept (intra-shot pruning still
   runs). ``alpha = beta = 0`` returns every frame with a gate of exactly 1 and no gradient path.
-* Training (``self.training`` and ``tau`` given): Gumbel top-k with a straight-through estimator. The
-  kept shots are the top ``S - drop`` of ``(score + Gumbel noise) / tau`` (the same top-k structure as
-  inference, with exploration noise); ``gate = hard + soft - soft.detach()`` where ``soft`` is the softmax
-  of the perturbed logits, so the gate is exactly 1.0 for every kept frame while its gradient flows into
-  the shot scores and through them into the query MLP (and the frame features). Intra-shot selection has no
-  parameters and stays deterministic. Inference (eval mode, or ``tau=None``): deterministic top-k, gates
-  are plain ones.
+* Training (``self.training`` and ``tau`` given): Gumbel top-k with a straight-through estimator. With
+  ``logits = logit_scale * score / tau + Gumbel noise`` (cosine scores live in [-1, 1]; ``logit_scale``
+  = 10 by default), the kept shots are the top ``S - drop`` logits (the same top-k structure as
+  inference: a sample without replacement from ``softmax(logit_scale * score / tau)``), and
+  ``gate = hard + soft - soft.detach()`` with ``soft = softmax(logits)``: exactly 1.0 for every kept frame,
+  while its gradient flows into the shot scores and through them into the query MLP (and the frame
+  features). Annealing ``tau`` both sharpens the relaxation and shrinks the exploration noise relative to
+  the score gaps, so training converges to the inference selection (with the noise scaled by ``1 / tau``
+  as in ``F.gumbel_softmax``, the hard sample would not depend on ``tau`` at all and, on cosine scores,
+  would stay close to uniformly random). Intra-shot selection has no parameters and stays deterministic.
+  Inference (eval mode, or ``tau=None``): deterministic top-k, gates are plain ones.
 
 The query MLP is ``Linear(D, D) -> GELU -> Linear(D, D)`` used residually, ``q + MLP(q)``, with the last
 layer zero-initialised: the mapping is exactly the identity at initialisation in any dtype (an untrained
@@ -49,6 +53,7 @@ Shot = Tuple[int, int]
 DEFAULT_TAU_START = 1.0
 DEFAULT_TAU_MIN = 0.1
 DEFAULT_ANNEAL_RATE = 1e-3
+DEFAULT_LOGIT_SCALE = 10.0
 
 
 def drop_count(percent: float, n: int) -> int:
@@ -167,8 +172,10 @@ class FramePruner(nn.Module):
 
     def __init__(self, hidden_size: int, *, pooling: str = 'mean', residual: bool = True,
                  tau_start: float = DEFAULT_TAU_START, tau_min: float = DEFAULT_TAU_MIN,
-                 anneal_rate: float = DEFAULT_ANNEAL_RATE, chunk_elements: int = 1 << 24):
+                 anneal_rate: float = DEFAULT_ANNEAL_RATE, logit_scale: float = DEFAULT_LOGIT_SCALE,
+                 chunk_elements: int = 1 << 24):
         super().__init__()
+        self.logit_scale = float(logit_scale)
         if pooling not in ('mean', 'max'):
             raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
         self.hidden_size = int(hidden_size)
@@ -213,6 +220,8 @@ class FramePruner(nn.Module):
             self.gumbel.configure(getattr(config, 'gumbel_tau_start', None),
                                   getattr(config, 'gumbel_tau_min', None),
                                   getattr(config, 'gumbel_anneal_rate', None))
+            if getattr(config, 'gumbel_logit_scale', None) is not None:
+                self.logit_scale = float(config.gumbel_logit_scale)
         tau = self.gumbel.value()
         if self.training if advance is None else advance:
             self.gumbel.advance()
@@ -294,9 +303,10 @@ class FramePruner(nn.Module):
         if n_drop == 0:
             kept_shots = torch.arange(ns)
         elif stochastic:
-            u = torch.rand(scores.shape, device=scores.device, generator=generator, dtype=torch.float32)
+            u = torch.rand(scores.shape, device=generator.device if generator is not None else 'cpu',
+                           generator=generator, dtype=torch.float32).to(scores.device)
             gumbel = -torch.log((-torch.log(u.clamp(1e-10, 1.0 - 1e-7))).clamp_min(1e-10))
-            logits = (scores.float() + gumbel) / max(float(tau), 1e-6)
+            logits = scores.float() * (self.logit_scale / max(float(tau), 1e-6)) + gumbel
             kept_shots = _top_k_stable(logits.detach().cpu(), ns - n_drop)
             soft = torch.softmax(logits, dim=0)
             hard = torch.zeros_like(soft)

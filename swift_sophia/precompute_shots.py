@@ -1,0 +1,230 @@
+"""Precompute the shot boundaries of every video of one or more ms-swift dataset files.
+
+    python -m swift_sophia.precompute_shots train.jsonl [val.jsonl ...] --num-frames 32 --workers 2
+
+Rows are ms-swift rows with a ``videos`` list (or a single ``video``/``videos`` string); relative paths are
+looked up next to the jsonl file first, then in the current folder and ``$ROOT_IMAGE_DIR``. Every distinct
+video is processed once (a video used by several rows is detected once), by ``--workers`` processes
+(``0``: in this process). Videos whose entry is already in the cache are skipped, entries are written
+atomically, so the command can be interrupted (Ctrl-C, kill) and rerun: it continues where it stopped.
+
+A missing or undecodable video is reported with the file, row number (1-based line) and path, the rest
+goes on, and the exit code is 1 (0 when every video is cached; 130 when interrupted). ``--num-frames``
+must be the template's number of sampled frames (``VIDEO_SEGMENTS``, default 32); it matters only when the
+detector sees the sampled frames (``--mode sampled``): the default mode detects on every frame, whose
+entry serves every sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .shot_cache import ShotCache
+from .shots import MODES, DetectionSettings, resolve_video_source
+
+
+@dataclass
+class Job:
+    source: str  # resolved absolute path
+    rows: List[Tuple[str, int]] = field(default_factory=list)  # (jsonl, 1-based line) using it
+
+
+def _row_videos(row) -> list:
+    videos = row.get('videos', row.get('video'))
+    if videos is None:
+        return []
+    if isinstance(videos, (str, dict)):
+        return [videos]
+    return list(videos)
+
+
+def collect_jobs(files: Sequence[str]) -> Tuple[Dict[str, Job], List[str], int]:
+    """Read the dataset files. Returns (jobs by video path, error lines, number of rows)."""
+    jobs: Dict[str, Job] = {}
+    errors: List[str] = []
+    nrows = 0
+    for fn in files:
+        base = os.path.dirname(os.path.abspath(fn))
+        try:
+            f = open(fn, 'r', encoding='utf-8')
+        except OSError as e:
+            errors.append(f'{fn}: cannot open: {e}')
+            continue
+        with f:
+            if fn.endswith('.json'):
+                try:
+                    data = json.load(f)
+                    rows = [(i + 1, r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+                except ValueError as e:
+                    errors.append(f'{fn}: invalid JSON: {e}')
+                    continue
+            else:
+                rows = []
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((lineno, json.loads(line)))
+                    except ValueError as e:
+                        errors.append(f'{fn}:{lineno}: invalid JSON: {e}')
+            for lineno, row in rows:
+                nrows += 1
+                if not isinstance(row, dict):
+                    errors.append(f'{fn}:{lineno}: row is not a JSON object')
+                    continue
+                for video in _row_videos(row):
+                    if isinstance(video, (list, tuple)):
+                        continue  # frames given as images: nothing to detect
+                    try:
+                        src, _ = resolve_video_source(video, base, prefer_base=True)
+                    except (FileNotFoundError, ValueError) as e:
+                        errors.append(f'{fn}:{lineno}: {e}')
+                        continue
+                    if not isinstance(src, str):
+                        errors.append(f'{fn}:{lineno}: {str(video)[:80]!r}: only local files are precomputed')
+                        continue
+                    jobs.setdefault(src, Job(src)).rows.append((fn, lineno))
+    return jobs, errors, nrows
+
+
+# ------------------------------------------------------------------------------------------------- workers
+_W: dict = {}
+
+
+def _init_worker(cache_dir: Optional[str], settings: DetectionSettings, device: str, threads: int,
+                 num_frames: int, ignore_sigint: bool) -> None:
+    if ignore_sigint:  # the parent handles Ctrl-C and cancels; the worker finishes or is terminated
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+    torch.set_num_threads(max(1, threads))
+    from .shots import ShotDetector
+    _W.update(cache=ShotCache(cache_dir), settings=settings, detector=ShotDetector(device),
+              num_frames=num_frames)
+
+
+def _process(path: str) -> Tuple[str, str, float]:
+    """-> (path, 'cached' | 'computed' | 'error: ...', seconds)."""
+    from .shots import ensure_cached, video_info
+    t0 = time.perf_counter()
+    try:
+        settings = _W['settings']
+        indices: List[int] = []
+        if settings.depends_on_sampling:
+            from .video import sample_frame_indices
+            total, _ = video_info(path)
+            indices = sample_frame_indices(total, _W['num_frames'])
+        status = ensure_cached(path, indices, cache=_W['cache'], detector=_W['detector'], settings=settings,
+                               num_threads=1)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        status = f'error: {type(e).__name__}: {e}'
+    return path, status, time.perf_counter() - t0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog='python -m swift_sophia.precompute_shots', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('datasets', nargs='+', help='ms-swift dataset files (.jsonl or .json)')
+    ap.add_argument('--num-frames', type=int, default=int(os.environ.get('VIDEO_SEGMENTS', '32')),
+                    help="the template's sampled frames per video (default $VIDEO_SEGMENTS or 32)")
+    ap.add_argument('--workers', type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                    help='worker processes (0: run in this process)')
+    ap.add_argument('--threads', type=int, default=None, help='torch threads per worker (default cores/workers)')
+    ap.add_argument('--cache-dir', default=None, help='default $SOPHIA_SHOT_CACHE or ~/.cache/swift_sophia/shots')
+    ap.add_argument('--device', default=os.environ.get('SOPHIA_SHOT_DEVICE', 'cpu'), help='cpu, cuda, auto')
+    ap.add_argument('--mode', choices=MODES, default=None, help='which frames the detector sees '
+                    '(default $SOPHIA_SHOT_MODE or native; must match training)')
+    ap.add_argument('--threshold', type=float, default=None)
+    ap.add_argument('--no-progress', action='store_true')
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    settings = DetectionSettings.from_env(mode=args.mode, threshold=args.threshold)
+    cache = ShotCache(args.cache_dir)
+    cache.clean_temporaries()
+    jobs, errors, nrows = collect_jobs(args.datasets)
+    for e in errors:
+        print(f'error: {e}', file=sys.stderr)
+    print(f'{nrows} rows, {len(jobs)} distinct videos, cache {cache.root}, detector sees: {settings.mode}',
+          file=sys.stderr)
+    workers = max(0, args.workers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    counts: Dict[str, int] = defaultdict(int)
+    failed_rows = len(errors)
+    pbar = tqdm(total=len(jobs), unit='video', desc='shots', disable=args.no_progress, file=sys.stderr)
+
+    def record(path: str, status: str, seconds: float) -> None:
+        nonlocal failed_rows
+        if status.startswith('error'):
+            counts['failed'] += 1
+            for fn, lineno in jobs[path].rows:
+                failed_rows += 1
+                tqdm.write(f'error: {fn}:{lineno}: {path}: {status[7:]}', file=sys.stderr)
+        else:
+            counts[status] += 1
+        pbar.update(1)
+        pbar.set_postfix(computed=counts['computed'], cached=counts['cached'], failed=counts['failed'])
+
+    interrupted = False
+    paths = list(jobs)
+    try:
+        if workers == 0:
+            _init_worker(args.cache_dir, settings, args.device, threads, args.num_frames, ignore_sigint=False)
+            for p in paths:
+                record(*_process(p))
+        else:
+            import multiprocessing as mp
+            ctx = mp.get_context('spawn')
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(args.cache_dir, settings, args.device, threads, args.num_frames,
+                                               True)) as pool:
+                pending: Dict[Future, str] = {}
+                it = iter(paths)
+                try:
+                    for p in it:  # keep at most 2 tasks per worker queued, so Ctrl-C stops quickly
+                        pending[pool.submit(_process, p)] = p
+                        if len(pending) >= 2 * workers:
+                            break
+                    while pending:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            path = pending.pop(fut)
+                            try:
+                                record(*fut.result())
+                            except Exception as e:  # a worker died
+                                record(path, f'error: worker failed: {type(e).__name__}: {e}', 0.0)
+                            nxt = next(it, None)
+                            if nxt is not None:
+                                pending[pool.submit(_process, nxt)] = nxt
+                except KeyboardInterrupt:
+                    for fut in pending:
+                        fut.cancel()
+                    for proc in list(getattr(pool, '_processes', {}).values()):
+                        proc.terminate()  # cache entries are atomic: a killed worker leaves no partial entry
+                    raise
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        pbar.close()
+    done = counts['computed'] + counts['cached'] + counts['failed']
+    print(f"\nsummary: {len(jobs)} videos: {counts['computed']} computed, {counts['cached']} already cached, "
+          f"{counts['failed']} failed, {len(jobs) - done} not processed; {failed_rows} row error(s)",
+          file=sys.stderr)
+    if interrupted:
+        print('interrupted: rerun the same command to finish (finished videos are skipped)', file=sys.stderr)
+        return 130
+    return 1 if failed_rows or counts['failed'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
