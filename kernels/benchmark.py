@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--flex-frames", type=int, nargs="*", default=[])
     p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100], help="prefixes at 128 frames")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--ab", action="store_true", help="A/B: dK/dV tile splitting and the split prefix loop")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -268,6 +269,40 @@ def main(argv=None) -> int:
         t["tflops_fwd"] = fl / t["fwd_ms"] / 1e9
         prefix_rows.append({"prefix": pre, "ext_tokens": n, **t})
         print("prefix", pre, t, flush=True)
+    if args.ab:
+        import dataclasses
+
+        base = H.default_config(D)
+        ab = []
+        for f in (128, 512):
+            layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+            q, k, v = _inputs(n)
+            do = torch.randn_like(q)
+            scale = D ** -0.5
+            o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
+            delta = torch.empty_like(lse)
+            dq = torch.empty_like(q)
+            H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            for chunk in (-1, 0):
+                cfg = dataclasses.replace(base, dkdv_split_chunk=chunk)
+                t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
+                ab.append({"frames": f, "what": f"dkdv split_chunk={chunk}", "ms": t})
+                print(ab[-1], flush=True)
+            t = _bench(lambda: H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base))
+            ab.append({"frames": f, "what": "dq", "ms": t})
+            print(ab[-1], flush=True)
+            del q, k, v, do, o, lse, delta, dq, dk, dv
+            torch.cuda.empty_cache()
+        for pre in (100,):
+            layout, n = HierLayout.from_segments([[[pre, ("video", 128), 64]]], tokens_per_frame=M)
+            for sp in (False, True):
+                cfg = dataclasses.replace(base, split_prefix=sp)
+                t = time_fn(ours(layout, cfg), n, want_mem=False)
+                ab.append({"frames": 128, "what": f"prefix {pre} split_prefix={sp}", "ms": t["fwd_ms"],
+                           "fwdbwd_ms": t["fwdbwd_ms"]})
+                print(ab[-1], flush=True)
+        info["ab"] = ab
     info["rows"] = rows_out
     info["prefix"] = prefix_rows
     if args.json:
@@ -296,6 +331,10 @@ def main(argv=None) -> int:
         for r in prefix_rows:
             print(f"| {r['prefix']} | {r['ext_tokens']:,} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
                   f"{r['tflops_fwd']:.0f} |")
+    if info.get("ab"):
+        print("\n| A/B | frames | ms | fwd+bwd ms |\n|---|---|---|---|")
+        for r in info["ab"]:
+            print(f"| {r['what']} | {r['frames']} | {r['ms']:.3f} | {r.get('fwdbwd_ms', '-')} |")
     return 0
 
 

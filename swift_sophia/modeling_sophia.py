@@ -237,16 +237,15 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
     def _dummy_visual_pass(self, embeds, features=None):
         """ZeRO-3 gathers a module's weights when it is called, so every rank must call the same modules the same
         number of times per step: a batch without video still runs the vision tower (unless images did), the
-        aggregation CNN and the pruner, on a blank frame, and adds nothing."""
+        aggregation CNN, on a blank frame, and adds nothing. (The pruner is called a varying number of times per
+        step, once per video, so pruning is trained with ZeRO-2 or without DeepSpeed; see `_prune`.)"""
         if features is None:
             size = self.config.vision_config.image_size
             pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
             features = self.model.video_frame_features(pixels).to(embeds.dtype)
         video = features[:1]
         levels = self.model.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
-        touched = video.sum() + sum(level.sum() for level in levels)
-        touched = touched + self.model.pruner.map_query(embeds[0, :1]).sum()
-        return touched * 0.0
+        return (video.sum() + sum(level.sum() for level in levels)) * 0.0
 
     def _query_embeds(self, query_ids, query_mask, video: int) -> Optional[torch.Tensor]:
         """The pruning query of a video: the user text of the turn that holds it (None if absent or empty)."""
@@ -261,6 +260,9 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         alpha, beta = _prune_settings(self.config)
         if alpha <= 0 and beta <= 0:
             return video, list(range(video.shape[0]))
+        if self.training and is_deepspeed_zero3_enabled():
+            raise ValueError("training with frame pruning on (stage 3) needs --deepspeed zero2 or no DeepSpeed: "
+                             "ZeRO-3 would hang, the pruner runs once per video and videos per rank differ")
         tau = self.model.pruner.temperature(self.config) if self.training else None
         selection = self.model.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau)
         kept = selection.keep.tolist()

@@ -29,6 +29,8 @@ CASES = [
     ("fp32_many_videos_flat", 10, "float32", 16, (2, 1), 3, "small"),
     ("fp32_many_videos_general", 10, "float32", 16, (2, 1), 3, "general"),
     ("fp32_two_videos_general", 11, "float32", 16, (2, 1), 5, "general_mixed"),
+    ("fp32_split_key_tiles", 12, "float32", 16, (4, 2), 4, "split"),
+    ("fp16_split_key_tiles_pad", 7, "float16", 32, (2, 1), 3, "split"),
 ]
 
 
@@ -38,11 +40,12 @@ def _random_rows(rng: random.Random, case_name: str):
     if case_name.startswith("fp32_many_videos"):  # 5 videos in one sequence: > 3 prefix segments
         return [[("pad", 2), [3, ("video", 2), 2, ("video", 1), ("video", 3), 4, ("video", 2), 1, ("video", 2), 3]]]
     rows = []
-    nrows = 2 if case_name == "fp32_packed_padded" else 1
+    nrows = 2 if case_name in ("fp32_packed_padded", "fp16_split_key_tiles_pad") else 1
     for _ in range(nrows):
         row = []
-        for _ in range(rng.randint(1, 2) if case_name == "fp32_packed_padded" else 1):
-            if rng.random() < 0.5 or case_name == "fp32_packed_padded":
+        packed = case_name in ("fp32_packed_padded", "fp16_split_key_tiles_pad")
+        for _ in range(rng.randint(1, 2) if packed else 1):
+            if rng.random() < 0.5 or packed:
                 row.append(("pad", rng.randint(1, 5)))
             seq = []
             for _ in range(rng.randint(2, 4)):
@@ -66,6 +69,7 @@ def _worker() -> None:
         "small": HierAttnConfig.for_interpreter(),
         "mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1),
         "general": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, allow_flat=False),
+        "split": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, dkdv_split_chunk=20),
         "general_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1, dkdv_kv_as_b=True,
                                         allow_flat=False),
     }

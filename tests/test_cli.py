@@ -170,3 +170,26 @@ def test_deploy_serves_chat_completions_with_videos(stage2, synthetic_data, tmp_
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_stage3_trains_only_the_pruner(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    out = str(tmp_path / "stage3")
+    stage3 = sft(ckpt, synthetic_data["train"], out, "--tuner_type", "full", "--freeze_parameters_ratio", "1",
+                 "--trainable_parameters", "model.pruner", "--learning_rate", "1e-2", "--max_steps", "4",
+                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--save_steps", "4",
+                 "--logging_steps", "1", "--model_kwargs", json.dumps({"prune_alpha": 50, "prune_beta": 30}))
+    before, after = _weights(ckpt), _weights(stage3)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.pruner.query_mlp.") for k in changed), changed
+    assert all(k.startswith("model.pruner.") for k in changed), changed
+    assert after["model.pruner.gumbel.step"] > before["model.pruner.gumbel.step"]
+
+
+def test_infer_with_pruning(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    result = tmp_path / "pruned.jsonl"
+    swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
+          "--max_new_tokens", "3", "--result_path", result, "--model_kwargs",
+          json.dumps({"prune_alpha": 30, "prune_beta": 30}))
+    assert len(open(result).readlines()) == 4

@@ -141,3 +141,43 @@ def test_training_step_reaches_every_new_module(model_and_tokenizer):
                  "model.vision_tower.embeddings.patch_embeddings.projection.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def _with_shots_and_query(inputs, tokenizer, shots_per_video):
+    ids = []
+    for frames, shots in zip(inputs["video_frame_counts"].tolist(), shots_per_video):
+        per = -(-frames // shots)
+        ids.append(torch.arange(frames) // per)
+    query = torch.tensor([tokenizer.encode("What color is the first shot?")] * len(shots_per_video))
+    return dict(inputs, video_frame_shots=torch.cat(ids), video_query_ids=query,
+                video_query_mask=torch.ones_like(query))
+
+
+def test_pruning_keeps_fewer_frames_and_generation_stays_consistent(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
+    with torch.no_grad():
+        unpruned = model(**inputs)
+        monkeypatch.setenv("PRUNE_ALPHA", "50")
+        monkeypatch.setenv("PRUNE_BETA", "50")
+        pruned = model(**inputs, use_cache=True)
+        assert [len(k) for k in unpruned.kept_frames] == [8, 6]
+        kept = [len(k) for k in pruned.kept_frames]
+        assert kept[0] < 8 and kept[1] < 6 and min(kept) >= 1
+        # The cache holds the plain tokens minus the pruned frames' tokens.
+        m = model.config.tokens_per_frame
+        dropped = torch.tensor([(8 - kept[0]) * m, (6 - kept[1]) * m])
+        assert torch.equal(pruned.cache_attention_mask.sum(1), inputs["attention_mask"].sum(1) - dropped)
+        cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        full = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_zero_alpha_and_beta_is_exactly_the_unpruned_model(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8,)), tokenizer, (4,))
+    monkeypatch.setenv("PRUNE_ALPHA", "0")
+    monkeypatch.setenv("PRUNE_BETA", "0")
+    with torch.no_grad():
+        plain = _batch(tokenizer, model, frames=(8,))
+        torch.testing.assert_close(model(**inputs).logits, model(**plain).logits, rtol=0, atol=0)

@@ -181,7 +181,46 @@ class Plan:
     n_ktiles: int
     q_flat: bool  # every query tile has <= PRE_SLOTS prefix segments: flat loop
     q_gcd: int  # gcd of the lengths of every key range of the flat query-side loop (prefix slots, W, P, C)
+    q_gcd_hier: int  # gcd of the W, P, C lengths only
     k_gcd: int  # gcd of the lengths of every query range of the flat dK/dV loop (suffix, W, P, C)
+    rdesc: torch.Tensor | None = None  # [R, 8] int32: split key tiles (b, k0, k1, first slot, pieces)
+    n_slots: int = 0  # workspace slots (pieces of split key tiles)
+    split_chunk: int = 0
+
+
+def _split_heavy_key_tiles(kd: np.ndarray, kcost: np.ndarray, chunk: int):
+    """Split the 'later tokens' query range X of key tiles longer than ``chunk`` into pieces (load balance: a
+    text key early in a long sequence is seen by every later token). Pieces write fp32 partial dK/dV into
+    workspace slots that a reduction kernel sums in a fixed order (deterministic)."""
+    kd = kd.copy()
+    kd[:, 24] = -1
+    xlen = kd[:, 5] - kd[:, 4]
+    heavy = np.nonzero((xlen > chunk) & (kd[:, 0] != KIND_PAD))[0]
+    if chunk <= 0 or heavy.size == 0:
+        return kd, kcost, np.zeros((0, 8), dtype=np.int64), 0
+    rows, costs, red = [], [], []
+    slot = 0
+    for t in heavy.tolist():
+        x0, x1 = int(kd[t, 4]), int(kd[t, 5])
+        npieces = -(-(x1 - x0) // chunk)
+        red.append((kd[t, 1], kd[t, 2], kd[t, 3], slot, npieces, 0, 0, 0))
+        base_cost = int(kcost[t]) - (x1 - x0)
+        for j in range(npieces):
+            r = kd[t].copy()
+            r[4] = x0 + j * chunk
+            r[5] = min(x1, x0 + (j + 1) * chunk)
+            if j > 0:
+                r[8:16] = 0  # hierarchy ranges and diagonal stay with the first piece
+            r[24] = slot + j
+            rows.append(r)
+            costs.append((r[5] - r[4]) + (base_cost if j == 0 else 0))
+        slot += npieces
+    keep = np.ones(kd.shape[0], dtype=bool)
+    keep[heavy] = False
+    kd = np.concatenate([kd[keep], np.stack(rows)])
+    kcost = np.concatenate([kcost[keep], np.asarray(costs, dtype=np.int64)])
+    perm = np.argsort(-kcost, kind="stable")
+    return kd[perm], kcost[perm], np.asarray(red, dtype=np.int64), slot
 
 
 def _gcd_of_lengths(desc: np.ndarray, cols) -> int:
@@ -191,29 +230,44 @@ def _gcd_of_lengths(desc: np.ndarray, cols) -> int:
     return g
 
 
-def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block_k: int, device) -> Plan:
-    """Tile schedule for the forward/dQ (query tiles of ``block_q``) and dK/dV (key tiles of ``block_k``)."""
-    key = ("plan", batch, seq_len, block_q, block_k, str(device))
+def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block_k: int, device,
+               split_chunk: int = 0, kv_heads: int = 1, n_sm: int = 132) -> Plan:
+    """Tile schedule for the forward/dQ (query tiles of ``block_q``) and dK/dV (key tiles of ``block_k``).
+
+    ``split_chunk``: split the later-token query range of dK/dV key tiles into pieces of at most this many
+    tokens; 0 = automatic (a quarter of the average work per multiprocessor, at least 4096), -1 = never."""
+    key = ("plan", batch, seq_len, block_q, block_k, str(device), split_chunk, kv_heads, n_sm)
     hit = layout._cache.get(key)
     if hit is not None:
         return hit
     layout.validate(batch, seq_len)
     qd, _, order = _build_tiles(layout, batch, seq_len, block_q, "q")
-    kd, _, _ = _build_tiles(layout, batch, seq_len, block_k, "k")
+    kd, kcost, _ = _build_tiles(layout, batch, seq_len, block_k, "k")
+    if split_chunk == 0:
+        per_sm = int(kcost.sum()) * kv_heads // max(1, n_sm)
+        split_chunk = max(4096, per_sm // 4)
+    if split_chunk > 0:
+        split_chunk = -(-split_chunk // 128) * 128  # multiple of every query block size
+        kd, kcost, red, n_slots = _split_heavy_key_tiles(kd, kcost, split_chunk)
+    else:
+        kd = kd.copy()
+        kd[:, 24] = -1
+        red, n_slots = np.zeros((0, 8), dtype=np.int64), 0
     spans = layout.video_spans()
     l0 = np.array([spans[i].l0_end for i in order] or [0], dtype=np.int64)
     ve = np.array([spans[i].end for i in order] or [0], dtype=np.int64)
     if max(seq_len, 1) >= 2**31 - 1:
         raise ValueError("sequence too long for int32 tile descriptors")
-    sizes = [qd.size, kd.size, l0.size, ve.size]
-    flat = np.concatenate([qd.reshape(-1), kd.reshape(-1), l0, ve]).astype(np.int32)
+    sizes = [qd.size, kd.size, l0.size, ve.size, red.size]
+    flat = np.concatenate([qd.reshape(-1), kd.reshape(-1), l0, ve, red.reshape(-1)]).astype(np.int32)
     dev_flat = torch.from_numpy(flat).to(device)
     parts = torch.split(dev_flat, sizes)
     q_flat = bool(qd.shape[0] == 0 or int(qd[:, 30].max()) <= PRE_SLOTS)
     q_gcd = _gcd_of_lengths(qd, [8, 10, 12, 16, 18, 20])
+    q_gcd_hier = _gcd_of_lengths(qd, [8, 10, 12])
     k_gcd = _gcd_of_lengths(kd, [4, 8, 10, 12])
     plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[0],
-                kd.shape[0], q_flat, q_gcd, k_gcd)
+                kd.shape[0], q_flat, q_gcd, q_gcd_hier, k_gcd, parts[4].view(-1, 8), n_slots, split_chunk)
     layout._cache[key] = plan
     return plan
 
@@ -272,7 +326,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                    sdob, sdoh, sdon, sdqb, sdqh, sdqn,
                    Hq, N, qk_scale, sm_scale,
                    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, MODE: tl.constexpr):
+                   RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, MODE: tl.constexpr, SPLIT_PRE: tl.constexpr):
     """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O)).
 
     FLAT: one loop over the blocks of six key ranges (<= 3 prefix segments, W, P, C) read from the descriptor;
@@ -342,7 +396,22 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
             n4 = n3 + tl.cdiv(w1 - w0, BLOCK_N)
             n5 = n4 + tl.cdiv(p1 - p0, BLOCK_N)
             n6 = n5 + tl.cdiv(c1 - c0, BLOCK_N)
-            for i in range(0, n6):
+            if SPLIT_PRE:
+                # misaligned prefix (text lengths) but aligned hierarchy: mask only the prefix loop
+                for i in range(0, n3):
+                    base = tl.where(i < n1, a0, tl.where(i < n2, e0 - n1 * BLOCK_N, f0 - n2 * BLOCK_N))
+                    ks = base + i * BLOCK_N
+                    kend = tl.where(i < n1, a1, tl.where(i < n2, e1, f1))
+                    if MODE == 0:
+                        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m,
+                                                   offs_n, offs_d, qk_scale, True, False)
+                    else:
+                        dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
+                                       offs_d, qk_scale, True, False)
+                n_lo = n3
+            else:
+                n_lo = 0
+            for i in range(n_lo, n6):
                 base = tl.where(i < n1, a0, tl.where(i < n2, e0 - n1 * BLOCK_N, tl.where(
                     i < n3, f0 - n2 * BLOCK_N, tl.where(i < n4, w0 - n3 * BLOCK_N, tl.where(
                         i < n5, p0 - n4 * BLOCK_N, c0 - n5 * BLOCK_N)))))
@@ -448,7 +517,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
@@ -517,8 +586,44 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC,
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
                                  LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
                                  offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B)
-        tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptrs.dtype.element_ty), mask=kmask[:, None])
-        tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kmask[:, None])
+        slot = tl.load(dp_ + 24)
+        if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
+            ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
+                + offs_d[None, :]
+            tl.store(WS_DK + ws, dk * sm_scale)
+            tl.store(WS_DV + ws, dv)
+        else:
+            tl.store(dk_ptrs, (dk * sm_scale).to(dk_ptrs.dtype.element_ty), mask=kmask[:, None])
+            tl.store(dv_ptrs, dv.to(dv_ptrs.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _split_reduce_kernel(WS_DK, WS_DV, DK, DV, RDESC, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv,
+                         HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK/dV of split key tiles: sum the pieces' workspace slots in a fixed order."""
+    pid = tl.program_id(0)
+    r = pid // Hkv
+    hk64 = (pid % Hkv).to(tl.int64)
+    rp = RDESC + r * 8
+    b64 = tl.load(rp + 0).to(tl.int64)
+    k0 = tl.load(rp + 1)
+    k1 = tl.load(rp + 2)
+    slot0 = tl.load(rp + 3)
+    npieces = tl.load(rp + 4)
+    offs = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    acc_k = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for j in range(0, npieces):
+        ws = (((slot0 + j).to(tl.int64) * Hkv + hk64) * BLOCK_N + offs)[:, None] * HEAD_D + offs_d[None, :]
+        acc_k += tl.load(WS_DK + ws)
+        acc_v += tl.load(WS_DV + ws)
+    rows = k0 + offs
+    m = (rows < k1)[:, None]
+    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + rows[:, None] * sdkn + offs_d[None, :]
+    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + rows[:, None] * sdvn + offs_d[None, :]
+    tl.store(dk_ptrs, acc_k.to(dk_ptrs.dtype.element_ty), mask=m)
+    tl.store(dv_ptrs, acc_v.to(dv_ptrs.dtype.element_ty), mask=m)
 
 
 # ============================================================================================== wrappers
@@ -539,7 +644,9 @@ class HierAttnConfig:
     dkdv_warps: int = 8
     dkdv_stages: int = 3
     dkdv_kv_as_b: bool = False
+    dkdv_split_chunk: int = 0  # 0: automatic; -1: never split heavy key tiles; > 0: split size in tokens
     allow_flat: bool = True  # False forces the general (nested-loop) query-side path (tests)
+    split_prefix: bool = True  # misaligned prefix: separate masked loop (keeps the hierarchy loop unmasked)
 
     @staticmethod
     def for_interpreter() -> "HierAttnConfig":
@@ -563,12 +670,28 @@ def _prep(x: torch.Tensor, n: int) -> torch.Tensor:
     return x
 
 
-def _plans(layout, b, n, cfg, device):
+def _n_sm(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plans(layout, b, n, hkv, cfg, device):
     """(plan with query tiles of fwd_block_m, plan with query tiles of dq_block_m); key tiles of dkdv_block_n."""
-    pf = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, device)
+    n_sm = _n_sm(device)
+    pf = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, device, cfg.dkdv_split_chunk, hkv, n_sm)
     pq = pf if cfg.dq_block_m == cfg.fwd_block_m else build_plan(layout, b, n, cfg.dq_block_m, cfg.dkdv_block_n,
-                                                                 device)
+                                                                 device, cfg.dkdv_split_chunk, hkv, n_sm)
     return pf, pq
+
+
+def _q_masks(plan: "Plan", block: int, cfg) -> dict:
+    """RANGE_MASK for the flat loop and SPLIT_PRE (prefix slots in their own, masked loop)."""
+    hier_ok = plan.q_gcd_hier % block == 0
+    if plan.q_gcd % block != 0 and hier_ok and cfg.split_prefix:
+        return {"RANGE_MASK": False, "SPLIT_PRE": True}
+    return {"RANGE_MASK": plan.q_gcd % block != 0, "SPLIT_PRE": False}
 
 
 def _need_mask(plan: "Plan", block: int, query_side: bool) -> bool:
@@ -579,7 +702,7 @@ def _need_mask(plan: "Plan", block: int, query_side: bool) -> bool:
 def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    plan, _ = _plans(layout, b, n, cfg, q.device)
+    plan, _ = _plans(layout, b, n, k.shape[1], cfg, q.device)
     o = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format) if poison else \
         torch.empty((b, hq, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
@@ -593,7 +716,7 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
         0, 0, 0, 0, 0, 0,
         hq, n, scale * LOG2E, scale,
         G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        RANGE_MASK=_need_mask(plan, cfg.fwd_block_n, True), FLAT=plan.q_flat and cfg.allow_flat, MODE=0, num_warps=cfg.fwd_warps,
+        **_q_masks(plan, cfg.fwd_block_n, cfg), FLAT=plan.q_flat and cfg.allow_flat, MODE=0, num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, lse
 
@@ -601,7 +724,7 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
 def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig):
     """dQ kernel (also writes delta = rowsum(dO * O), needed by the dK/dV kernel)."""
     b, hq, n, d = q.shape
-    _, pq = _plans(layout, b, n, cfg, q.device)
+    _, pq = _plans(layout, b, n, k.shape[1], cfg, q.device)
     if pq.n_qtiles:
         _q_side_kernel[(pq.n_qtiles * hq,)](
             q, k, v, o, lse, do, delta, dq, pq.qdesc, pq.vid_l0_end, pq.vid_end,
@@ -610,17 +733,25 @@ def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig
             do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
             hq, n, scale * LOG2E, scale,
             G=hq // k.shape[1], HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            RANGE_MASK=_need_mask(pq, cfg.dq_block_n, True), FLAT=pq.q_flat and cfg.allow_flat, MODE=1, num_warps=cfg.dq_warps,
+            **_q_masks(pq, cfg.dq_block_n, cfg), FLAT=pq.q_flat and cfg.allow_flat, MODE=1, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages)
+
+
+def _key_plan(layout, b, n, hkv, cfg, device):
+    return _plans(layout, b, n, hkv, cfg, device)[0]
 
 
 def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig):
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    pk, _ = _plans(layout, b, n, cfg, q.device)
+    pk = _key_plan(layout, b, n, hkv, cfg, q.device)
+    ws_k = ws_v = dk  # dummies when nothing is split
+    if pk.n_slots:
+        ws_k = torch.empty((pk.n_slots, hkv, cfg.dkdv_block_n, d), dtype=torch.float32, device=q.device)
+        ws_v = torch.empty_like(ws_k)
     if pk.n_ktiles:
         _dkdv_kernel[(pk.n_ktiles * hkv,)](
-            q, k, v, do, lse, delta, dk, dv, pk.kdesc,
+            q, k, v, do, lse, delta, dk, dv, pk.kdesc, ws_k, ws_v,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
@@ -628,6 +759,10 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
             RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
+    if pk.n_slots:
+        _split_reduce_kernel[(pk.rdesc.shape[0] * hkv,)](
+            ws_k, ws_v, dk, dv, pk.rdesc, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1),
+            dv.stride(2), hkv, HEAD_D=d, BLOCK_N=cfg.dkdv_block_n, num_warps=4)
 
 
 def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, poison: bool = False):
