@@ -43,17 +43,19 @@ def ceilings() -> dict:
     return {"matmul_tflops": 2 * 8192**3 / t / 1e9, "copy_tbps": 2 * (1 << 30) / tc / 1e9}
 
 
-def setup_ms(rows, reps=30) -> float:
+def setup_ms(rows, reps=30, device="cuda") -> float:
     from .ops.hier_attention_triton import _plans, default_config
 
     cfg = default_config(D)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ts = []
     for _ in range(reps):
         layout, n = HierLayout.from_segments(rows, tokens_per_frame=M)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        _plans(layout, 1, n, cfg, torch.device("cuda"))
-        torch.cuda.synchronize()
+        _plans(layout, 1, n, HKV, cfg, dev)
+        sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3
 

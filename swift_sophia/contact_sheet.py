@@ -60,7 +60,8 @@ def _thumb(frame: np.ndarray, w: int, h: int):
 def render_contact_sheet(frames: np.ndarray, shots: Sequence[Shot], selection: FrameSelection, query: str,
                          out_path: Optional[str], *, thumb_width: int = 128, columns: int = 8,
                          frame_numbers: Optional[Sequence[int]] = None, title: Optional[str] = None):
-    """Draw the sheet and save it to ``out_path`` (PNG) if given; returns the ``PIL.Image``.
+    """Draw the sheet and save it to ``out_path`` (PNG) if given; returns the ``PIL.Image`` (its
+    ``info['frame_boxes']`` maps every frame to its thumbnail box).
 
     ``frames`` uint8 ``[F, H, W, 3]`` (the sampled frames), ``shots`` the shots over them, ``selection`` the
     pruner's output for them; ``frame_numbers`` (native frame indices) are printed when given.
@@ -94,6 +95,7 @@ def render_contact_sheet(frames: np.ndarray, shots: Sequence[Shot], selection: F
     width = pad * 2 + label_w + columns * (tw + gap)
     height = header_h + legend_h + sum(r * row_h + gap for r in rows_per_shot) + pad
     sheet = Image.new('RGB', (width, height), BG)
+    boxes = {}
     d = ImageDraw.Draw(sheet)
     y = pad
     d.text((pad, y), title or 'Sophia shot-adaptive frame pruning', fill=INK, font=f_big)
@@ -135,6 +137,7 @@ def render_contact_sheet(frames: np.ndarray, shots: Sequence[Shot], selection: F
                 img = ImageOps.grayscale(img).convert('RGB')
                 img = Image.blend(img, Image.new('RGB', img.size, (255, 255, 255)), 0.45)
             sheet.paste(img, (x0, y0))
+            boxes[n] = (x0, y0, x0 + tw, y0 + th)
             if not kept_shot:
                 d.line([x0, y0, x0 + tw - 1, y0 + th - 1], fill=SHOT_DROP, width=3)
                 d.line([x0, y0 + th - 1, x0 + tw - 1, y0], fill=SHOT_DROP, width=3)
@@ -157,6 +160,7 @@ def render_contact_sheet(frames: np.ndarray, shots: Sequence[Shot], selection: F
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         sheet.save(out_path, format='PNG')
+    sheet.info['frame_boxes'] = boxes  # thumbnail box (x0, y0, x1, y1) of every frame, for tests and tools
     return sheet
 
 

@@ -76,6 +76,20 @@ class SophiaModel(InternVLModel):
         self.pruner = FramePruner(hidden)
         attention.install(self.language_model.config)
 
+    def _init_weights(self, module):
+        # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
+        # only for modules that own parameters, so a checkpoint without Sophia's modules (an InternVL one) gets
+        # their documented initialisation here: the aggregator averages, the pruner's query MLP is the identity
+        # (zero residual branch; plain tensor ops, which transformers' init guards do not skip).
+        super()._init_weights(module)
+        if isinstance(module, SophiaAggregator):
+            module.reset_parameters()
+        elif getattr(self, "pruner", None) is not None and module is self.pruner.query_mlp[-1] \
+                and self.pruner.residual:
+            with torch.no_grad():
+                module.weight.zero_()
+                module.bias.zero_()
+
     def video_frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower + pixel shuffle + projector: [F, 3, H, W] -> [F, M, D]."""
         return self.get_image_features(
@@ -107,11 +121,6 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         self.model = SophiaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, (SophiaAggregator, FramePruner)):
-            module.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(

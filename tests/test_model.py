@@ -181,3 +181,23 @@ def test_zero_alpha_and_beta_is_exactly_the_unpruned_model(model_and_tokenizer, 
     with torch.no_grad():
         plain = _batch(tokenizer, model, frames=(8,))
         torch.testing.assert_close(model(**inputs).logits, model(**plain).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_without_new_modules_initialises_them(tiny_model_dir, tmp_path):
+    """An InternVL-style checkpoint lacks the aggregation CNN and the pruner: they get their documented init."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny_model_dir}/{name}", tmp_path / name)
+    weights = load_file(f"{tiny_model_dir}/model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(("model.aggregator.", "model.pruner."))},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = SophiaForConditionalGeneration.from_pretrained(tmp_path)
+    agg = model.model.aggregator
+    d = agg.weight.shape[1]
+    expected = torch.eye(d)[None, :, :, None].expand_as(agg.weight) / agg.arity
+    torch.testing.assert_close(agg.weight.detach(), expected)
+    assert torch.count_nonzero(agg.bias) == 0
+    q = torch.randn(3, d)
+    torch.testing.assert_close(model.model.pruner.map_query(q), q)

@@ -48,6 +48,21 @@ def clip4(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp('clips') / 'four.mp4', [30, 50, 20, 60])
 
 
+@pytest.fixture(scope='module')
+def short3(tmp_path_factory):
+    """30 frames (shorter than TransNetV2's 100-frame window), shots of 10 / 10 / 10 frames."""
+    return write_clip(tmp_path_factory.mktemp('clips') / 'short.mp4', [10, 10, 10])
+
+
+@pytest.fixture(scope='module')
+def detected4(clip4, detector, tmp_path_factory):
+    """clip4 detected once into a module cache: (cache folder, shots for 16 frames, detector calls before)."""
+    cache = tmp_path_factory.mktemp('cache4')
+    calls = detector.calls
+    shots = S.sampled_shots(clip4, sample_frame_indices(160, 16), total_frames=160, cache=cache, detector=detector)
+    return cache, shots, calls
+
+
 # ------------------------------------------------------------------------------------------------- pure parts
 def test_uniform_segments():
     assert S.uniform_segments(10, 3) == [(0, 3), (3, 6), (6, 10)]
@@ -142,8 +157,8 @@ def test_import_side_effects_are_contained_in_a_fresh_process():
 
 def test_batched_prediction_equals_transnet_predict_frames(detector):
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 255, (130, 27, 48, 3), dtype=np.uint8)
-    a[60:] = a[60:] // 3  # something to detect
+    a = rng.integers(0, 255, (70, 27, 48, 3), dtype=np.uint8)
+    a[35:] = a[35:] // 3  # something to detect
     b = rng.integers(0, 255, (30, 27, 48, 3), dtype=np.uint8)
     ref_a = detector.model.predict_frames(torch.from_numpy(a), quiet=True)[0].numpy()
     ref_b = detector.model.predict_frames(torch.from_numpy(b), quiet=True)[0].numpy()
@@ -152,7 +167,7 @@ def test_batched_prediction_equals_transnet_predict_frames(detector):
         pa, pb = detector.predict([a, torch.from_numpy(b)])
     finally:
         detector.batch_size = 4
-    assert pa.shape == (130,) and pb.shape == (30,)
+    assert pa.shape == (70,) and pb.shape == (30,)
     np.testing.assert_allclose(pa, ref_a, atol=1e-5)
     np.testing.assert_allclose(pb, ref_b, atol=1e-5)
     with pytest.raises(ValueError):
@@ -173,24 +188,23 @@ def test_decode_small_frames_path_and_bytes(clip4):
 
 
 # ------------------------------------------------------------------------------------- shots over samples
-def test_four_shot_clip_gives_shots_at_the_right_sampled_positions(clip4, detector, tmp_path):
-    idx = sample_frame_indices(160, 16)
-    assert idx == [4, 14, 24, 34, 44, 54, 64, 74, 84, 94, 104, 114, 124, 134, 144, 154]
-    shots = S.sampled_shots(clip4, idx, total_frames=160, cache=tmp_path, detector=detector)
+def test_four_shot_clip_gives_shots_at_the_right_sampled_positions(detected4):
+    cache, shots, _ = detected4
+    assert sample_frame_indices(160, 16) == [4, 14, 24, 34, 44, 54, 64, 74, 84, 94, 104, 114, 124, 134, 144, 154]
     assert shots == [(0, 3), (3, 8), (8, 10), (10, 16)]  # cuts at 30, 80, 100
-    entry = next(iter(tmp_path.rglob('*.json')))
-    assert json.loads(entry.read_text())['cuts'] == [30, 80, 100]
+    entries = list(cache.rglob('*.json'))
+    assert len(entries) == 1 and json.loads(entries[0].read_text())['cuts'] == [30, 80, 100]
 
 
-def test_cache_is_keyed_by_content_and_hit_without_detection(clip4, detector, tmp_path):
-    cache = C.ShotCache(tmp_path)
+def test_cache_is_keyed_by_content_and_hit_without_detection(clip4, short3, detector, detected4, tmp_path):
+    cache_dir, first, calls = detected4
+    cache = C.ShotCache(cache_dir)
     idx = sample_frame_indices(160, 16)
-    calls = detector.calls
-    first = S.sampled_shots(clip4, idx, cache=cache, detector=detector)
-    assert detector.calls == calls + 1
+    assert detector.calls == calls + 1  # the fixture's detection
     data = open(clip4, 'rb').read()
     bio = io.BytesIO(data)
     bio.seek(17)
+    assert S.sampled_shots(clip4, idx, cache=cache, detector=detector) == first
     assert S.sampled_shots(data, idx, cache=cache, detector=detector) == first
     assert S.sampled_shots(bio, idx, cache=cache, detector=detector) == first
     assert bio.tell() == 17  # the caller's position is kept
@@ -198,12 +212,15 @@ def test_cache_is_keyed_by_content_and_hit_without_detection(clip4, detector, tm
     copy.write_bytes(data)
     assert S.sampled_shots(str(copy), idx, cache=cache, detector=detector) == first
     # the default (every-frame) detection does not depend on the sampling: one entry serves all of them
-    assert S.sampled_shots(clip4, sample_frame_indices(160, 8), cache=cache, detector=detector) == \
-        [(0, 2), (2, 5), (5, 6), (6, 8)]
-    assert detector.calls == calls + 1
-    assert len(list(tmp_path.rglob('*.json'))) == 1
-    # no cache: detect (from the bytes) again
-    assert S.sampled_shots(io.BytesIO(data), idx, cache=False, detector=detector) == first
+    idx8 = sample_frame_indices(160, 8)
+    assert idx8 == [10, 30, 50, 70, 90, 110, 130, 150]
+    assert S.sampled_shots(clip4, idx8, cache=cache, detector=detector) == [(0, 1), (1, 4), (4, 5), (5, 8)]
+    assert detector.calls == calls + 1  # no detection at all since the first one
+    assert len(list(cache_dir.rglob('*.json'))) == 1
+    # no cache: detection runs (here from bytes)
+    short = open(short3, 'rb').read()
+    assert S.sampled_shots(io.BytesIO(short), list(range(30)), cache=False, detector=detector) == \
+        [(0, 10), (10, 20), (20, 30)]
     assert detector.calls == calls + 2
 
 
@@ -234,11 +251,11 @@ def test_env_selects_detection_settings(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_video_shorter_than_the_window(tmp_path, detector):
-    p = write_clip(tmp_path / 'short.mp4', [10, 10, 10])
+def test_video_shorter_than_the_window(short3, detector):
     idx = sample_frame_indices(30, 32)
     assert idx == list(range(30))
-    assert S.sampled_shots(p, idx, cache=False, detector=detector) == [(0, 10), (10, 20), (20, 30)]
+    assert S.sampled_shots(short3, idx, cache=False, detector=detector) == [(0, 10), (10, 20), (20, 30)]
+    assert S.sampled_shots(short3, [0, 15, 29], cache=False, detector=detector) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_one_frame_video(tmp_path, detector):
@@ -253,8 +270,9 @@ def test_one_frame_video(tmp_path, detector):
 def test_identical_frames_fall_back_to_uniform_segments(tmp_path, detector):
     p = write_clip(tmp_path / 'still.mp4', [80], noise=0)
     idx = sample_frame_indices(80, 16)
-    assert S.sampled_shots(p, idx, cache=False, detector=detector) == [(0, 8), (8, 16)]  # ceil(16 / 8) = 2
-    assert S.sampled_shots(p, idx, cache=False, detector=detector, fallback_segments=4) == S.uniform_segments(16, 4)
+    assert S.sampled_shots(p, idx, cache=tmp_path, detector=detector) == [(0, 8), (8, 16)]  # ceil(16 / 8) = 2
+    assert S.sampled_shots(p, idx, cache=tmp_path, detector=detector, fallback_segments=4) == \
+        S.uniform_segments(16, 4)
 
 
 def test_unreadable_videos_raise_clear_errors(tmp_path, detector):
@@ -275,24 +293,22 @@ def test_unreadable_videos_raise_clear_errors(tmp_path, detector):
     assert S.sampled_shots(str(tmp_path / 'nope.mp4'), [], cache=False) == []
 
 
-def test_index_beyond_the_video_is_an_error(clip4, detector, tmp_path):
+def test_index_beyond_the_video_is_an_error(clip4, detector, detected4):
     with pytest.raises(ValueError, match='total_frames'):
         S.sampled_shots(clip4, [0, 200], total_frames=160, cache=False, detector=detector)
-    S.sampled_shots(clip4, [0, 100], cache=tmp_path, detector=detector)
-    with pytest.raises(ValueError):
-        S.sampled_shots(clip4, [0, 200], cache=tmp_path, detector=detector)
+    with pytest.raises(ValueError, match='160 frames'):
+        S.sampled_shots(clip4, [0, 200], cache=detected4[0], detector=detector)  # known from the cache entry
 
 
-# ---------------------------------------------------------------------------------------------------- cache
-def test_corrupt_entry_is_a_miss_and_gets_rewritten(clip4, detector, tmp_path):
-    idx = sample_frame_indices(160, 16)
-    S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector)
+def test_corrupt_entry_is_a_miss_and_gets_rewritten(short3, detector, tmp_path):
+    idx = list(range(30))
+    S.sampled_shots(short3, idx, cache=tmp_path, detector=detector)
     path = next(iter(tmp_path.rglob('*.json')))
     path.write_text(path.read_text()[:25])  # truncated
     calls = detector.calls
-    assert S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector) == [(0, 3), (3, 8), (8, 10), (10, 16)]
+    assert S.sampled_shots(short3, idx, cache=tmp_path, detector=detector) == [(0, 10), (10, 20), (20, 30)]
     assert detector.calls == calls + 1
-    assert json.loads(path.read_text())['cuts'] == [30, 80, 100]
+    assert json.loads(path.read_text())['cuts'] == [10, 20]
 
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
