@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from swift_cli import SWIFT, env, sft, swift, train_losses
+from swift_cli import CPU_TRAIN, SWIFT, env, sft, swift, train_losses
+from swift_sophia.cli import plugin_path
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,30 @@ def stage2(stage1, synthetic_data, tmp_path_factory):
                "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--save_strategy", "epoch",
                "--save_total_limit", "1")
     return out, ckpt
+
+
+def test_bad_rows_are_named_and_skipped_while_training(tiny_model_dir, synthetic_data, tmp_path):
+    """ms-swift replaces a row that fails to encode by another one; the log names the problem and the video."""
+    rows = [json.loads(line) for line in open(synthetic_data["train"])][:6]
+    (tmp_path / "garbage.mp4").write_text("not a video")
+    bad = [dict(rows[0], videos=[str(tmp_path / "missing.mp4")]), dict(rows[1], videos=[str(tmp_path / "garbage.mp4")]),
+           {"messages": [{"role": "user", "content": "<video><video>two tags"}, {"role": "assistant", "content": "x"}],
+            "videos": rows[2]["videos"]},
+           {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[3:] + bad))
+    out = str(tmp_path / "out")
+    proc = subprocess.run([SWIFT, "sft", "--model", tiny_model_dir, "--model_type", "sophia", "--external_plugins",
+                           plugin_path(), "--dataset", str(data), "--output_dir", out, *CPU_TRAIN, "--max_steps", "4",
+                           "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "1",
+                           "--logging_steps", "1", "--gradient_checkpointing", "true"],
+                          capture_output=True, text=True, env=env(), timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert f"video file not found: {tmp_path / 'missing.mp4'}" in log
+    assert "cannot decode video" in log and "garbage.mp4" in log
+    losses = train_losses(out)
+    assert len(losses) == 4 and all(0 < loss < 20 for loss in losses)
 
 
 def test_stage1_trains_only_the_new_modules(tiny_model_dir, stage1):
