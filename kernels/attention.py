@@ -33,7 +33,7 @@ def triton_available(device: torch.device | str | None = None) -> bool:
 
 def _triton_supports(q: torch.Tensor) -> bool:
     d = q.shape[-1]
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in (16, 32, 64, 128, 256)
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d in (16, 32, 64, 128)
 
 
 def hierarchical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout, *,

@@ -143,7 +143,8 @@ def run_checks(quick: bool = False, verbose: bool = True) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| case | shape | dtype | out | dq | dk | dv | deterministic | result |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | shape | dtype | out | dq | dk | dv | deterministic | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['case']} | | | | | | | | FAIL: {r['error']} |")

@@ -15,7 +15,9 @@ from .layout import HierLayout
 __all__ = ["hierarchical_attention_reference", "check_inputs"]
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout) -> tuple[int, int, int, int, int]:
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 layout: HierLayout) -> tuple[int, int, int, int, int]:
+    """Validate shapes and the layout; returns (B, Hq, Hkv, N, D)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, hq, n, d = q.shape

@@ -7,7 +7,7 @@ added to the tokenizer and the embeddings resized. Stage 1 then trains the new m
 from __future__ import annotations
 
 from .configuration_sophia import SophiaConfig
-from .template import IMAGE_CONTEXT, SPECIAL_TOKENS, VIDEO_CONTEXT
+from .tokens import IMAGE_CONTEXT, SPECIAL_TOKENS, VIDEO_CONTEXT
 
 _NOT_COPIED = {"model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"}
 

@@ -54,6 +54,26 @@ DEFAULT_THRESHOLD = 0.5
 FALLBACK_SEGMENT_FRAMES = 8  # no cut -> ceil(F / 8) uniform segments
 
 
+# A process forked after torch ran multi-threaded (OpenMP) code can hang in its first parallel region
+# (`datasets.map` forks a pool even for num_proc=1, and ms-swift preprocesses through it). The detector
+# therefore runs single-threaded in forked children (DataLoader workers already are).
+_FORKED = False
+
+
+def _mark_forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _fork_guard() -> None:
+    if _FORKED and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def _transnet_version() -> str:
     try:
         from importlib.metadata import version
@@ -216,6 +236,7 @@ class ShotDetector:
             tensors.append(t)
         self.calls += 1
         self.frames_seen += sum(int(t.shape[0]) for t in tensors)
+        _fork_guard()
         model = self.model
         jobs = [(c, w) for c, t in enumerate(tensors) for w in range(_window_plan(t.shape[0]))]
         outs: List[List[Optional[torch.Tensor]]] = [[None] * _window_plan(t.shape[0]) for t in tensors]
@@ -400,6 +421,7 @@ def decode_small_frames(src: VideoSource, indices: Optional[Sequence[int]] = Non
     garbage), then 2x2 blocks are averaged. Frames decord fails on (some files end with unreadable frames)
     are replaced by the previous good frame, with a warning; a video with no readable frame raises.
     """
+    _fork_guard()
     if reader is None:
         reader, scaled = _open_reader(src, num_threads=num_threads)
     else:

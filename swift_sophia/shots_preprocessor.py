@@ -28,18 +28,18 @@ this preprocessor again (pass ``--load_from_cache_file false`` to re-check the s
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from swift.dataset import AutoPreprocessor, DatasetMeta, RowPreprocessor, register_dataset
 from swift.dataset.register import DATASET_MAPPING
+from swift.utils import get_logger
 
 from .shot_cache import ShotCache
 from .shots import DetectionSettings, ensure_cached, get_default_detector, resolve_video_source
 
-logger = logging.getLogger(__name__)
+logger = get_logger()  # ms-swift's logger: it prints from the forked workers `datasets.map` runs rows in
 
 DATASETS_ENV = 'SOPHIA_SHOT_DATASETS'
 NAME_PREFIX = 'sophia-shots/'
@@ -79,14 +79,12 @@ class ShotCachePreprocessor(RowPreprocessor):
         self.on_error = (on_error or os.environ.get('SOPHIA_SHOT_ON_ERROR', 'drop')).lower()
         if self.on_error not in ('drop', 'keep', 'raise'):
             raise ValueError(f"on_error must be 'drop', 'keep' or 'raise', got {self.on_error!r}")
-        self._threads = None
 
     # ms-swift calls preprocess_func(dataset, num_proc=..., load_from_cache_file=..., strict=..., ...)
     def __call__(self, dataset, *, num_proc: int = 1, load_from_cache_file: bool = True, strict: bool = False,
                  **kwargs):
         dataset = self.inner(dataset, num_proc=num_proc, load_from_cache_file=load_from_cache_file, strict=strict,
                              **kwargs)
-        self._threads = max(1, (os.cpu_count() or 1) // max(1, num_proc or 1))
         kwargs.pop('enable_auto_mapping', None)
         return super().__call__(dataset, num_proc=num_proc, load_from_cache_file=load_from_cache_file,
                                 strict=strict, enable_auto_mapping=False, **kwargs)
@@ -102,9 +100,6 @@ class ShotCachePreprocessor(RowPreprocessor):
 
     def ensure_row(self, row: Dict[str, Any]) -> List[str]:
         """Cache the shots of every video of ``row``; returns the statuses ('cached'/'computed')."""
-        import torch
-        if self._threads:
-            torch.set_num_threads(self._threads)
         statuses = []
         for video in row.get('videos') or []:
             if video is None:
@@ -133,8 +128,7 @@ class ShotCachePreprocessor(RowPreprocessor):
                     break
             action = {'drop': 'the row is dropped', 'keep': 'the row is kept without cached shots',
                       'raise': 'aborting'}[self.on_error]
-            logger.error('shot detection failed for the row with videos=%s (user: %r): %s; %s', videos, query, e,
-                         action)
+            logger.error(f'shot detection failed for the row with videos={videos} (user: {query!r}): {e}; {action}')
             if self.on_error == 'keep':
                 return row
             raise

@@ -17,18 +17,18 @@ from swift.template.templates.utils import ChatmlTemplateMeta
 from swift.template.utils import Context
 from swift.utils import get_env_args
 
+from .tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
 from .video import VideoError, describe, frames_to_pixel_values, load_video
 
 SOPHIA_TEMPLATE = "sophia"
-VIDEO_START, VIDEO_CONTEXT, VIDEO_END = "<vid>", "<VIDEO_CONTEXT>", "</vid>"
-IMAGE_START, IMAGE_CONTEXT, IMAGE_END = "<img>", "<IMG_CONTEXT>", "</img>"
-SPECIAL_TOKENS = [VIDEO_START, VIDEO_CONTEXT, VIDEO_END, IMAGE_START, IMAGE_CONTEXT, IMAGE_END]
 _TAG = re.compile(r"<(video|image)>")
 
 
 class SophiaTemplate(Template):
     placeholder_tokens = [VIDEO_CONTEXT, IMAGE_CONTEXT]
-    support_padding_free = False
+    # Packed rows (--padding_free / --packing) work in the model (tested); ms-swift allows them only with
+    # --attn_impl flash_attn, i.e. on GPUs with flash-attn installed.
+    support_padding_free = True
 
     def init_env_args(self):
         super().init_env_args()

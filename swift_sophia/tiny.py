@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .configuration_sophia import SophiaConfig
-from .template import SPECIAL_TOKENS
+from .tokens import SPECIAL_TOKENS
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -201,3 +201,21 @@ def test_checkpoint_without_new_modules_initialises_them(tiny_model_dir, tmp_pat
     assert torch.count_nonzero(agg.bias) == 0
     q = torch.randn(3, d)
     torch.testing.assert_close(model.model.pruner.map_query(q), q)
+
+
+def test_packed_row_equals_separate_sequences(model_and_tokenizer):
+    """ms-swift's padding_free packs samples into one row with position_ids restarting at 0 and no mask."""
+    model, tokenizer = model_and_tokenizer
+    m = model.config.tokens_per_frame
+    rows = [video_prompt(tokenizer, 5, m), video_prompt(tokenizer, 2, m, after="Shape?<|im_end|>\n")]
+    pixels = torch.randn(7, 3, 56, 56)
+    packed = dict(input_ids=torch.tensor([rows[0] + rows[1]]),
+                  position_ids=torch.tensor([list(range(len(rows[0]))) + list(range(len(rows[1])))]),
+                  pixel_values_videos=pixels, video_frame_counts=torch.tensor([5, 2]))
+    with torch.no_grad():
+        together = model(**packed).logits[0]
+        first = model(input_ids=torch.tensor([rows[0]]), pixel_values_videos=pixels[:5],
+                      video_frame_counts=torch.tensor([5])).logits[0]
+        second = model(input_ids=torch.tensor([rows[1]]), pixel_values_videos=pixels[5:],
+                       video_frame_counts=torch.tensor([2])).logits[0]
+    torch.testing.assert_close(together, torch.cat([first, second]), rtol=1e-4, atol=1e-4)

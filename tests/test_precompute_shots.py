@@ -1,6 +1,5 @@
 """precompute_shots (CLI: errors per row, skip cached, interrupt + rerun) and the ms-swift dataset preprocessor."""
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -8,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from test_shots import write_clip
 
@@ -120,7 +120,7 @@ def swift_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(dataset, swift_env, caplog):
+def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(dataset, swift_env, capfd):
     from swift.dataset import load_dataset
     from swift.dataset.register import DATASET_MAPPING
 
@@ -138,13 +138,15 @@ def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(da
     assert len(metas) == 1 and metas[0] in registered_shot_datasets()
     assert DATASET_MAPPING['sophia-shots/train'].dataset_path == str(data / 'train.jsonl')
     assert isinstance(metas[0].preprocess_func, ShotCachePreprocessor)
-    with caplog.at_level(logging.ERROR, logger='swift_sophia.shots_preprocessor'):
-        # '{not json' makes the json loader fail on data.jsonl: use the rows without it
-        lines = [ln for ln in (data / 'train.jsonl').read_text().splitlines() if ln.startswith('{"')]
-        (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
-        train, _ = load_dataset([str(data / 'train.jsonl')], num_proc=1)
+    # '{not json' makes the json loader fail on the whole file: keep the rows without it
+    lines = [ln for ln in (data / 'train.jsonl').read_text().splitlines() if ln.startswith('{"')]
+    (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch has run here: the forked map worker must not hang
+    capfd.readouterr()
+    train, _ = load_dataset([str(data / 'train.jsonl')], num_proc=1)  # datasets forks a worker
     assert len(train) == 3  # rows 1, 2, 4; the missing and the corrupt videos' rows are dropped ...
-    logged = '\n'.join(r.getMessage() for r in caplog.records)
+    logged = capfd.readouterr().err
+    assert 'shot detection failed' in logged
     assert 'missing.mp4' in logged and 'corrupt.mp4' in logged  # ... and each one said so
     assert len(list((swift_env / 'shots').rglob('*.json'))) == 2
     assert train[0]['messages'][0]['content'] == '<video>What colour comes first?'

@@ -14,8 +14,17 @@ Tile schedule (built on the host from the layout's few integers, cached on the l
   query frames of the same W/P/C ranges; a text key is seen by every token after it in its sequence (causal on
   the diagonal), a level-0 key of video V by every token after V's extended span.
 
+Loops: when every query tile has at most ``PRE_SLOTS`` prefix segments (always, with at most two videos per
+sequence) the query-side kernels walk prefix segments, W, P and C in ONE flat loop whose block addresses are pure
+functions of the loop index (pipelined by Triton); otherwise a general nested loop walks any number of segments.
+Masks are compile-time variants chosen from the gcd of all range lengths (aligned layouts run unmasked).
+
+Load balance: the work list is sorted by decreasing cost (longest first), and dK/dV key tiles whose later-token
+range is very long (text keys early in a long sequence) are split into pieces that write fp32 partial sums to a
+workspace, summed in a fixed order by a small reduction kernel (deterministic, no atomics).
+
 No mask or block table of size N^2 exists anywhere; counts are runtime integers (no recompilation per layout).
-Padding tiles write zeros (output, dQ, dK, dV). The work list is sorted by decreasing cost (longest first).
+Padding tiles write zeros (output, dQ, dK, dV).
 """
 
 from __future__ import annotations
@@ -657,10 +666,10 @@ _DEFAULT_CONFIG: HierAttnConfig | None = None
 
 
 def default_config(head_dim: int) -> HierAttnConfig:
+    """Measured best on H100 for D = 128 (NOTES.md); for D = 64 the same blocks with 8 warps compile without
+    spills (Triton 3.6 ptxas report), 4 warps spill in dK/dV."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return HierAttnConfig.for_interpreter()
-    if head_dim <= 64:
-        return HierAttnConfig(128, 64, 4, 3, 128, 64, 4, 2, 128, 64, 4, 2)
     return _DEFAULT_CONFIG or HierAttnConfig()
 
 
@@ -716,7 +725,8 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
         0, 0, 0, 0, 0, 0,
         hq, n, scale * LOG2E, scale,
         G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        **_q_masks(plan, cfg.fwd_block_n, cfg), FLAT=plan.q_flat and cfg.allow_flat, MODE=0, num_warps=cfg.fwd_warps,
+        **_q_masks(plan, cfg.fwd_block_n, cfg), FLAT=plan.q_flat and cfg.allow_flat, MODE=0,
+        num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, lse
 
@@ -733,7 +743,8 @@ def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig
             do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
             hq, n, scale * LOG2E, scale,
             G=hq // k.shape[1], HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-            **_q_masks(pq, cfg.dq_block_n, cfg), FLAT=pq.q_flat and cfg.allow_flat, MODE=1, num_warps=cfg.dq_warps,
+            **_q_masks(pq, cfg.dq_block_n, cfg), FLAT=pq.q_flat and cfg.allow_flat, MODE=1,
+            num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages)
 
 
@@ -802,8 +813,8 @@ def hier_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     """Triton hierarchical attention with autograd. ``poison`` fills outputs and gradients with NaN before the
     kernels run (tests: every element must be written)."""
     b, hq, hkv, n, d = check_inputs(q, k, v, layout)
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"the Triton kernel supports head dims 16, 32, 64, 128, 256; got {d}")
+    if d not in (16, 32, 64, 128):
+        raise ValueError(f"the Triton kernel supports head dims 16, 32, 64, 128; got {d}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
