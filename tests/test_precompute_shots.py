@@ -47,7 +47,9 @@ def run_main(args, capsys):
 
 def test_errors_are_reported_per_row_and_the_rest_is_cached(dataset, tmp_path, capsys):
     cache = tmp_path / 'cache'
-    rc, err = run_main([str(dataset / 'data.jsonl'), '--workers', '0', '--cache-dir', str(cache)], capsys)
+    # the three videos go through one batched detector call; the corrupt one fails alone
+    rc, err = run_main([str(dataset / 'data.jsonl'), '--workers', '0', '--cache-dir', str(cache),
+                        '--batch-videos', '3'], capsys)
     assert rc == 1
     jl = str(dataset / 'data.jsonl')
     assert f'{jl}:3: video not found: videos/missing.mp4' in err

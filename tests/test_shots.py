@@ -166,7 +166,7 @@ def test_batched_prediction_equals_transnet_predict_frames(detector):
     try:
         pa, pb = detector.predict([a, torch.from_numpy(b)])
     finally:
-        detector.batch_size = 4
+        detector.batch_size = 2
     assert pa.shape == (70,) and pb.shape == (30,)
     np.testing.assert_allclose(pa, ref_a, atol=1e-5)
     np.testing.assert_allclose(pb, ref_b, atol=1e-5)
