@@ -29,7 +29,8 @@ from swift_sophia.pruning import FramePruner, GumbelTemperature  # noqa: E402
 
 def episode(g, rot, d, m, shots, noise=0.6):
     topics = F.normalize(torch.randn(shots, d, generator=g), dim=-1)
-    feats = topics.repeat_interleave(4, 0)[:, None, :] + noise * torch.randn(shots * 4, m, d, generator=g) / math.sqrt(d)
+    tokens = noise * torch.randn(shots * 4, m, d, generator=g) / math.sqrt(d)
+    feats = topics.repeat_interleave(4, 0)[:, None, :] + tokens
     target = int(torch.randint(0, shots, (1,), generator=g))
     q = (topics[target] @ rot)[None].repeat(3, 1) + 0.3 * torch.randn(3, d, generator=g) / math.sqrt(d)
     return feats, q, target

@@ -18,7 +18,6 @@ synthetic clips written with PyAV (camera pans, a moving object, noise; hard cut
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys

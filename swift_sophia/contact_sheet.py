@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import textwrap
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -206,8 +206,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--query', default='')
     ap.add_argument('--out', required=True, help='PNG file to write')
     ap.add_argument('--model', default=None, help='a Sophia checkpoint folder (features, embeddings, pruner)')
-    ap.add_argument('--alpha', type=float, default=None, help='%% of shots dropped (default: model config or 30)')
-    ap.add_argument('--beta', type=float, default=None, help='%% of frames dropped per shot (default: config or 30)')
+    ap.add_argument('--alpha', type=float, default=None,
+                    help="%% of shots dropped (default: the checkpoint's prune_alpha if non-zero, else 30)")
+    ap.add_argument('--beta', type=float, default=None,
+                    help="%% of frames dropped per kept shot (default: the checkpoint's prune_beta if non-zero, "
+                         "else 30)")
     ap.add_argument('--num-frames', type=int, default=int(os.environ.get('VIDEO_SEGMENTS', '32')))
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--no-cache', action='store_true', help='do not read or write the shot cache')
@@ -234,8 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         q = None
         pruner = FramePruner(feats.shape[-1])
         alpha = beta = None
-    alpha = args.alpha if args.alpha is not None else (alpha if alpha is not None else 30.0)
-    beta = args.beta if args.beta is not None else (beta if beta is not None else 30.0)
+    # default: the checkpoint's setting when it prunes, else the paper's 30 / 30
+    alpha = args.alpha if args.alpha is not None else (float(alpha) if alpha else 30.0)
+    beta = args.beta if args.beta is not None else (float(beta) if beta else 30.0)
     pruner.eval()
     with torch.no_grad():
         sel = pruner.select(feats, shots, q, alpha=alpha, beta=beta, tau=None)

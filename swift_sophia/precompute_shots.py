@@ -4,15 +4,17 @@
 
 Rows are ms-swift rows with a ``videos`` list (or a single ``video``/``videos`` string); relative paths are
 looked up next to the jsonl file first, then in the current folder and ``$ROOT_IMAGE_DIR``. Every distinct
-video is processed once (a video used by several rows is detected once), by ``--workers`` processes
-(``0``: in this process). Videos whose entry is already in the cache are skipped, entries are written
-atomically, so the command can be interrupted (Ctrl-C, kill) and rerun: it continues where it stopped.
+video is processed once (a video used by several rows is detected once), by ``--workers`` processes (``0``: in
+this process), ``--batch-videos`` videos per detector call (default 1 on CPU, 8 with ``--device cuda``: the
+windows of short clips then fill the GPU batches). Videos whose entry is already in the cache are skipped,
+entries are written atomically, so the command can be interrupted (Ctrl-C, kill) and rerun: it continues where
+it stopped.
 
-A missing or undecodable video is reported with the file, row number (1-based line) and path, the rest
-goes on, and the exit code is 1 (0 when every video is cached; 130 when interrupted). ``--num-frames``
-must be the template's number of sampled frames (``VIDEO_SEGMENTS``, default 32); it matters only when the
-detector sees the sampled frames (``--mode sampled``): the default mode detects on every frame, whose
-entry serves every sampling.
+A missing or undecodable video is reported with the file, row number (1-based line) and path, the rest goes
+on, and the exit code is 1 (0 when every video is cached; 130 when interrupted). ``--num-frames`` must be the
+template's number of sampled frames (``VIDEO_SEGMENTS``, default 32); it matters only when the detector sees
+the sampled frames (``--mode sampled``): the default mode detects on every frame, whose entry serves every
+sampling.
 """
 from __future__ import annotations
 
@@ -110,24 +112,34 @@ def _init_worker(cache_dir: Optional[str], settings: DetectionSettings, device: 
               num_frames=num_frames)
 
 
-def _process(path: str) -> Tuple[str, str, float]:
-    """-> (path, 'cached' | 'computed' | 'error: ...', seconds)."""
-    from .shots import ensure_cached, video_info
+def _process(paths: List[str]) -> List[Tuple[str, str, float]]:
+    """-> [(path, 'cached' | 'computed' | 'error: ...', seconds)] for a batch of videos."""
+    from .shots import ensure_cached_many, video_info
     t0 = time.perf_counter()
-    try:
-        settings = _W['settings']
-        indices: List[int] = []
+    settings = _W['settings']
+    indices: List[Sequence[int]] = []
+    early: Dict[int, str] = {}
+    for k, path in enumerate(paths):
+        indices.append(())
         if settings.depends_on_sampling:
-            from .video import sample_frame_indices
-            total, _ = video_info(path)
-            indices = sample_frame_indices(total, _W['num_frames'])
-        status = ensure_cached(path, indices, cache=_W['cache'], detector=_W['detector'], settings=settings,
-                               num_threads=1)
+            try:
+                from .video import sample_frame_indices
+                total, _ = video_info(path)
+                indices[k] = sample_frame_indices(total, _W['num_frames'])
+            except Exception as e:  # noqa: BLE001
+                early[k] = f'error: {type(e).__name__}: {e}'
+    todo = [k for k in range(len(paths)) if k not in early]
+    try:
+        res = ensure_cached_many([paths[k] for k in todo], [indices[k] for k in todo], cache=_W['cache'],
+                                 detector=_W['detector'], settings=settings, num_threads=1)
     except KeyboardInterrupt:
         raise
-    except Exception as e:
-        status = f'error: {type(e).__name__}: {e}'
-    return path, status, time.perf_counter() - t0
+    except Exception as e:  # the batched detector call failed: every video of the batch fails
+        res = [e] * len(todo)
+    for k, r in zip(todo, res):
+        early[k] = f'error: {type(r).__name__}: {r}' if isinstance(r, BaseException) else r
+    dt = (time.perf_counter() - t0) / max(1, len(paths))
+    return [(p, early[k], dt) for k, p in enumerate(paths)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -144,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--mode', choices=MODES, default=None, help='which frames the detector sees '
                     '(default $SOPHIA_SHOT_MODE or native; must match training)')
     ap.add_argument('--threshold', type=float, default=None)
+    ap.add_argument('--batch-videos', type=int, default=None,
+                    help='videos per detector call (their windows share batches; default 1 on CPU, 8 on CUDA)')
     ap.add_argument('--no-progress', action='store_true')
     args = ap.parse_args(argv)
 
@@ -176,33 +190,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pbar.set_postfix(computed=counts['computed'], cached=counts['cached'], failed=counts['failed'])
 
     interrupted = False
+    bv = args.batch_videos or (8 if args.device.startswith('cuda') else 1)
     paths = list(jobs)
+    batches = [paths[i:i + bv] for i in range(0, len(paths), bv)]
     try:
         if workers == 0:
             _init_worker(args.cache_dir, settings, args.device, threads, args.num_frames, ignore_sigint=False)
-            for p in paths:
-                record(*_process(p))
+            for batch in batches:
+                for r in _process(batch):
+                    record(*r)
         else:
             import multiprocessing as mp
             ctx = mp.get_context('spawn')
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(args.cache_dir, settings, args.device, threads, args.num_frames,
                                                True)) as pool:
-                pending: Dict[Future, str] = {}
-                it = iter(paths)
+                pending: Dict[Future, List[str]] = {}
+                it = iter(batches)
                 try:
-                    for p in it:  # keep at most 2 tasks per worker queued, so Ctrl-C stops quickly
-                        pending[pool.submit(_process, p)] = p
+                    for b in it:  # keep at most 2 tasks per worker queued, so Ctrl-C stops quickly
+                        pending[pool.submit(_process, b)] = b
                         if len(pending) >= 2 * workers:
                             break
                     while pending:
                         done, _ = wait(pending, return_when=FIRST_COMPLETED)
                         for fut in done:
-                            path = pending.pop(fut)
+                            batch = pending.pop(fut)
                             try:
-                                record(*fut.result())
+                                for r in fut.result():
+                                    record(*r)
                             except Exception as e:  # a worker died
-                                record(path, f'error: worker failed: {type(e).__name__}: {e}', 0.0)
+                                for path in batch:
+                                    record(path, f'error: worker failed: {type(e).__name__}: {e}', 0.0)
                             nxt = next(it, None)
                             if nxt is not None:
                                 pending[pool.submit(_process, nxt)] = nxt

@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText
 
 from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
 from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
+from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE
 
 SOPHIA_MODEL_TYPE = "sophia"
@@ -49,5 +50,8 @@ register_model(
     ),
     exist_ok=True,
 )
+
+# Datasets named in $SOPHIA_SHOT_DATASETS get the shot-caching preprocessor (docs/pruning.md).
+register_shot_dataset_preprocessor()
 
 __all__ = ["SOPHIA_MODEL_TYPE", "SophiaLoader"]

@@ -186,14 +186,14 @@ class ShotDetector:
     Args:
         device: ``'auto'`` (CUDA when available), ``'cpu'``, ``'cuda'``, ``'cuda:1'``...
         threshold: probability above which a frame is a transition frame (TransNetV2's default 0.5).
-        batch_size: windows per forward pass (default 4 on CPU, 64 on CUDA).
+        batch_size: windows per forward pass (default 2 on CPU, 64 on CUDA; measured, see docs/benchmarks.md).
     """
 
     def __init__(self, device: Union[str, torch.device, None] = 'auto', *, threshold: float = DEFAULT_THRESHOLD,
                  batch_size: Optional[int] = None):
         self.device = _resolve_device(device)
         self.threshold = float(threshold)
-        self.batch_size = batch_size or (64 if self.device.type == 'cuda' else 4)
+        self.batch_size = batch_size or (64 if self.device.type == 'cuda' else 2)
         self._model = None
         self._lock = threading.Lock()
         self.frames_seen = 0  # frames passed to predict(), for tests and benchmarks
@@ -540,13 +540,9 @@ def shot_cache_key(video_hash: str, frame_indices: Sequence[int], settings: Dete
     return make_key(video_hash, settings.key_dict(), sampling)
 
 
-def detect_native_cuts(src: VideoSource, frame_indices: Sequence[int] = (), *,
-                       settings: Optional[DetectionSettings] = None, detector: Optional[ShotDetector] = None,
-                       num_threads: int = 0) -> Dict[str, Any]:
-    """Decode, detect and return a cache entry: ``{'cuts': native cut frames, 'total_frames', 'fps',
-    'detect_frames', 'stride'}``. ``frame_indices`` is only used by the ``'sampled'`` mode."""
-    settings = settings or DetectionSettings.from_env()
-    detector = detector or get_default_detector()
+def _prepare(src: VideoSource, frame_indices: Sequence[int], settings: DetectionSettings, num_threads: int
+             ) -> Tuple[np.ndarray, List[int], int, float]:
+    """Open and decode what the detector sees: (frames [T, 27, 48, 3], detection indices, total, fps)."""
     reader = _open_reader(src, num_threads=num_threads)
     total = len(reader[0])
     fps = float(reader[0].get_avg_fps() or 0.0)
@@ -555,11 +551,25 @@ def detect_native_cuts(src: VideoSource, frame_indices: Sequence[int] = (), *,
     det_idx = detection_frame_indices(settings, total, fps, frame_indices)
     if any(i < 0 or i >= total for i in det_idx):
         raise IndexError(f'frame indices out of range for a video of {total} frames')
-    frames = decode_small_frames(src, det_idx, reader=reader)
-    probs = detector.predict([frames])[0]
+    return decode_small_frames(src, det_idx, reader=reader), det_idx, total, fps
+
+
+def _entry(probs: np.ndarray, det_idx: List[int], total: int, fps: float, settings: DetectionSettings
+           ) -> Dict[str, Any]:
     cuts = detection_cuts_to_native(probabilities_to_cuts(probs, settings.threshold), det_idx)
     return {'cuts': cuts, 'total_frames': total, 'fps': fps, 'detect_frames': len(det_idx),
             'stride': None if settings.mode == 'sampled' else detection_stride(settings, fps)}
+
+
+def detect_native_cuts(src: VideoSource, frame_indices: Sequence[int] = (), *,
+                       settings: Optional[DetectionSettings] = None, detector: Optional[ShotDetector] = None,
+                       num_threads: int = 0) -> Dict[str, Any]:
+    """Decode, detect and return a cache entry: ``{'cuts': native cut frames, 'total_frames', 'fps',
+    'detect_frames', 'stride'}``. ``frame_indices`` is only used by the ``'sampled'`` mode."""
+    settings = settings or DetectionSettings.from_env()
+    detector = detector or get_default_detector()
+    frames, det_idx, total, fps = _prepare(src, frame_indices, settings, num_threads)
+    return _entry(detector.predict([frames])[0], det_idx, total, fps, settings)
 
 
 def shots_from_entry(entry: Dict[str, Any], frame_indices: Sequence[int],
@@ -621,29 +631,61 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
         entry = detect_native_cuts(path_or_bytes, frame_indices, settings=settings, detector=detector,
                                    num_threads=num_threads)
         if store is not None:
-            store.put(key, dict(entry, settings=settings.key_dict(),
-                                sampling=_sampling_key(frame_indices) if settings.depends_on_sampling else None))
+            _store_entry(store, key, entry, frame_indices, settings)
     if frame_indices[-1] >= entry['total_frames']:
         raise ValueError(f"frame index {frame_indices[-1]} >= the video's {entry['total_frames']} frames")
     return shots_from_entry(entry, frame_indices, fallback_segments)
 
 
+def _store_entry(store: ShotCache, key: str, entry: Dict[str, Any], frame_indices: Sequence[int],
+                 settings: DetectionSettings) -> None:
+    store.put(key, dict(entry, settings=settings.key_dict(),
+                        sampling=_sampling_key(frame_indices) if settings.depends_on_sampling else None))
+
+
 def ensure_cached(path_or_bytes: VideoSource, frame_indices: Sequence[int], *,
                   cache: Union[bool, str, os.PathLike, ShotCache] = True, detector: Optional[ShotDetector] = None,
                   settings: Optional[DetectionSettings] = None, num_threads: int = 0) -> str:
-    """Make sure the cache holds this video's entry. Returns ``'cached'`` or ``'computed'``."""
+    """Make sure the cache holds this video's entry. Returns ``'cached'`` or ``'computed'``; raises on an
+    unreadable video."""
+    result = ensure_cached_many([path_or_bytes], [frame_indices], cache=cache, detector=detector,
+                                settings=settings, num_threads=num_threads)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def ensure_cached_many(sources: Sequence[VideoSource], frame_indices: Optional[Sequence[Sequence[int]]] = None, *,
+                       cache: Union[bool, str, os.PathLike, ShotCache] = True,
+                       detector: Optional[ShotDetector] = None, settings: Optional[DetectionSettings] = None,
+                       num_threads: int = 0) -> List[Union[str, Exception]]:
+    """:func:`ensure_cached` for several videos, with one batched detector call for all the misses (the
+    windows of short clips share forward passes; useful on a GPU). Per video: ``'cached'``, ``'computed'``
+    or the exception that made it fail (one bad video does not stop the others)."""
     settings = settings or DetectionSettings.from_env()
     store = resolve_cache(cache)
     if store is None:
         raise ValueError('ensure_cached needs a cache')
-    key = shot_cache_key(content_hash(path_or_bytes), frame_indices, settings)
-    if store.get(key) is not None:
-        return 'cached'
-    entry = detect_native_cuts(path_or_bytes, frame_indices, settings=settings, detector=detector,
-                               num_threads=num_threads)
-    store.put(key, dict(entry, settings=settings.key_dict(),
-                        sampling=_sampling_key(frame_indices) if settings.depends_on_sampling else None))
-    return 'computed'
+    if frame_indices is None:
+        frame_indices = [()] * len(sources)
+    results: List[Union[str, Exception, None]] = [None] * len(sources)
+    pending = []
+    for i, (src, fi) in enumerate(zip(sources, frame_indices)):
+        try:
+            key = shot_cache_key(content_hash(src), fi, settings)
+            if store.get(key) is not None:
+                results[i] = 'cached'
+                continue
+            pending.append((i, key, fi, *_prepare(src, fi, settings, num_threads)))
+        except Exception as e:  # noqa: BLE001 - reported per video
+            results[i] = e
+    if pending:
+        detector = detector or get_default_detector()
+        probs = detector.predict([p[3] for p in pending])
+        for (i, key, fi, _, det_idx, total, fps), pr in zip(pending, probs):
+            _store_entry(store, key, _entry(pr, det_idx, total, fps, settings), fi, settings)
+            results[i] = 'computed'
+    return results  # type: ignore[return-value]
 
 
 def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_base: bool = True
@@ -683,4 +725,5 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
     for c in candidates:
         if os.path.isfile(c):
             return os.path.abspath(c), v
-    raise FileNotFoundError(f'video not found: {v} (looked in: {", ".join(os.path.dirname(c) or "." for c in candidates)})')
+    looked = ', '.join(os.path.dirname(c) or '.' for c in candidates)
+    raise FileNotFoundError(f'video not found: {v} (looked in: {looked})')

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny checkpoint and the synthetic dataset are built once per test session."""
 import os
+import tempfile
 
 import pytest
 
@@ -8,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Shot boundaries computed by the tests (template, CLI subprocesses) go to a throw-away cache.
+os.environ.setdefault("SOPHIA_SHOT_CACHE", tempfile.mkdtemp(prefix="sophia-shots-"))
 
 
 @pytest.fixture(scope="session")

@@ -185,8 +185,8 @@ def test_single_frame_and_empty_inputs():
 def test_bf16_features():
     torch.manual_seed(8)
     p = FramePruner(8).to(torch.bfloat16).eval()
-    sel = p.select(torch.randn(8, 4, 8, dtype=torch.bfloat16), [(0, 4), (4, 8)], torch.randn(3, 8, dtype=torch.bfloat16),
-                   alpha=50, beta=30)
+    bf = torch.bfloat16
+    sel = p.select(torch.randn(8, 4, 8, dtype=bf), [(0, 4), (4, 8)], torch.randn(3, 8, dtype=bf), alpha=50, beta=30)
     assert sel.gate.dtype == torch.bfloat16 and torch.all(sel.gate == 1)
     assert len(sel.kept_shots) == 1
 
