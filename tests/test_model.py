@@ -219,3 +219,22 @@ def test_packed_row_equals_separate_sequences(model_and_tokenizer):
         second = model(input_ids=torch.tensor([rows[1]]), pixel_values_videos=pixels[5:],
                        video_frame_counts=torch.tensor([2])).logits[0]
     torch.testing.assert_close(together, torch.cat([first, second]), rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkeypatch):
+    """After prefill, each generated token is plain causal attention over text and level-0 tokens."""
+    import swift_sophia.attention as sophia_attention
+
+    model, tokenizer = model_and_tokenizer
+    calls = []
+    real = sophia_attention.hierarchical_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(sophia_attention, "hierarchical_attention", counting)
+    with torch.no_grad():
+        model.generate(**_batch(tokenizer, model, frames=(6,)), max_new_tokens=5, do_sample=False)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(calls) == layers  # the prefill only, once per layer
