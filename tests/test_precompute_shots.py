@@ -122,7 +122,7 @@ def swift_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(dataset, swift_env, capfd):
+def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(dataset, swift_env):
     from swift.dataset import load_dataset
     from swift.dataset.register import DATASET_MAPPING
 
@@ -144,10 +144,21 @@ def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(da
     lines = [ln for ln in (data / 'train.jsonl').read_text().splitlines() if ln.startswith('{"')]
     (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
     torch.ones(64, 64) @ torch.ones(64, 64)  # torch has run here: the forked map worker must not hang
-    capfd.readouterr()
-    train, _ = load_dataset([str(data / 'train.jsonl')], num_proc=1)  # datasets forks a worker
+    # The message comes from the forked worker through ms-swift's logger; whatever stream its handlers were
+    # bound to by earlier tests, a file handler added here is inherited by the fork.
+    import logging
+
+    from swift.utils import get_logger
+    log_file = swift_env / 'preprocess.log'
+    handler = logging.FileHandler(log_file)
+    get_logger().addHandler(handler)
+    try:
+        train, _ = load_dataset([str(data / 'train.jsonl')], num_proc=1)  # datasets forks a worker
+    finally:
+        get_logger().removeHandler(handler)
+        handler.close()
     assert len(train) == 3  # rows 1, 2, 4; the missing and the corrupt videos' rows are dropped ...
-    logged = capfd.readouterr().err
+    logged = log_file.read_text()
     assert 'shot detection failed' in logged
     assert 'missing.mp4' in logged and 'corrupt.mp4' in logged  # ... and each one said so
     assert len(list((swift_env / 'shots').rglob('*.json'))) == 2
