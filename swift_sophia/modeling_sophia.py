@@ -266,7 +266,7 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         return self.get_input_embeddings()(ids)
 
     def _prune(self, video: torch.Tensor, shots, query):
-        alpha, beta = _prune_settings(self.config)
+        alpha, beta = prune_settings(self.config)
         if alpha <= 0 and beta <= 0:
             return video, list(range(video.shape[0]))
         if self.training and is_deepspeed_zero3_enabled():
@@ -339,7 +339,8 @@ def runtime_setting(config, name: str) -> float:
     return float(value) if value not in (None, "") else float(getattr(config, name))
 
 
-def _prune_settings(config) -> tuple:
+def prune_settings(config) -> tuple:
+    """(alpha, beta) in percent for this forward pass."""
     return runtime_setting(config, "prune_alpha"), runtime_setting(config, "prune_beta")
 
 

@@ -107,9 +107,9 @@ class SophiaTemplate(Template):
 
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
-        from .modeling_sophia import _prune_settings
+        from .modeling_sophia import prune_settings
 
-        alpha, beta = _prune_settings(self.config)
+        alpha, beta = prune_settings(self.config)
         if alpha <= 0 and beta <= 0:
             return None
         from .shots import sampled_shots

@@ -14,8 +14,6 @@ def tiny(tmp_path_factory):
 
 
 def _build(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
     from swift_sophia.tiny import build_tokenizer, tiny_config
 
@@ -29,7 +27,6 @@ def _build(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny-gpu"))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    AutoTokenizer.from_pretrained(path)
     return path
 
 
