@@ -51,7 +51,7 @@ def find_video_runs(input_ids: torch.Tensor, video_token_id: int, frame_counts: 
                     tokens_per_frame: int) -> List[VideoRun]:
     """Locate each video's placeholder run, in row-major order, and check it against the frame counts."""
     is_video = (input_ids == video_token_id)
-    runs: List[VideoRun] = []
+    spans = []  # (row, start, placeholder tokens)
     for row in range(input_ids.shape[0]):
         flags = is_video[row].to(torch.int8)
         if not bool(flags.any()):
@@ -59,20 +59,18 @@ def find_video_runs(input_ids: torch.Tensor, video_token_id: int, frame_counts: 
         edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
         starts = (edges == 1).nonzero().flatten().tolist()
         ends = (edges == -1).nonzero().flatten().tolist()
-        for s, e in zip(starts, ends):
-            runs.append(VideoRun(row=row, start=s, frames=-1, kept=[]))
-            runs[-1].frames = e - s  # token count for now
-    if len(runs) != len(frame_counts):
-        raise ValueError(f"the batch holds {len(runs)} runs of video placeholder tokens but {len(frame_counts)} "
+        spans.extend((row, s, e - s) for s, e in zip(starts, ends))
+    if len(spans) != len(frame_counts):
+        raise ValueError(f"the batch holds {len(spans)} runs of video placeholder tokens but {len(frame_counts)} "
                          "videos were given: every <video> tag needs exactly one video")
-    for i, (run, frames) in enumerate(zip(runs, frame_counts)):
+    runs: List[VideoRun] = []
+    for i, ((row, start, tokens), frames) in enumerate(zip(spans, frame_counts)):
         frames = int(frames)
-        if run.frames != frames * tokens_per_frame:
-            raise ValueError(f"video {i} has {run.frames} placeholder tokens in row {run.row}, expected "
+        if tokens != frames * tokens_per_frame:
+            raise ValueError(f"video {i} has {tokens} placeholder tokens in row {row}, expected "
                              f"{frames} frames x {tokens_per_frame} tokens; was the input truncated "
                              "(--max_length too small) or built with another tokens_per_frame?")
-        run.frames = frames
-        run.kept = list(range(frames))
+        runs.append(VideoRun(row=row, start=start, frames=frames, kept=list(range(frames))))
     return runs
 
 
