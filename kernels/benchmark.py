@@ -2,6 +2,7 @@
 
     python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128]
                                        [--sweep] [--json out.json]
+    python -m sophia_kernels.benchmark --ab-bwd --json out.json   # backward variants A/B (BWD_VARIANTS)
 
 Shapes (targets.md): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
 64 after the video, bf16. Medians of triton.testing.do_bench. "Dense" is causal SDPA (flash backend) over the
@@ -207,6 +208,100 @@ def sweep(frames: int = 128) -> dict:
     return {"results": out, "best": cfg}
 
 
+BWD_VARIANTS = {  # name -> HierAttnConfig fields replaced ("base" = the default; NOTES.md, v3 -> v4)
+    "dq": {"base": {},
+           "m64n64w4s2": {"dq_block_m": 64, "dq_block_n": 64, "dq_warps": 4, "dq_stages": 2}},
+    "dkdv": {"base": {},
+             "v3_n128m64w8s3": {"dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8, "dkdv_stages": 3},
+             "n64m64w4s2": {"dkdv_block_n": 64, "dkdv_block_m": 64, "dkdv_warps": 4, "dkdv_stages": 2},
+             "n64m32w4s3": {"dkdv_block_n": 64, "dkdv_block_m": 32, "dkdv_warps": 4, "dkdv_stages": 3},
+             "n64m32w4s2": {"dkdv_block_n": 64, "dkdv_block_m": 32, "dkdv_warps": 4, "dkdv_stages": 2}},
+}
+
+
+def ab_bwd(json_path=None) -> int:
+    """Backward variants timed alone (dQ, dK/dV) at 128 and 512 frames, checked against the default kernels'
+    results; then fwd+bwd of the default vs the best dQ + best dK/dV combination (A, B, A, B). Writes the best
+    combination as a SOPHIA_HIER_CONFIG string to best_cfg.txt next to json_path."""
+    import dataclasses
+    import os
+
+    from .ops import hier_attention_triton as H
+
+    base = H.default_config(D)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "base": repr(base), "kernels": [], "fwdbwd": []}
+    tot = {"dq": {}, "dkdv": {}}
+    for f in (128, 512):
+        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+        q, k, v = _inputs(n)
+        do = torch.randn_like(q)
+        scale = D ** -0.5
+        o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
+        delta = torch.empty_like(lse)
+        dq0 = torch.empty_like(q)
+        H.launch_dq(q, k, v, o, lse, do, delta, dq0, layout, scale, base)
+        dk0, dv0 = torch.empty_like(k), torch.empty_like(v)
+        H.launch_dkdv(q, k, v, do, lse, delta, dk0, dv0, layout, scale, base)
+        torch.cuda.synchronize()
+
+        def rd(x, y):
+            return float((x.float() - y.float()).norm() / y.float().norm())
+
+        for name, kw in BWD_VARIANTS["dq"].items():
+            cfg = dataclasses.replace(base, **kw)
+            dq = torch.full_like(q, float("nan"))
+            dl = torch.empty_like(lse)
+            H.launch_dq(q, k, v, o, lse, do, dl, dq, layout, scale, cfg)
+            diff = rd(dq, dq0)
+            t = _bench(lambda: H.launch_dq(q, k, v, o, lse, do, dl, dq, layout, scale, cfg))
+            r = {"frames": f, "kernel": "dq", "variant": name, "ms": t, "rel_diff_vs_base": diff}
+            info["kernels"].append(r)
+            print(r, flush=True)
+            tot["dq"][name] = tot["dq"].get(name, 0.0) + (t if diff == diff and diff < 1e-2 else float("inf"))
+        for name, kw in BWD_VARIANTS["dkdv"].items():
+            cfg = dataclasses.replace(base, **kw)
+            dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+            H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
+            diff = max(rd(dk, dk0), rd(dv, dv0))
+            t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
+            r = {"frames": f, "kernel": "dkdv", "variant": name, "ms": t, "rel_diff_vs_base": diff}
+            info["kernels"].append(r)
+            print(r, flush=True)
+            tot["dkdv"][name] = tot["dkdv"].get(name, 0.0) + (t if diff == diff and diff < 1e-2 else float("inf"))
+        del q, k, v, do, o, lse, delta, dq0, dk0, dv0
+        torch.cuda.empty_cache()
+    best = {kind: min(v, key=v.get) for kind, v in tot.items()}
+    kw = {**BWD_VARIANTS["dq"][best["dq"]], **BWD_VARIANTS["dkdv"][best["dkdv"]]}
+    info["best"] = best
+    cfg_best = dataclasses.replace(base, **kw)
+    env = ",".join(f"{a}={int(b) if isinstance(b, bool) else b}" for a, b in kw.items())
+    info["best_env"] = env
+    print("best", best, "SOPHIA_HIER_CONFIG=" + env, flush=True)
+    if json_path:
+        with open(os.path.join(os.path.dirname(json_path) or ".", "best_cfg.txt"), "w") as fh:
+            fh.write(env)
+    for f in (128, 512):
+        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+        for rep in range(2):
+            for tag, cfg in (("default", base), ("best", cfg_best)):
+                t = time_fn(ours(layout, cfg), n, want_mem=(rep == 0))
+                r = {"frames": f, "rep": rep, "which": tag, **t}
+                info["fwdbwd"].append(r)
+                print(r, flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(info, fh, indent=1, default=str)
+    print("\n| frames | which | fwd ms | fwd+bwd ms | extra mem GiB |\n|---|---|---|---|---|")
+    for r in info["fwdbwd"]:
+        mem = "-" if r["extra_mem_gib"] is None else f"{r['extra_mem_gib']:.2f}"
+        print(f"| {r['frames']} | {r['which']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {mem} |")
+    print("\n| kernel | variant | frames | ms | rel diff vs base |\n|---|---|---|---|---|")
+    for r in info["kernels"]:
+        print(f"| {r['kernel']} | {r['variant']} | {r['frames']} | {r['ms']:.3f} | {r['rel_diff_vs_base']:.1e} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, nargs="*", default=[32, 128, 512])
@@ -215,8 +310,12 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100], help="prefixes at 128 frames")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--ab", action="store_true", help="A/B: dK/dV tile splitting and the split prefix loop")
+    p.add_argument("--ab-bwd", action="store_true",
+                   help="A/B of backward variants (kernels alone, then fwd+bwd of the default vs the best); only this")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.ab_bwd:
+        return ab_bwd(args.json)
 
     from .ops import hier_attention_triton as H
 

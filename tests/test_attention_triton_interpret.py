@@ -31,6 +31,9 @@ CASES = [
     ("fp32_two_videos_general", 11, "float32", 16, (2, 1), 5, "general_mixed"),
     ("fp32_split_key_tiles", 12, "float32", 16, (4, 2), 4, "split"),
     ("fp16_split_key_tiles_pad", 7, "float16", 32, (2, 1), 3, "split"),
+    # backward variant: dO V^T issued before the exponentials (dq_early_dp, dkdv_early_dp), misaligned + split
+    ("fp32_early_dp_split", 13, "float32", 16, (4, 2), 5, "early_dp"),
+    ("fp16_early_dp_mixed", 14, "float16", 32, (2, 1), 6, "early_dp_mixed"),
 ]
 
 
@@ -70,6 +73,10 @@ def _worker() -> None:
         "mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1),
         "general": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, allow_flat=False),
         "split": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, dkdv_split_chunk=20),
+        "early_dp": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, dkdv_split_chunk=20,
+                                   dq_early_dp=True, dkdv_early_dp=True),
+        "early_dp_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1, dq_early_dp=True,
+                                         dkdv_early_dp=True),
         "general_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1, dkdv_kv_as_b=True,
                                         allow_flat=False),
     }

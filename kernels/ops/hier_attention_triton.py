@@ -308,7 +308,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, kstart, kend, offs_m,
 
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, kstart, kend, offs_m, offs_n, offs_d, qk_scale,
-              MASK_END: tl.constexpr, CAUSAL: tl.constexpr):
+              MASK_END: tl.constexpr, CAUSAL: tl.constexpr, EARLY_DP: tl.constexpr):
     offs_k = kstart + offs_n
     if MASK_END:
         kmask = offs_k < kend
@@ -318,12 +318,16 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, kstart, kend, off
         k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :])
         v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :])
     qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if EARLY_DP:
+        # issue dO V^T before the exponentials so that the tensor cores run it while the exps are computed
+        dp = tl.dot(do, tl.trans(v))
     p = tl.math.exp2(qk - lse[:, None])
     if MASK_END:
         p = tl.where(offs_k[None, :] < kend, p, 0.0)
     if CAUSAL:
         p = tl.where(offs_k[None, :] <= offs_m[:, None], p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    if not EARLY_DP:
+        dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k.dtype), k)
     return dq
@@ -335,7 +339,8 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                    sdob, sdoh, sdon, sdqb, sdqh, sdqn,
                    Hq, N, qk_scale, sm_scale,
                    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, MODE: tl.constexpr, SPLIT_PRE: tl.constexpr):
+                   RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, MODE: tl.constexpr, SPLIT_PRE: tl.constexpr,
+                   EARLY_DP: tl.constexpr):
     """MODE 0: forward (O, LSE). MODE 1: dQ (and DELTA = rowsum(dO * O)).
 
     FLAT: one loop over the blocks of six key ranges (<= 3 prefix segments, W, P, C) read from the descriptor;
@@ -416,7 +421,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                                                    offs_n, offs_d, qk_scale, True, False)
                     else:
                         dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                       offs_d, qk_scale, True, False)
+                                       offs_d, qk_scale, True, False, EARLY_DP)
                 n_lo = n3
             else:
                 n_lo = 0
@@ -432,7 +437,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                                                offs_n, offs_d, qk_scale, RANGE_MASK, False)
                 else:
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                   offs_d, qk_scale, RANGE_MASK, False)
+                                   offs_d, qk_scale, RANGE_MASK, False, EARLY_DP)
         else:
             # ---- general phase 1: plain prefix segments [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [., limit)
             s0 = tl.load(dp_ + 4)
@@ -452,7 +457,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                                                    offs_n, offs_d, qk_scale, True, False)
                     else:
                         dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m,
-                                       offs_n, offs_d, qk_scale, True, False)
+                                       offs_n, offs_d, qk_scale, True, False, EARLY_DP)
                 seg_start = nxt
             # ---- general phase 3: hierarchy W, P, C
             nw = tl.cdiv(w1 - w0, BLOCK_N)
@@ -469,7 +474,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                                                offs_n, offs_d, qk_scale, RANGE_MASK, False)
                 else:
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                   offs_d, qk_scale, RANGE_MASK, False)
+                                   offs_d, qk_scale, RANGE_MASK, False, EARLY_DP)
 
         # ---- diagonal of text tiles, causal (zero iterations for video tiles)
         for ks in range(d0, d1, BLOCK_N):
@@ -478,7 +483,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                                            offs_d, qk_scale, True, True)
             else:
                 dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n, offs_d,
-                               qk_scale, True, True)
+                               qk_scale, True, True, EARLY_DP)
 
         if MODE == 0:
             out = acc / l_i[:, None]
@@ -490,7 +495,8 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
-                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr):
+                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr,
+                EARLY_DP: tl.constexpr):
     offs_q = qstart + offs_m
     if ROW_MASK:
         qm = offs_q < qend
@@ -515,11 +521,15 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     else:
         qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if EARLY_DP:
+            # issue V dO^T before the exponentials (tensor cores busy while the exps are computed)
+            dpT = tl.dot(v, tl.trans(do))
         pT = tl.math.exp2(qkT - lse[None, :])
         if CAUSAL:
             pT = tl.where(offs_q[None, :] >= offs_kn[:, None], pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
+        if not EARLY_DP:
+            dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
     return dk, dv
@@ -531,7 +541,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr):
     """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
     ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles."""
     pid = tl.program_id(0)
@@ -584,7 +594,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
                                  LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
-                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B)
+                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B, EARLY_DP)
         # diagonal of text key tiles: queries [k0, k1) with q >= k
         nd = tl.cdiv(d1 - d0, BLOCK_M)
         for it in range(0, G * nd):
@@ -594,7 +604,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
                                  LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
-                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B)
+                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B, EARLY_DP)
         slot = tl.load(dp_ + 24)
         if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
             ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
@@ -648,14 +658,19 @@ class HierAttnConfig:
     dq_block_n: int = 64
     dq_warps: int = 8
     dq_stages: int = 3
-    dkdv_block_n: int = 128
+    # v4: 64 keys x 64 queries, 4 warps, 2 stages: 99 KB of shared memory, so two CTAs share an SM and one's
+    # exponentials overlap the other's matmuls (v3: 128 x 64, 8 warps, 3 stages, 165 KB, one CTA; NOTES.md)
+    dkdv_block_n: int = 64
     dkdv_block_m: int = 64
-    dkdv_warps: int = 8
-    dkdv_stages: int = 3
+    dkdv_warps: int = 4
+    dkdv_stages: int = 2
     dkdv_kv_as_b: bool = False
     dkdv_split_chunk: int = 0  # 0: automatic; -1: never split heavy key tiles; > 0: split size in tokens
     allow_flat: bool = True  # False forces the general (nested-loop) query-side path (tests)
     split_prefix: bool = True  # misaligned prefix: separate masked loop (keeps the hierarchy loop unmasked)
+    # backward: issue the dO V^T matmul before the exponentials (overlap MUFU work with the tensor cores)
+    dq_early_dp: bool = False
+    dkdv_early_dp: bool = False
 
     @staticmethod
     def for_interpreter() -> "HierAttnConfig":
@@ -666,11 +681,34 @@ _DEFAULT_CONFIG: HierAttnConfig | None = None
 
 
 def default_config(head_dim: int) -> HierAttnConfig:
-    """Measured best on H100 for D = 128 (NOTES.md); for D = 64 the same blocks with 8 warps compile without
-    spills (Triton 3.6 ptxas report), 4 warps spill in dK/dV."""
+    """Measured best on H100 for D = 128 (NOTES.md); for D = 64 the same blocks compile with at most a few bytes
+    of spill (Triton 3.6 ptxas report: dK/dV 8 B). ``SOPHIA_HIER_CONFIG`` overrides fields (A/B runs)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return HierAttnConfig.for_interpreter()
-    return _DEFAULT_CONFIG or HierAttnConfig()
+        cfg = HierAttnConfig.for_interpreter()
+    else:
+        cfg = _DEFAULT_CONFIG or HierAttnConfig()
+    return _env_overrides(cfg)
+
+
+def _env_overrides(cfg: HierAttnConfig) -> HierAttnConfig:
+    """``SOPHIA_HIER_CONFIG="field=value,..."`` replaces HierAttnConfig fields (A/B of variants, e.g.
+    ``dkdv_block_n=64,dkdv_warps=4,dkdv_stages=2``); ints, and 0/1/true/false for booleans."""
+    val = os.environ.get("SOPHIA_HIER_CONFIG", "").strip()
+    if not val:
+        return cfg
+    import dataclasses
+
+    kw = {}
+    for item in val.split(","):
+        name, _, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if name not in HierAttnConfig.__dataclass_fields__:
+            raise ValueError(f"SOPHIA_HIER_CONFIG: unknown field {name!r}")
+        if isinstance(getattr(cfg, name), bool):
+            kw[name] = raw.lower() in ("1", "true", "yes")
+        else:
+            kw[name] = int(raw)
+    return dataclasses.replace(cfg, **kw)
 
 
 def _prep(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -725,7 +763,7 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
         0, 0, 0, 0, 0, 0,
         hq, n, scale * LOG2E, scale,
         G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-        **_q_masks(plan, cfg.fwd_block_n, cfg), FLAT=plan.q_flat and cfg.allow_flat, MODE=0,
+        **_q_masks(plan, cfg.fwd_block_n, cfg), FLAT=plan.q_flat and cfg.allow_flat, MODE=0, EARLY_DP=False,
         num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return o, lse
@@ -744,6 +782,7 @@ def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig
             hq, n, scale * LOG2E, scale,
             G=hq // k.shape[1], HEAD_D=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
             **_q_masks(pq, cfg.dq_block_n, cfg), FLAT=pq.q_flat and cfg.allow_flat, MODE=1,
+            EARLY_DP=cfg.dq_early_dp,
             num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages)
 
@@ -768,7 +807,8 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, hkv, n, scale * LOG2E, scale,
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-            RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b, num_warps=cfg.dkdv_warps,
+            RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b,
+            EARLY_DP=cfg.dkdv_early_dp, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
     if pk.n_slots:
         _split_reduce_kernel[(pk.rdesc.shape[0] * hkv,)](
