@@ -1,4 +1,4 @@
-"""sophia_kernels: hierarchical attention for Sophia (sophia.md section 2).
+"""sophia_kernels: hierarchical attention for Sophia (docs/hierarchical_attention.md).
 
     from sophia_kernels import HierLayout, hierarchical_attention, level_counts
 

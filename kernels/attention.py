@@ -1,4 +1,4 @@
-"""Public entry point: ``hierarchical_attention`` (sophia.md section 2).
+"""Public entry point: ``hierarchical_attention`` (docs/hierarchical_attention.md).
 
 Decoding needs nothing from here: after prefill no text token reads an aggregated token's keys or values, so the
 KV cache can drop them and decoding is plain causal attention over text and level-0 tokens (use SDPA / flash with

@@ -1,10 +1,10 @@
-"""Benchmark of the hierarchical-attention kernels on the targets.md shapes (GPU only).
+"""Benchmark of the hierarchical-attention kernels on the reference shapes (GPU only).
 
     python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128]
                                        [--sweep] [--json out.json]
     python -m sophia_kernels.benchmark --ab-bwd --json out.json   # backward variants A/B (BWD_VARIANTS)
 
-Shapes (targets.md): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
+Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
 64 after the video, bf16. Medians of triton.testing.do_bench. "Dense" is causal SDPA (flash backend) over the
 plain sequence (64 + 256 F + 64 tokens); "Flex" is FlexAttention (compiled) with a BlockMask of exactly the same
 rule over the extended sequence. Useful TFLOP/s count only allowed (q, k) pairs: 4 * D * pairs * Hq per forward,

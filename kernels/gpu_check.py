@@ -4,7 +4,7 @@
 
 bf16 and fp16 inputs, fresh random inputs per case, outputs and gradients poisoned with NaN before each run,
 randomized layouts (packed rows, padding, text before/between/after, several videos, trapezoids, any M) and the
-targets.md shape at 32 frames. The reference runs on upcast inputs (float64 for small cases, float32 for the large
+the reference shape at 32 frames. The reference runs on upcast inputs (float64 for small cases, float32 for the large
 one). Error metric: ||x - ref|| / ||ref||; NaN never passes; padding rows must be exactly 0; a second run on the
 same inputs must give bitwise-identical results (no races: the kernels use no atomics).
 """
@@ -69,7 +69,7 @@ def make_cases(quick: bool = False):
     layout, n = HierLayout.from_segments([[[("video", 7)]]], tokens_per_frame=256)
     cases.append(("video_only_7f", layout, n, 1, 4, 1, 128, torch.bfloat16, torch.float64))
     if not quick:
-        # targets.md shape at 32 frames: 64 text, 32 frames of 256 tokens (+ levels), 64 text; 32 q heads, 8 kv
+        # the reference shape at 32 frames: 64 text, 32 frames of 256 tokens (+ levels), 64 text; 32 q heads, 8 kv
         layout, n = HierLayout.from_segments([[[64, ("video", 32), 64]]], tokens_per_frame=256)
         cases.append(("targets_32f", layout, n, 1, 32, 8, 128, torch.bfloat16, torch.float32))
         layout, n = HierLayout.from_segments([[[0, ("video", 32), 64]]], tokens_per_frame=256)

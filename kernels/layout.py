@@ -1,4 +1,4 @@
-"""Layout of packed sequences and videos for hierarchical attention (sophia.md section 2).
+"""Layout of packed sequences and videos for hierarchical attention (docs/hierarchical_attention.md).
 
 A batch row of N tokens holds one or more packed sequences ``(row, start, end)``; tokens of a row in no sequence
 are padding. A video ``(row, start, frames)`` occupies, from ``start`` on, its level-0 frames followed by its

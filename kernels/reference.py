@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of hierarchical attention (sophia.md section 2). Differentiable through autograd.
+"""Plain PyTorch reference of hierarchical attention (docs/hierarchical_attention.md). Differentiable through autograd.
 
 Memory stays O(N): nothing of size N x N is built. Video queries gather, frame by frame, their few key frames (the
 same-level window, the parent, the children) plus the plain prefix of their sequence; text queries are processed in

@@ -1,10 +1,10 @@
-"""Shot-adaptive frame pruning (sophia.md section 1, steps 3-5; docs/pruning.md).
+"""Shot-adaptive frame pruning (docs/pruning.md).
 
 :class:`FramePruner` takes the projected features of the F sampled frames of one video, its shots (from
 :func:`swift_sophia.shots.sampled_shots`) and the embeddings of the query text, and returns which frames
 the LLM gets (:class:`FrameSelection`).
 
-Rules (the points sophia.md leaves open are fixed here):
+Rules (the points the paper leaves open are fixed here):
 
 * Token similarity: ``sim(f_n, f_n') = mean_{m, m'} cos(f_n[m], f_n'[m'])``. Because the mean of a cosine
   matrix is the dot product of the means of the L2-normalised rows, ``sim(f_n, f_n') = g_n . g_n'`` with

@@ -1,4 +1,4 @@
-"""Shot detection for Sophia's shot-adaptive frame pruning (design: sophia.md section 1; docs/pruning.md).
+"""Shot detection for Sophia's shot-adaptive frame pruning (docs/pruning.md).
 
 Pipeline, for one video and the F frame indices the template samples:
 

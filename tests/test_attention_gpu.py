@@ -1,6 +1,6 @@
 """GPU correctness of the Triton kernels (bf16 / fp16) against the reference; skipped without CUDA.
 
-The full check with the targets.md shape is ``python -m sophia_kernels.gpu_check``.
+The full check with the reference shape is ``python -m sophia_kernels.gpu_check``.
 """
 
 import pytest

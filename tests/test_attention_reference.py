@@ -17,7 +17,7 @@ def _counts(frames, arity, levels):
 
 
 def oracle_mask(layout: HierLayout, batch: int, n: int) -> torch.Tensor:
-    """Bool [B, N, N] built from the rule (sophia.md section 2), pair by pair (vectorized)."""
+    """Bool [B, N, N] built from the rule (docs/hierarchical_attention.md), pair by pair (vectorized)."""
     m, a, e, lv = layout.tokens_per_frame, layout.arity, layout.neighbours, layout.levels
     seq = torch.full((batch, n), -1)
     vid = torch.full((batch, n), -1)

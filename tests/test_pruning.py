@@ -1,4 +1,4 @@
-"""FramePruner: the selection rules of sophia.md section 1, the Gumbel straight-through path, the schedule."""
+"""FramePruner: the selection rules of docs/pruning.md, the Gumbel straight-through path, the schedule."""
 import math
 import random
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""Triton forward and backward kernels of hierarchical attention (sophia.md section 2).
+"""Triton forward and backward kernels of hierarchical attention (docs/hierarchical_attention.md).
 
 Tile schedule (built on the host from the layout's few integers, cached on the layout, copied once to the device):
 
