@@ -1,7 +1,7 @@
 """Hierarchical attention inside any transformers decoder.
 
 transformers dispatches attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` and passes the
-decoder's `**kwargs` through to it. Sophia installs one implementation, "sophia", on the decoder: when the call
+decoder's `**kwargs` through to it. Sophia installs "sophia_<base>" on the decoder (e.g. "sophia_sdpa"): when the call
 carries a `hier_layout` (a prefill or training step over an extended sequence holding videos) it runs the
 hierarchical kernel; otherwise (text, images, decoding after prefill) it hands over to the implementation the user
 chose (sdpa, eager, flash_attention_2, ...), masks included.
@@ -13,7 +13,6 @@ import contextvars
 
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from sophia_kernels import hierarchical_attention

@@ -56,7 +56,7 @@ class SophiaTemplate(Template):
 
     def replace_tag(self, media_type: Literal["image", "video", "audio"], index: int,
                     inputs: StdTemplateInputs) -> List[Context]:
-        tokenizer = self.processor if not hasattr(self.processor, "tokenizer") else self.processor.tokenizer
+        tokenizer = self.tokenizer
         m = self.config.tokens_per_frame
         if media_type == "video":
             clip = inputs._sophia_clips[index]
