@@ -6,6 +6,7 @@ LM head, and generation, which drops the aggregated tokens from the KV cache aft
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -334,7 +335,6 @@ def _shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int):
 def runtime_setting(config, name: str) -> float:
     """A pruning setting: the environment (`--model_kwargs '{"prune_alpha": 30}'` sets PRUNE_ALPHA) overrides the
     config, so it can change per run and at inference without touching the checkpoint."""
-    import os
     value = os.environ.get(name.upper())
     return float(value) if value not in (None, "") else float(getattr(config, name))
 

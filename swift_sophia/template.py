@@ -11,7 +11,7 @@ import re
 from typing import Any, Dict, List, Literal, Optional
 
 import torch
-from swift.template import Template, TemplateMeta, register_template
+from swift.template import Template, register_template
 from swift.template.template_inputs import StdTemplateInputs
 from swift.template.templates.utils import ChatmlTemplateMeta
 from swift.template.utils import Context

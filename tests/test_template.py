@@ -1,10 +1,8 @@
 """The `sophia` template through ms-swift's own API: encoding, collation and every kind of bad input."""
 import json
-import os
 
 import numpy as np
 import pytest
-import torch
 
 import swift_sophia.register  # noqa: F401
 from swift.model import get_model_processor
