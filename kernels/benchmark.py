@@ -1,7 +1,7 @@
 """Benchmark of the hierarchical-attention kernels on the reference shapes (GPU only).
 
     python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128]
-                                       [--sweep] [--json out.json]
+                                       [--json out.json]
     python -m sophia_kernels.benchmark --ab-bwd --json out.json   # backward variants A/B (BWD_VARIANTS)
 
 Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
@@ -115,11 +115,9 @@ def dense_expanded(q, k, v):
                                                                 v.repeat_interleave(g, 1), is_causal=True)
 
 
-def flex_builder(layout, n):
-    """(attention callable, BlockMask build seconds) for FlexAttention with the same rule."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    meta = layout.token_metadata(1, n, device="cuda")
+def flex_mask_mod(layout, n, device="cuda"):
+    """FlexAttention mask_mod of the hierarchical rule (docs/hierarchical_attention.md), from per-token tables."""
+    meta = layout.token_metadata(1, n, device=device)
     seq, vid, lev, frm, vst = (meta[k][0] for k in ("seq", "video", "level", "frame", "video_start"))
     a, e = layout.arity, layout.neighbours
 
@@ -137,92 +135,71 @@ def flex_builder(layout, n):
         vid_rule = (~qtext) & (before | ((vid[qi] == vid[ki]) & (window | parent | child)))
         return same & (text_rule | vid_rule)
 
+    return mask_mod
+
+
+def flex_block_mask(mask_mod, n, device="cuda", block=128, chunk_elems=1 << 26):
+    """BlockMask of ``mask_mod`` over an n x n score matrix, built by evaluating the rule on a few query blocks at a
+    time (n must be a multiple of ``block``). Same partial/full block lists as ``create_block_mask``, which in our
+    runs took minutes on the GPU machine (NOTES.md)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if n % block:
+        raise ValueError(f"n={n} is not a multiple of the block size {block}")
+    nb = n // block
+    keys = torch.arange(n, device=device)
+    partial = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    full = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    rows = max(1, chunk_elems // (block * n))
+    for i0 in range(0, nb, rows):
+        i1 = min(nb, i0 + rows)
+        qi = torch.arange(i0 * block, i1 * block, device=device)
+        m = mask_mod(0, 0, qi[:, None], keys[None, :]).view(i1 - i0, block, nb, block)
+        any_, all_ = m.any(dim=3).any(dim=1), m.all(dim=3).all(dim=1)
+        full[i0:i1] = all_
+        partial[i0:i1] = any_ & ~all_
+
+    def lists(sel):
+        num = sel.sum(1, dtype=torch.int32)
+        idx = torch.argsort((~sel).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return num[None, None].contiguous(), idx[None, None].contiguous()
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
+
+
+def flex_builder(layout, n):
+    """(attention callable, BlockMask build seconds) for FlexAttention with the same rule."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask_mod = flex_mask_mod(layout, n)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bm = create_block_mask(mask_mod, 1, 1, n, n, device="cuda", _compile=True)
+    bm = flex_block_mask(mask_mod, n)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     fa = torch.compile(flex_attention, dynamic=False)
     return (lambda q, k, v: fa(q, k, v, block_mask=bm, enable_gqa=True)), build_s
 
 
-def sweep(frames: int = 128) -> dict:
-    """Time each kernel alone under a few launch configurations; returns the best config."""
-    from .ops import hier_attention_triton as H
-
-    rows = [[[64, ("video", frames), 64]]]
-    layout, n = HierLayout.from_segments(rows, tokens_per_frame=M)
-    q, k, v = _inputs(n)
-    do = torch.randn_like(q)
-    scale = D ** -0.5
-    base = H.HierAttnConfig()
-    # earlier sweeps (NOTES.md): (128,128,8,3), (128,64,4,3), (64,64,4,3) fwd; (64,64,4,3), (128,32,8,3) dq;
-    # (128,32,4,3), (64,64,4,3), (128,64,8,3,kv_as_b) dkdv were all slower
-    fwd_cfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
-    dq_cfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
-    dkdv_cfgs = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3)]
-    out = {"fwd": [], "dq": [], "dkdv": []}
-    best = {}
-    for bm, bn, w, s in fwd_cfgs:
-        cfg = H.HierAttnConfig(fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=s)
-        try:
-            t = _bench(lambda: H.hier_attention_fwd(q, k, v, layout, scale, cfg))
-        except Exception as exc:  # compile failure / out of resources
-            t = float("inf")
-            print("fwd", (bm, bn, w, s), "failed:", str(exc)[:200])
-        out["fwd"].append(((bm, bn, w, s), t))
-        print(f"sweep fwd {bm, bn, w, s}: {t:.3f} ms", flush=True)
-    best["fwd"] = min(out["fwd"], key=lambda x: x[1])[0]
-    o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
-    delta = torch.empty_like(lse)
-    dq = torch.empty_like(q)
-    for bm, bn, w, s in dq_cfgs:
-        cfg = H.HierAttnConfig(dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=s)
-        try:
-            t = _bench(lambda: H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg))
-        except Exception as exc:
-            t = float("inf")
-            print("dq", (bm, bn, w, s), "failed:", str(exc)[:200])
-        out["dq"].append(((bm, bn, w, s), t))
-        print(f"sweep dq {bm, bn, w, s}: {t:.3f} ms", flush=True)
-    best["dq"] = min(out["dq"], key=lambda x: x[1])[0]
-    H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    for c in dkdv_cfgs:
-        bn, bm, w, s = c[:4]
-        kvb = len(c) > 4 and c[4]
-        cfg = H.HierAttnConfig(dkdv_block_n=bn, dkdv_block_m=bm, dkdv_warps=w, dkdv_stages=s, dkdv_kv_as_b=kvb)
-        try:
-            t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
-        except Exception as exc:
-            t = float("inf")
-            print("dkdv", c, "failed:", str(exc)[:200])
-        out["dkdv"].append((tuple(c), t))
-        print(f"sweep dkdv {c}: {t:.3f} ms", flush=True)
-    best["dkdv"] = min(out["dkdv"], key=lambda x: x[1])[0]
-    f, dqc, dkc = best["fwd"], best["dq"], best["dkdv"]
-    cfg = H.HierAttnConfig(f[0], f[1], f[2], f[3], dqc[0], dqc[1], dqc[2], dqc[3], dkc[0], dkc[1], dkc[2], dkc[3],
-                           dkdv_kv_as_b=len(dkc) > 4 and dkc[4])
-    del q, k, v, do, o, lse, delta, dq, dk, dv
-    torch.cuda.empty_cache()
-    return {"results": out, "best": cfg}
-
-
-BWD_VARIANTS = {  # name -> HierAttnConfig fields replaced ("base" = the default; NOTES.md, v3 -> v4)
-    "dq": {"base": {},
-           "m64n64w4s2": {"dq_block_m": 64, "dq_block_n": 64, "dq_warps": 4, "dq_stages": 2}},
-    "dkdv": {"base": {},
-             "v3_n128m64w8s3": {"dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8, "dkdv_stages": 3},
-             "n64m64w4s2": {"dkdv_block_n": 64, "dkdv_block_m": 64, "dkdv_warps": 4, "dkdv_stages": 2},
-             "n64m32w4s3": {"dkdv_block_n": 64, "dkdv_block_m": 32, "dkdv_warps": 4, "dkdv_stages": 3},
-             "n64m32w4s2": {"dkdv_block_n": 64, "dkdv_block_m": 32, "dkdv_warps": 4, "dkdv_stages": 2}},
+BWD_VARIANTS = {  # name -> HierAttnConfig fields replaced; "default" = the default config (NOTES.md)
+    "default": {},
+    "fused_n64m64w4s2": {"bwd_fused": True, "dkdv_block_n": 64, "dkdv_block_m": 64, "dkdv_warps": 4,
+                         "dkdv_stages": 2},
+    "fused_n64m64w8s2": {"bwd_fused": True, "dkdv_block_n": 64, "dkdv_block_m": 64, "dkdv_warps": 8,
+                         "dkdv_stages": 2},
+    "fused_n128m64w8s2": {"bwd_fused": True, "dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8,
+                          "dkdv_stages": 2},
+    "fused_n128m64w8s3": {"bwd_fused": True, "dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8,
+                          "dkdv_stages": 3},
 }
 
 
-def ab_bwd(json_path=None) -> int:
-    """Backward variants timed alone (dQ, dK/dV) at 128 and 512 frames, checked against the default kernels'
-    results; then fwd+bwd of the default vs the best dQ + best dK/dV combination (A, B, A, B). Writes the best
-    combination as a SOPHIA_HIER_CONFIG string to best_cfg.txt next to json_path."""
+def ab_bwd(json_path=None, frames=(128, 512)) -> int:
+    """Whole-backward variants (BWD_VARIANTS) timed alone at 128 and 512 frames and checked against the default's
+    gradients; then fwd+bwd of the default vs the fastest variant, alternating (A, B, A, B). Writes the fastest as a
+    SOPHIA_HIER_CONFIG string to best_cfg.txt next to json_path."""
     import dataclasses
     import os
 
@@ -230,61 +207,52 @@ def ab_bwd(json_path=None) -> int:
 
     base = H.default_config(D)
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "base": repr(base), "kernels": [], "fwdbwd": []}
-    tot = {"dq": {}, "dkdv": {}}
-    for f in (128, 512):
+            "date": datetime.date.today().isoformat(), "base": repr(base), "bwd": [], "fwdbwd": []}
+    total: dict[str, float] = {}
+    scale = D ** -0.5
+
+    def rd(x, y):
+        return float((x.float() - y.float()).norm() / y.float().norm())
+
+    for f in frames:
         layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
         q, k, v = _inputs(n)
         do = torch.randn_like(q)
-        scale = D ** -0.5
         o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
-        delta = torch.empty_like(lse)
-        dq0 = torch.empty_like(q)
-        H.launch_dq(q, k, v, o, lse, do, delta, dq0, layout, scale, base)
-        dk0, dv0 = torch.empty_like(k), torch.empty_like(v)
-        H.launch_dkdv(q, k, v, do, lse, delta, dk0, dv0, layout, scale, base)
-        torch.cuda.synchronize()
-
-        def rd(x, y):
-            return float((x.float() - y.float()).norm() / y.float().norm())
-
-        for name, kw in BWD_VARIANTS["dq"].items():
+        ref = H.hier_attention_bwd(do, q, k, v, o, lse, layout, scale, base)
+        for name, kw in BWD_VARIANTS.items():
             cfg = dataclasses.replace(base, **kw)
-            dq = torch.full_like(q, float("nan"))
-            dl = torch.empty_like(lse)
-            H.launch_dq(q, k, v, o, lse, do, dl, dq, layout, scale, cfg)
-            diff = rd(dq, dq0)
-            t = _bench(lambda: H.launch_dq(q, k, v, o, lse, do, dl, dq, layout, scale, cfg))
-            r = {"frames": f, "kernel": "dq", "variant": name, "ms": t, "rel_diff_vs_base": diff}
-            info["kernels"].append(r)
+            got = again = None
+            try:
+                got = H.hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg, poison=True)
+                again = H.hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg)
+                diff = max(rd(x, y) for x, y in zip(got, ref))
+                rerun = max(rd(x, y) for x, y in zip(again, got))
+                t = _bench(lambda: H.hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg))
+            except Exception as exc:  # compile failure / out of resources: report, keep going
+                print(name, "failed:", str(exc)[:300], flush=True)
+                diff = rerun = t = float("nan")
+            r = {"frames": f, "variant": name, "bwd_ms": t, "rel_diff_vs_default": diff, "rerun_diff": rerun}
+            info["bwd"].append(r)
             print(r, flush=True)
-            tot["dq"][name] = tot["dq"].get(name, 0.0) + (t if diff == diff and diff < 1e-2 else float("inf"))
-        for name, kw in BWD_VARIANTS["dkdv"].items():
-            cfg = dataclasses.replace(base, **kw)
-            dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
-            H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
-            diff = max(rd(dk, dk0), rd(dv, dv0))
-            t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
-            r = {"frames": f, "kernel": "dkdv", "variant": name, "ms": t, "rel_diff_vs_base": diff}
-            info["kernels"].append(r)
-            print(r, flush=True)
-            tot["dkdv"][name] = tot["dkdv"].get(name, 0.0) + (t if diff == diff and diff < 1e-2 else float("inf"))
-        del q, k, v, do, o, lse, delta, dq0, dk0, dv0
+            good = diff == diff and diff < 1e-2
+            total[name] = total.get(name, 0.0) + (t if good else float("inf"))
+            del got, again
+        del q, k, v, do, o, lse, ref
         torch.cuda.empty_cache()
-    best = {kind: min(v, key=v.get) for kind, v in tot.items()}
-    kw = {**BWD_VARIANTS["dq"][best["dq"]], **BWD_VARIANTS["dkdv"][best["dkdv"]]}
-    info["best"] = best
-    cfg_best = dataclasses.replace(base, **kw)
+    best = min(total, key=total.get)
+    kw = BWD_VARIANTS[best]
     env = ",".join(f"{a}={int(b) if isinstance(b, bool) else b}" for a, b in kw.items())
-    info["best_env"] = env
+    info["best"], info["best_env"] = best, env
     print("best", best, "SOPHIA_HIER_CONFIG=" + env, flush=True)
     if json_path:
         with open(os.path.join(os.path.dirname(json_path) or ".", "best_cfg.txt"), "w") as fh:
             fh.write(env)
-    for f in (128, 512):
+    cfg_best = dataclasses.replace(base, **kw)
+    for f in frames:
         layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
         for rep in range(2):
-            for tag, cfg in (("default", base), ("best", cfg_best)):
+            for tag, cfg in (("default", base), (best, cfg_best)):
                 t = time_fn(ours(layout, cfg), n, want_mem=(rep == 0))
                 r = {"frames": f, "rep": rep, "which": tag, **t}
                 info["fwdbwd"].append(r)
@@ -292,13 +260,15 @@ def ab_bwd(json_path=None) -> int:
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(info, fh, indent=1, default=str)
+    print(f"\n## backward variants, {info['device']}, torch {info['torch']}, {info['date']}")
+    print("\n| variant | frames | backward ms | rel diff vs default | second-run diff |\n|---|---|---|---|---|")
+    for r in info["bwd"]:
+        print(f"| {r['variant']} | {r['frames']} | {r['bwd_ms']:.2f} | {r['rel_diff_vs_default']:.1e} | "
+              f"{r['rerun_diff']:.1e} |")
     print("\n| frames | which | fwd ms | fwd+bwd ms | extra mem GiB |\n|---|---|---|---|---|")
     for r in info["fwdbwd"]:
         mem = "-" if r["extra_mem_gib"] is None else f"{r['extra_mem_gib']:.2f}"
         print(f"| {r['frames']} | {r['which']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {mem} |")
-    print("\n| kernel | variant | frames | ms | rel diff vs base |\n|---|---|---|---|---|")
-    for r in info["kernels"]:
-        print(f"| {r['kernel']} | {r['variant']} | {r['frames']} | {r['ms']:.3f} | {r['rel_diff_vs_base']:.1e} |")
     return 0
 
 
@@ -308,10 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense-frames", type=int, nargs="*", default=[32, 128])
     p.add_argument("--flex-frames", type=int, nargs="*", default=[])
     p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100], help="prefixes at 128 frames")
-    p.add_argument("--sweep", action="store_true")
-    p.add_argument("--ab", action="store_true", help="A/B: dK/dV tile splitting and the split prefix loop")
     p.add_argument("--ab-bwd", action="store_true",
-                   help="A/B of backward variants (kernels alone, then fwd+bwd of the default vs the best); only this")
+                   help="A/B of backward variants (alone, then fwd+bwd of the default vs the best); only this")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.ab_bwd:
@@ -326,11 +294,6 @@ def main(argv=None) -> int:
     info["triton"] = triton.__version__
     info.update(ceilings())
     print(info, flush=True)
-    if args.sweep:
-        sw = sweep(128)
-        H._DEFAULT_CONFIG = sw["best"]
-        info["sweep"] = {k: [(list(c), t) for c, t in v] for k, v in sw["results"].items()}
-        print("best config:", sw["best"], flush=True)
     info["config"] = repr(H.default_config(D))
     rows_out = []
     for f in args.frames:
@@ -371,40 +334,6 @@ def main(argv=None) -> int:
         t["tflops_fwd"] = fl / t["fwd_ms"] / 1e9
         prefix_rows.append({"prefix": pre, "ext_tokens": n, **t})
         print("prefix", pre, t, flush=True)
-    if args.ab:
-        import dataclasses
-
-        base = H.default_config(D)
-        ab = []
-        for f in (128, 512):
-            layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
-            q, k, v = _inputs(n)
-            do = torch.randn_like(q)
-            scale = D ** -0.5
-            o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
-            delta = torch.empty_like(lse)
-            dq = torch.empty_like(q)
-            H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base)
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
-            for chunk in (-1, 0):
-                cfg = dataclasses.replace(base, dkdv_split_chunk=chunk)
-                t = _bench(lambda: H.launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg))
-                ab.append({"frames": f, "what": f"dkdv split_chunk={chunk}", "ms": t})
-                print(ab[-1], flush=True)
-            t = _bench(lambda: H.launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, base))
-            ab.append({"frames": f, "what": "dq", "ms": t})
-            print(ab[-1], flush=True)
-            del q, k, v, do, o, lse, delta, dq, dk, dv
-            torch.cuda.empty_cache()
-        for pre in (100,):
-            layout, n = HierLayout.from_segments([[[pre, ("video", 128), 64]]], tokens_per_frame=M)
-            for sp in (False, True):
-                cfg = dataclasses.replace(base, split_prefix=sp)
-                t = time_fn(ours(layout, cfg), n, want_mem=False)
-                ab.append({"frames": 128, "what": f"prefix {pre} split_prefix={sp}", "ms": t["fwd_ms"],
-                           "fwdbwd_ms": t["fwdbwd_ms"]})
-                print(ab[-1], flush=True)
-        info["ab"] = ab
     info["rows"] = rows_out
     info["prefix"] = prefix_rows
     if args.json:
@@ -433,10 +362,6 @@ def main(argv=None) -> int:
         for r in prefix_rows:
             print(f"| {r['prefix']} | {r['ext_tokens']:,} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
                   f"{r['tflops_fwd']:.0f} |")
-    if info.get("ab"):
-        print("\n| A/B | frames | ms | fwd+bwd ms |\n|---|---|---|---|")
-        for r in info["ab"]:
-            print(f"| {r['what']} | {r['frames']} | {r['ms']:.3f} | {r.get('fwdbwd_ms', '-')} |")
     return 0
 
 

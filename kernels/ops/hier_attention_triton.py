@@ -43,7 +43,7 @@ from ..reference import check_inputs
 __all__ = ["hier_attention_triton", "HierAttnConfig", "build_plan"]
 
 LOG2E = 1.4426950408889634
-DESC_COLS = 32
+DESC_COLS = 24  # int32 columns per tile descriptor (the kernels read `t * 24`)
 PRE_SLOTS = 3  # prefix segments handled by the flat query-side loop (more -> general nested-loop path)
 KIND_TEXT, KIND_VIDEO, KIND_PAD = 0, 1, 2
 
@@ -55,7 +55,8 @@ def _tiles_for_range(t0, t1, bs):
 
 
 def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: str):
-    """Descriptors [T, 16] (int64 numpy) and costs [T] for query tiles (side='q') or key tiles (side='k')."""
+    """Descriptors [DESC_COLS, T] (int32 numpy, column-major: each field written contiguously) and costs [T] for
+    query tiles (side='q') or key tiles (side='k'), in layout order (build_plan sorts them)."""
     m, e, a = layout.tokens_per_frame, layout.neighbours, layout.arity
     spans = layout.video_spans()
     seqs = layout.seq_list()
@@ -67,34 +68,34 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
         if t1 <= t0:
             return
         st, en = _tiles_for_range(t0, t1, bs)
-        d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
-        d[:, 0] = KIND_TEXT
-        d[:, 1] = row
-        d[:, 2] = st
-        d[:, 3] = en
+        d = np.zeros((DESC_COLS, st.size), dtype=np.int32)
+        d[0] = KIND_TEXT
+        d[1] = row
+        d[2] = st
+        d[3] = en
         if side == "q":
-            d[:, 4] = s0
-            d[:, 5] = vid_lo
-            d[:, 6] = nprev
-            d[:, 7] = st  # plain prefix ends at the tile start
-            d[:, 14] = st  # diagonal
-            d[:, 15] = en
+            d[4] = s0
+            d[5] = vid_lo
+            d[6] = nprev
+            d[7] = st  # plain prefix ends at the tile start
+            d[14] = st  # diagonal
+            d[15] = en
             segs = [sg for sg in prefix_segs if sg[1] > sg[0]]
             for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
-                d[:, 16 + 2 * r] = a0
-                d[:, 17 + 2 * r] = a1
+                d[16 + 2 * r] = a0
+                d[17 + 2 * r] = a1
             r = len(segs)
             last = st > t0  # the text run's own earlier tokens: [t0, q0)
             if r < PRE_SLOTS:
-                d[:, 16 + 2 * r] = np.where(last, t0, 0)
-                d[:, 17 + 2 * r] = np.where(last, st, 0)
-            d[:, 30] = r + last.astype(np.int64)  # number of prefix segments
+                d[16 + 2 * r] = np.where(last, t0, 0)
+                d[17 + 2 * r] = np.where(last, st, 0)
+            d[22] = r + last.astype(np.int64)  # number of prefix segments
             cost = plain_before + (st - t0) + (en - st)
         else:
-            d[:, 4] = en  # queries after the tile: [k1, s1)
-            d[:, 5] = s1
-            d[:, 14] = st  # diagonal (queries [k0, k1), causal)
-            d[:, 15] = en
+            d[4] = en  # queries after the tile: [k1, s1)
+            d[5] = s1
+            d[14] = st  # diagonal (queries [k0, k1), causal)
+            d[15] = en
             cost = (s1 - en) + (en - st)
         blocks.append(d)
         costs.append(np.asarray(cost, dtype=np.int64) + np.zeros(st.size, dtype=np.int64))
@@ -118,36 +119,36 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
                 f0 = lstarts[lvl] + nn * m
                 st = f0 + ss
                 en = np.minimum(st + bs, f0 + m)
-                d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
-                d[:, 0] = KIND_VIDEO
-                d[:, 1] = row
-                d[:, 2] = st
-                d[:, 3] = en
-                d[:, 8] = lstarts[lvl] + m * np.maximum(nn - e, 0)
-                d[:, 9] = lstarts[lvl] + m * (np.minimum(nn + e, c - 1) + 1)
+                d = np.zeros((DESC_COLS, st.size), dtype=np.int32)
+                d[0] = KIND_VIDEO
+                d[1] = row
+                d[2] = st
+                d[3] = en
+                d[8] = lstarts[lvl] + m * np.maximum(nn - e, 0)
+                d[9] = lstarts[lvl] + m * (np.minimum(nn + e, c - 1) + 1)
                 if lvl + 1 < nlev:
-                    d[:, 10] = lstarts[lvl + 1] + m * (nn // a)
-                    d[:, 11] = d[:, 10] + m
+                    d[10] = lstarts[lvl + 1] + m * (nn // a)
+                    d[11] = d[10] + m
                 if lvl >= 1:
-                    d[:, 12] = lstarts[lvl - 1] + m * nn * a
-                    d[:, 13] = lstarts[lvl - 1] + m * np.minimum(nn * a + a, counts[lvl - 1])
-                hier = (d[:, 9] - d[:, 8]) + (d[:, 11] - d[:, 10]) + (d[:, 13] - d[:, 12])
+                    d[12] = lstarts[lvl - 1] + m * nn * a
+                    d[13] = lstarts[lvl - 1] + m * np.minimum(nn * a + a, counts[lvl - 1])
+                hier = (d[9] - d[8]) + (d[11] - d[10]) + (d[13] - d[12])
                 if side == "q":
-                    d[:, 4] = s0
-                    d[:, 5] = vid_lo
-                    d[:, 6] = nprev
-                    d[:, 7] = sp.start
+                    d[4] = s0
+                    d[5] = vid_lo
+                    d[6] = nprev
+                    d[7] = sp.start
                     segs = [sg for sg in vid_prefix if sg[1] > sg[0]]
                     for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
-                        d[:, 16 + 2 * r] = a0
-                        d[:, 17 + 2 * r] = a1
-                    d[:, 30] = len(segs)
+                        d[16 + 2 * r] = a0
+                        d[17 + 2 * r] = a1
+                    d[22] = len(segs)
                     cost = hier + plain_before
                 else:
                     if lvl == 0:
-                        d[:, 4] = sp.end
-                        d[:, 5] = s1
-                    cost = hier + (d[:, 5] - d[:, 4])
+                        d[4] = sp.end
+                        d[5] = s1
+                    cost = hier + (d[5] - d[4])
                 blocks.append(d)
                 costs.append(cost)
             plain_before += sp.frames * m
@@ -164,26 +165,23 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
         for s0, s1 in sorted(by_row.get(row, [])) + [(seq_len, seq_len)]:
             if s0 > pos:
                 st, en = _tiles_for_range(pos, s0, bs)
-                d = np.zeros((st.size, DESC_COLS), dtype=np.int64)
-                d[:, 0] = KIND_PAD
-                d[:, 1] = row
-                d[:, 2] = st
-                d[:, 3] = en
+                d = np.zeros((DESC_COLS, st.size), dtype=np.int32)
+                d[0] = KIND_PAD
+                d[1] = row
+                d[2] = st
+                d[3] = en
                 blocks.append(d)
                 costs.append(np.zeros(st.size, dtype=np.int64))
             pos = max(pos, s1)
     if not blocks:
-        return np.zeros((0, DESC_COLS), dtype=np.int64), np.zeros(0, dtype=np.int64), order
-    desc = np.concatenate(blocks)
-    cost = np.concatenate(costs)
-    perm = np.argsort(-cost, kind="stable")  # longest tiles first
-    return desc[perm], cost[perm], order
+        return np.zeros((DESC_COLS, 0), dtype=np.int32), np.zeros(0, dtype=np.int64), order
+    return np.concatenate(blocks, axis=1), np.concatenate(costs), order
 
 
 @dataclass
 class Plan:
-    qdesc: torch.Tensor  # [Tq, 32] int32, query tiles of size block_q
-    kdesc: torch.Tensor  # [Tk, 32] int32, key tiles of size block_k
+    qdesc: torch.Tensor  # [Tq, DESC_COLS] int32, query tiles of size block_q
+    kdesc: torch.Tensor  # [Tk, DESC_COLS] int32, key tiles of size block_k
     vid_l0_end: torch.Tensor  # [V] int32, sorted by (row, start)
     vid_end: torch.Tensor  # [V] int32
     n_qtiles: int
@@ -198,44 +196,39 @@ class Plan:
 
 
 def _split_heavy_key_tiles(kd: np.ndarray, kcost: np.ndarray, chunk: int):
-    """Split the 'later tokens' query range X of key tiles longer than ``chunk`` into pieces (load balance: a
-    text key early in a long sequence is seen by every later token). Pieces write fp32 partial dK/dV into
-    workspace slots that a reduction kernel sums in a fixed order (deterministic)."""
-    kd = kd.copy()
-    kd[:, 24] = -1
-    xlen = kd[:, 5] - kd[:, 4]
-    heavy = np.nonzero((xlen > chunk) & (kd[:, 0] != KIND_PAD))[0]
-    if chunk <= 0 or heavy.size == 0:
+    """Split the 'later tokens' query range X of key tiles (kd: [DESC_COLS, T]) longer than ``chunk`` into pieces
+    (load balance: a text key early in a long sequence is seen by every later token). Pieces write fp32 partial
+    dK/dV into workspace slots that a reduction kernel sums in a fixed order (deterministic)."""
+    kd[23] = -1
+    heavy = np.nonzero((kd[5] - kd[4] > chunk) & (kd[0] != KIND_PAD))[0] if chunk > 0 else []
+    if len(heavy) == 0:
         return kd, kcost, np.zeros((0, 8), dtype=np.int64), 0
-    rows, costs, red = [], [], []
+    extra, extra_cost, red = [], [], []
     slot = 0
     for t in heavy.tolist():
-        x0, x1 = int(kd[t, 4]), int(kd[t, 5])
+        x0, x1 = int(kd[4, t]), int(kd[5, t])
         npieces = -(-(x1 - x0) // chunk)
-        red.append((kd[t, 1], kd[t, 2], kd[t, 3], slot, npieces, 0, 0, 0))
-        base_cost = int(kcost[t]) - (x1 - x0)
-        for j in range(npieces):
-            r = kd[t].copy()
-            r[4] = x0 + j * chunk
-            r[5] = min(x1, x0 + (j + 1) * chunk)
-            if j > 0:
-                r[8:16] = 0  # hierarchy ranges and diagonal stay with the first piece
-            r[24] = slot + j
-            rows.append(r)
-            costs.append((r[5] - r[4]) + (base_cost if j == 0 else 0))
+        red.append((kd[1, t], kd[2, t], kd[3, t], slot, npieces, 0, 0, 0))
+        starts = x0 + chunk * np.arange(npieces, dtype=np.int64)
+        ends = np.minimum(starts + chunk, x1)
+        pieces = np.repeat(kd[:, t:t + 1], npieces - 1, axis=1)  # pieces 1.. : no hierarchy ranges, no diagonal
+        pieces[8:16] = 0
+        pieces[4], pieces[5], pieces[23] = starts[1:], ends[1:], slot + np.arange(1, npieces)
+        extra.append(pieces)
+        extra_cost.append(ends[1:] - starts[1:])
+        kcost[t] -= (x1 - x0) - (ends[0] - starts[0])  # piece 0 stays in place
+        kd[5, t], kd[23, t] = ends[0], slot
         slot += npieces
-    keep = np.ones(kd.shape[0], dtype=bool)
-    keep[heavy] = False
-    kd = np.concatenate([kd[keep], np.stack(rows)])
-    kcost = np.concatenate([kcost[keep], np.asarray(costs, dtype=np.int64)])
-    perm = np.argsort(-kcost, kind="stable")
-    return kd[perm], kcost[perm], np.asarray(red, dtype=np.int64), slot
+    kd = np.concatenate([kd] + extra, axis=1)
+    kcost = np.concatenate([kcost] + extra_cost)
+    return kd, kcost, np.asarray(red, dtype=np.int64), slot
 
 
 def _gcd_of_lengths(desc: np.ndarray, cols) -> int:
+    """gcd of the lengths of the ranges [desc[c], desc[c + 1]) over all tiles (desc: [DESC_COLS, T])."""
     g = 0
     for c0 in cols:
-        g = int(np.gcd.reduce(np.concatenate([[g], desc[:, c0 + 1] - desc[:, c0]])))
+        g = int(np.gcd.reduce(desc[c0 + 1] - desc[c0], initial=g))
     return g
 
 
@@ -250,33 +243,34 @@ def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block
     if hit is not None:
         return hit
     layout.validate(batch, seq_len)
-    qd, _, order = _build_tiles(layout, batch, seq_len, block_q, "q")
+    if max(seq_len, 1) >= 2**31 - 1:
+        raise ValueError("sequence too long for int32 tile descriptors")
+    qd, qcost, order = _build_tiles(layout, batch, seq_len, block_q, "q")
     kd, kcost, _ = _build_tiles(layout, batch, seq_len, block_k, "k")
     if split_chunk == 0:
         per_sm = int(kcost.sum()) * kv_heads // max(1, n_sm)
         split_chunk = max(4096, per_sm // 4)
     if split_chunk > 0:
         split_chunk = -(-split_chunk // 128) * 128  # multiple of every query block size
-        kd, kcost, red, n_slots = _split_heavy_key_tiles(kd, kcost, split_chunk)
-    else:
-        kd = kd.copy()
-        kd[:, 24] = -1
-        red, n_slots = np.zeros((0, 8), dtype=np.int64), 0
+    kd, kcost, red, n_slots = _split_heavy_key_tiles(kd, kcost, split_chunk)
     spans = layout.video_spans()
-    l0 = np.array([spans[i].l0_end for i in order] or [0], dtype=np.int64)
-    ve = np.array([spans[i].end for i in order] or [0], dtype=np.int64)
-    if max(seq_len, 1) >= 2**31 - 1:
-        raise ValueError("sequence too long for int32 tile descriptors")
-    sizes = [qd.size, kd.size, l0.size, ve.size, red.size]
-    flat = np.concatenate([qd.reshape(-1), kd.reshape(-1), l0, ve, red.reshape(-1)]).astype(np.int32)
-    dev_flat = torch.from_numpy(flat).to(device)
-    parts = torch.split(dev_flat, sizes)
-    q_flat = bool(qd.shape[0] == 0 or int(qd[:, 30].max()) <= PRE_SLOTS)
-    q_gcd = _gcd_of_lengths(qd, [8, 10, 12, 16, 18, 20])
+    l0 = np.array([spans[i].l0_end for i in order] or [0], dtype=np.int32)
+    ve = np.array([spans[i].end for i in order] or [0], dtype=np.int32)
+    q_flat = bool(qd.shape[1] == 0 or int(qd[22].max()) <= PRE_SLOTS)
     q_gcd_hier = _gcd_of_lengths(qd, [8, 10, 12])
+    q_gcd = int(np.gcd(q_gcd_hier, _gcd_of_lengths(qd, [16, 18, 20])))
     k_gcd = _gcd_of_lengths(kd, [4, 8, 10, 12])
-    plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[0],
-                kd.shape[0], q_flat, q_gcd, q_gcd_hier, k_gcd, parts[4].view(-1, 8), n_slots, split_chunk)
+    # one int32 buffer, one host-to-device copy; tiles sorted by decreasing cost (longest first: load balance)
+    sizes = [qd.size, kd.size, l0.size, ve.size, red.size]
+    flat = np.empty(sum(sizes), dtype=np.int32)
+    parts_np = np.split(flat, np.cumsum(sizes)[:-1])
+    for dst, desc, cost in ((parts_np[0], qd, qcost), (parts_np[1], kd, kcost)):
+        perm = np.argsort(-cost, kind="stable")
+        dst.reshape(-1, DESC_COLS)[:] = desc.T[perm]
+    parts_np[2][:], parts_np[3][:], parts_np[4][:] = l0, ve, red.reshape(-1)
+    parts = torch.split(torch.from_numpy(flat).to(device), sizes)
+    plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[1],
+                kd.shape[1], q_flat, q_gcd, q_gcd_hier, k_gcd, parts[4].view(-1, 8), n_slots, split_chunk)
     layout._cache[key] = plan
     return plan
 
@@ -350,7 +344,7 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
     t = pid // Hq
     h = pid % Hq
     hk = h // G
-    dp_ = QDESC + t * 32
+    dp_ = QDESC + t * 24
     kind = tl.load(dp_ + 0)
     b = tl.load(dp_ + 1)
     q0 = tl.load(dp_ + 2)
@@ -494,9 +488,9 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
-                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr,
-                EARLY_DP: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqacc_base, sqn, sdon, qstart, qend, offs_kn,
+                offs_m, offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr,
+                EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr, HEAD_D: tl.constexpr):
     offs_q = qstart + offs_m
     if ROW_MASK:
         qm = offs_q < qend
@@ -532,22 +526,31 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
             dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
+        if FUSED_DQ:
+            # this key tile's share of dQ, added into the fp32 accumulator (order of additions not fixed)
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)
+            dq_ptrs = dqacc_base + offs_q[:, None] * HEAD_D + offs_d[None, :]
+            if ROW_MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_q < qend)[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV, DQ_ACC,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr):
     """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
-    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles."""
+    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles. FUSED_DQ: also add this key
+    tile's share of dQ into DQ_ACC ([B, Hq, N, HEAD_D] float32, zeroed) by atomics."""
     pid = tl.program_id(0)
     t = pid // Hkv
     hk = pid % Hkv
-    dp_ = KDESC + t * 32
+    dp_ = KDESC + t * 24
     kind = tl.load(dp_ + 0)
     b = tl.load(dp_ + 1)
     k0 = tl.load(dp_ + 2)
@@ -593,8 +596,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
             h64 = hk64 * G + g
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
-                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B, EARLY_DP)
+                                 LSE + row_stat, DELTA + row_stat, DQ_ACC + row_stat * HEAD_D, sqn, sdon,
+                                 base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False,
+                                 KV_AS_B, EARLY_DP, FUSED_DQ, HEAD_D)
         # diagonal of text key tiles: queries [k0, k1) with q >= k
         nd = tl.cdiv(d1 - d0, BLOCK_M)
         for it in range(0, G * nd):
@@ -603,9 +607,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
             h64 = hk64 * G + g
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
-                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B, EARLY_DP)
-        slot = tl.load(dp_ + 24)
+                                 LSE + row_stat, DELTA + row_stat, DQ_ACC + row_stat * HEAD_D, sqn, sdon,
+                                 d0 + i * BLOCK_M, d1, offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B,
+                                 EARLY_DP, FUSED_DQ, HEAD_D)
+        slot = tl.load(dp_ + 23)
         if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
             ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
                 + offs_d[None, :]
@@ -645,6 +650,40 @@ def _split_reduce_kernel(WS_DK, WS_DV, DK, DV, RDESC, sdkb, sdkh, sdkn, sdvb, sd
     tl.store(dv_ptrs, acc_v.to(dv_ptrs.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _bwd_pre_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, Hq, N,
+                    HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
+    """Fused backward, before dK/dV: DELTA = rowsum(dO * O) and DQ_ACC = 0."""
+    bh = tl.program_id(0)
+    b64 = (bh // Hq).to(tl.int64)
+    h64 = (bh % Hq).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    m = offs < N
+    o = tl.load(O + b64 * sob + h64 * soh + offs[:, None] * son + offs_d[None, :], mask=m[:, None], other=0.0)
+    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs[:, None] * sdon + offs_d[None, :], mask=m[:, None],
+                 other=0.0)
+    rows = bh.to(tl.int64) * N + offs
+    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m)
+    tl.store(DQ_ACC + rows[:, None] * HEAD_D + offs_d[None, :], tl.zeros([BLOCK, HEAD_D], dtype=tl.float32),
+             mask=m[:, None])
+
+
+@triton.jit
+def _dq_convert_kernel(DQ_ACC, DQ, sdqb, sdqh, sdqn, Hq, N, sm_scale, HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
+    """Fused backward, after dK/dV: DQ = sm_scale * DQ_ACC in the input dtype."""
+    bh = tl.program_id(0)
+    b64 = (bh // Hq).to(tl.int64)
+    h64 = (bh % Hq).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    m = offs < N
+    rows = bh.to(tl.int64) * N + offs
+    acc = tl.load(DQ_ACC + rows[:, None] * HEAD_D + offs_d[None, :], mask=m[:, None], other=0.0)
+    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs[:, None] * sdqn + offs_d[None, :]
+    tl.store(dq_ptrs, (acc * sm_scale).to(dq_ptrs.dtype.element_ty), mask=m[:, None])
+
+
 # ============================================================================================== wrappers
 @dataclass(frozen=True)
 class HierAttnConfig:
@@ -671,13 +710,14 @@ class HierAttnConfig:
     # backward: issue the dO V^T matmul before the exponentials (overlap MUFU work with the tensor cores)
     dq_early_dp: bool = False
     dkdv_early_dp: bool = False
+    # backward in one pass over key tiles: dQ added by fp32 atomics from the dK/dV kernel (5 matmuls per block
+    # pair instead of 7; the order of dQ's additions varies from run to run). Not used while
+    # torch.use_deterministic_algorithms(True) is on.
+    bwd_fused: bool = False
 
     @staticmethod
     def for_interpreter() -> "HierAttnConfig":
         return HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
-
-
-_DEFAULT_CONFIG: HierAttnConfig | None = None
 
 
 def default_config(head_dim: int) -> HierAttnConfig:
@@ -686,7 +726,7 @@ def default_config(head_dim: int) -> HierAttnConfig:
     if os.environ.get("TRITON_INTERPRET") == "1":
         cfg = HierAttnConfig.for_interpreter()
     else:
-        cfg = _DEFAULT_CONFIG or HierAttnConfig()
+        cfg = HierAttnConfig()
     return _env_overrides(cfg)
 
 
@@ -791,7 +831,9 @@ def _key_plan(layout, b, n, hkv, cfg, device):
     return _plans(layout, b, n, hkv, cfg, device)[0]
 
 
-def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig):
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig, dq_acc=None):
+    """dK/dV kernel (and the split tiles' reduction). With ``dq_acc`` (zeroed fp32 [B, Hq, N, D]) the kernel also
+    adds dQ / scale into it (fused backward)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     pk = _key_plan(layout, b, n, hkv, cfg, q.device)
@@ -801,14 +843,14 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
         ws_v = torch.empty_like(ws_k)
     if pk.n_ktiles:
         _dkdv_kernel[(pk.n_ktiles * hkv,)](
-            q, k, v, do, lse, delta, dk, dv, pk.kdesc, ws_k, ws_v,
+            q, k, v, do, lse, delta, dk, dv, pk.kdesc, ws_k, ws_v, dk if dq_acc is None else dq_acc,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, hkv, n, scale * LOG2E, scale,
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
             RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b,
-            EARLY_DP=cfg.dkdv_early_dp, num_warps=cfg.dkdv_warps,
+            EARLY_DP=cfg.dkdv_early_dp, FUSED_DQ=dq_acc is not None, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
     if pk.n_slots:
         _split_reduce_kernel[(pk.rdesc.shape[0] * hkv,)](
@@ -827,9 +869,29 @@ def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, 
 
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     delta = torch.empty_like(lse)
-    launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg)
-    launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
+    if use_fused_backward(cfg):
+        launch_fused_bwd(q, k, v, o, lse, do, delta, dq, dk, dv, layout, scale, cfg)
+    else:
+        launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg)
+        launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
     return dq, dk, dv
+
+
+def use_fused_backward(cfg: HierAttnConfig) -> bool:
+    return cfg.bwd_fused and not cfg.dkdv_kv_as_b and not torch.are_deterministic_algorithms_enabled()
+
+
+def launch_fused_bwd(q, k, v, o, lse, do, delta, dq, dk, dv, layout, scale, cfg: HierAttnConfig):
+    """delta and a zeroed fp32 dQ accumulator; dK/dV kernel that also adds dQ; dQ converted to the input dtype."""
+    b, hq, n, d = q.shape
+    dq_acc = torch.empty((b, hq, n, d), dtype=torch.float32, device=q.device)
+    block = 64
+    grid = (b * hq, triton.cdiv(n, block))
+    _bwd_pre_kernel[grid](o, do, delta, dq_acc, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
+                          do.stride(1), do.stride(2), hq, n, HEAD_D=d, BLOCK=block, num_warps=4)
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg, dq_acc=dq_acc)
+    _dq_convert_kernel[grid](dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), hq, n, scale, HEAD_D=d,
+                             BLOCK=block, num_warps=4)
 
 
 class _HierAttnFn(torch.autograd.Function):
