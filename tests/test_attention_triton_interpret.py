@@ -34,24 +34,19 @@ CASES = [
     # backward variant: dO V^T issued before the exponentials (dq_early_dp, dkdv_early_dp), misaligned + split
     ("fp32_early_dp_split", 13, "float32", 16, (4, 2), 5, "early_dp"),
     ("fp16_early_dp_mixed", 14, "float16", 32, (2, 1), 6, "early_dp_mixed"),
-    # fused backward: dQ added by atomics from the dK/dV kernel
-    ("fp32_fused_gqa", 15, "float32", 16, (4, 2), 5, "fused"),
-    ("fp32_fused_mixed", 16, "float32", 32, (2, 1), 12, "fused_mixed"),
-    ("fp16_fused_packed_padded", 7, "float16", 16, (2, 1), 2, "fused_split"),
-    ("fp32_fused_many_videos", 10, "float32", 16, (2, 1), 3, "fused_split"),
 ]
 
 
 def _random_rows(rng: random.Random, case_name: str):
     if case_name == "fp32_text_only":
         return [[[37]], [[5], ("pad", 3), [20]]]
-    if case_name.startswith("fp32_many_videos") or case_name == "fp32_fused_many_videos":  # 5 videos in one sequence: > 3 prefix segments
+    if case_name.startswith("fp32_many_videos"):  # 5 videos in one sequence: > 3 prefix segments
         return [[("pad", 2), [3, ("video", 2), 2, ("video", 1), ("video", 3), 4, ("video", 2), 1, ("video", 2), 3]]]
     rows = []
-    packed = case_name in ("fp32_packed_padded", "fp16_split_key_tiles_pad", "fp16_fused_packed_padded")
-    nrows = 2 if packed else 1
+    nrows = 2 if case_name in ("fp32_packed_padded", "fp16_split_key_tiles_pad") else 1
     for _ in range(nrows):
         row = []
+        packed = case_name in ("fp32_packed_padded", "fp16_split_key_tiles_pad")
         for _ in range(rng.randint(1, 2) if packed else 1):
             if rng.random() < 0.5 or packed:
                 row.append(("pad", rng.randint(1, 5)))
@@ -84,10 +79,6 @@ def _worker() -> None:
                                          dkdv_early_dp=True),
         "general_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 16, 32, 4, 1, dkdv_kv_as_b=True,
                                         allow_flat=False),
-        "fused": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, bwd_fused=True),
-        "fused_mixed": HierAttnConfig(32, 16, 4, 1, 32, 16, 4, 1, 32, 16, 4, 1, bwd_fused=True),
-        "fused_split": HierAttnConfig(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1, dkdv_split_chunk=20,
-                                      bwd_fused=True),
     }
     results = {}
     for name, seed, dtype_name, d, (hq, hkv), m, cfg_name in CASES:

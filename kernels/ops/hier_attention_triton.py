@@ -488,9 +488,9 @@ def _q_side_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqacc_base, sqn, sdon, qstart, qend, offs_kn,
-                offs_m, offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr,
-                EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr, HEAD_D: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
+                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, KV_AS_B: tl.constexpr,
+                EARLY_DP: tl.constexpr):
     offs_q = qstart + offs_m
     if ROW_MASK:
         qm = offs_q < qend
@@ -526,27 +526,18 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqacc_base,
             dpT = tl.dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q)
-        if FUSED_DQ:
-            # this key tile's share of dQ, added into the fp32 accumulator (order of additions not fixed)
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k)
-            dq_ptrs = dqacc_base + offs_q[:, None] * HEAD_D + offs_d[None, :]
-            if ROW_MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_q < qend)[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV, DQ_ACC,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr, FUSED_DQ: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr):
     """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
-    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles. FUSED_DQ: also add this key
-    tile's share of dQ into DQ_ACC ([B, Hq, N, HEAD_D] float32, zeroed) by atomics."""
+    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles."""
     pid = tl.program_id(0)
     t = pid // Hkv
     hk = pid % Hkv
@@ -596,9 +587,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV, DQ_ACC,
             h64 = hk64 * G + g
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                 LSE + row_stat, DELTA + row_stat, DQ_ACC + row_stat * HEAD_D, sqn, sdon,
-                                 base + i * BLOCK_M, qend, offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False,
-                                 KV_AS_B, EARLY_DP, FUSED_DQ, HEAD_D)
+                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
+                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B, EARLY_DP)
         # diagonal of text key tiles: queries [k0, k1) with q >= k
         nd = tl.cdiv(d1 - d0, BLOCK_M)
         for it in range(0, G * nd):
@@ -607,9 +597,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV, DQ_ACC,
             h64 = hk64 * G + g
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                 LSE + row_stat, DELTA + row_stat, DQ_ACC + row_stat * HEAD_D, sqn, sdon,
-                                 d0 + i * BLOCK_M, d1, offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B,
-                                 EARLY_DP, FUSED_DQ, HEAD_D)
+                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
+                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B, EARLY_DP)
         slot = tl.load(dp_ + 23)
         if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
             ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
@@ -650,40 +639,6 @@ def _split_reduce_kernel(WS_DK, WS_DV, DK, DV, RDESC, sdkb, sdkh, sdkn, sdvb, sd
     tl.store(dv_ptrs, acc_v.to(dv_ptrs.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _bwd_pre_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, Hq, N,
-                    HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
-    """Fused backward, before dK/dV: DELTA = rowsum(dO * O) and DQ_ACC = 0."""
-    bh = tl.program_id(0)
-    b64 = (bh // Hq).to(tl.int64)
-    h64 = (bh % Hq).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
-    m = offs < N
-    o = tl.load(O + b64 * sob + h64 * soh + offs[:, None] * son + offs_d[None, :], mask=m[:, None], other=0.0)
-    do = tl.load(DO + b64 * sdob + h64 * sdoh + offs[:, None] * sdon + offs_d[None, :], mask=m[:, None],
-                 other=0.0)
-    rows = bh.to(tl.int64) * N + offs
-    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m)
-    tl.store(DQ_ACC + rows[:, None] * HEAD_D + offs_d[None, :], tl.zeros([BLOCK, HEAD_D], dtype=tl.float32),
-             mask=m[:, None])
-
-
-@triton.jit
-def _dq_convert_kernel(DQ_ACC, DQ, sdqb, sdqh, sdqn, Hq, N, sm_scale, HEAD_D: tl.constexpr, BLOCK: tl.constexpr):
-    """Fused backward, after dK/dV: DQ = sm_scale * DQ_ACC in the input dtype."""
-    bh = tl.program_id(0)
-    b64 = (bh // Hq).to(tl.int64)
-    h64 = (bh % Hq).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
-    m = offs < N
-    rows = bh.to(tl.int64) * N + offs
-    acc = tl.load(DQ_ACC + rows[:, None] * HEAD_D + offs_d[None, :], mask=m[:, None], other=0.0)
-    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs[:, None] * sdqn + offs_d[None, :]
-    tl.store(dq_ptrs, (acc * sm_scale).to(dq_ptrs.dtype.element_ty), mask=m[:, None])
-
-
 # ============================================================================================== wrappers
 @dataclass(frozen=True)
 class HierAttnConfig:
@@ -710,10 +665,6 @@ class HierAttnConfig:
     # backward: issue the dO V^T matmul before the exponentials (overlap MUFU work with the tensor cores)
     dq_early_dp: bool = False
     dkdv_early_dp: bool = False
-    # backward in one pass over key tiles: dQ added by fp32 atomics from the dK/dV kernel (5 matmuls per block
-    # pair instead of 7; the order of dQ's additions varies from run to run). Not used while
-    # torch.use_deterministic_algorithms(True) is on.
-    bwd_fused: bool = False
 
     @staticmethod
     def for_interpreter() -> "HierAttnConfig":
@@ -831,9 +782,8 @@ def _key_plan(layout, b, n, hkv, cfg, device):
     return _plans(layout, b, n, hkv, cfg, device)[0]
 
 
-def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig, dq_acc=None):
-    """dK/dV kernel (and the split tiles' reduction). With ``dq_acc`` (zeroed fp32 [B, Hq, N, D]) the kernel also
-    adds dQ / scale into it (fused backward)."""
+def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnConfig):
+    """dK/dV kernel (and the reduction of split key tiles)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
     pk = _key_plan(layout, b, n, hkv, cfg, q.device)
@@ -843,14 +793,14 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
         ws_v = torch.empty_like(ws_k)
     if pk.n_ktiles:
         _dkdv_kernel[(pk.n_ktiles * hkv,)](
-            q, k, v, do, lse, delta, dk, dv, pk.kdesc, ws_k, ws_v, dk if dq_acc is None else dq_acc,
+            q, k, v, do, lse, delta, dk, dv, pk.kdesc, ws_k, ws_v,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, hkv, n, scale * LOG2E, scale,
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
             RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b,
-            EARLY_DP=cfg.dkdv_early_dp, FUSED_DQ=dq_acc is not None, num_warps=cfg.dkdv_warps,
+            EARLY_DP=cfg.dkdv_early_dp, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
     if pk.n_slots:
         _split_reduce_kernel[(pk.rdesc.shape[0] * hkv,)](
@@ -869,29 +819,9 @@ def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, 
 
     dq, dk, dv = alloc(q), alloc(k), alloc(v)
     delta = torch.empty_like(lse)
-    if use_fused_backward(cfg):
-        launch_fused_bwd(q, k, v, o, lse, do, delta, dq, dk, dv, layout, scale, cfg)
-    else:
-        launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg)
-        launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
+    launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg)
+    launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg)
     return dq, dk, dv
-
-
-def use_fused_backward(cfg: HierAttnConfig) -> bool:
-    return cfg.bwd_fused and not cfg.dkdv_kv_as_b and not torch.are_deterministic_algorithms_enabled()
-
-
-def launch_fused_bwd(q, k, v, o, lse, do, delta, dq, dk, dv, layout, scale, cfg: HierAttnConfig):
-    """delta and a zeroed fp32 dQ accumulator; dK/dV kernel that also adds dQ; dQ converted to the input dtype."""
-    b, hq, n, d = q.shape
-    dq_acc = torch.empty((b, hq, n, d), dtype=torch.float32, device=q.device)
-    block = 64
-    grid = (b * hq, triton.cdiv(n, block))
-    _bwd_pre_kernel[grid](o, do, delta, dq_acc, o.stride(0), o.stride(1), o.stride(2), do.stride(0),
-                          do.stride(1), do.stride(2), hq, n, HEAD_D=d, BLOCK=block, num_warps=4)
-    launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg, dq_acc=dq_acc)
-    _dq_convert_kernel[grid](dq_acc, dq, dq.stride(0), dq.stride(1), dq.stride(2), hq, n, scale, HEAD_D=d,
-                             BLOCK=block, num_warps=4)
 
 
 class _HierAttnFn(torch.autograd.Function):
