@@ -196,11 +196,13 @@ BWD_VARIANTS = {  # name -> HierAttnConfig fields replaced; "default" = the defa
     "default": {},
     "v3_dkdv_n128m64w8s3": {"dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8, "dkdv_stages": 3},
     "dq_m64n64w4s2": {"dq_block_m": 64, "dq_block_n": 64, "dq_warps": 4, "dq_stages": 2},
+    "no_split_x": {"dkdv_split_x": False},
 }
 
 
-def ab_bwd(json_path=None, frames=(128, 512)) -> int:
-    """Whole-backward variants (BWD_VARIANTS) timed alone at 128 and 512 frames and checked against the default's
+def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
+    """Whole-backward variants (BWD_VARIANTS) timed alone at 128 and 512 frames (``prefix`` text tokens before the
+    video, 64 after) and checked against the default's
     gradients; then fwd+bwd of the default vs the fastest variant, alternating (A, B, A, B). Writes the fastest as a
     SOPHIA_HIER_CONFIG string to best_cfg.txt next to json_path."""
     import dataclasses
@@ -218,7 +220,7 @@ def ab_bwd(json_path=None, frames=(128, 512)) -> int:
         return float((x.float() - y.float()).norm() / y.float().norm())
 
     for f in frames:
-        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+        layout, n = HierLayout.from_segments([[[prefix, ("video", f), 64]]], tokens_per_frame=M)
         q, k, v = _inputs(n)
         do = torch.randn_like(q)
         o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
@@ -235,7 +237,8 @@ def ab_bwd(json_path=None, frames=(128, 512)) -> int:
             except Exception as exc:  # compile failure / out of resources: report, keep going
                 print(name, "failed:", str(exc)[:300], flush=True)
                 diff = rerun = t = float("nan")
-            r = {"frames": f, "variant": name, "bwd_ms": t, "rel_diff_vs_default": diff, "rerun_diff": rerun}
+            r = {"frames": f, "prefix": prefix, "variant": name, "bwd_ms": t, "rel_diff_vs_default": diff,
+                 "rerun_diff": rerun}
             info["bwd"].append(r)
             print(r, flush=True)
             good = diff == diff and diff < 1e-2
@@ -253,17 +256,17 @@ def ab_bwd(json_path=None, frames=(128, 512)) -> int:
             fh.write(env)
     cfg_best = dataclasses.replace(base, **kw)
     for f in frames:
-        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+        layout, n = HierLayout.from_segments([[[prefix, ("video", f), 64]]], tokens_per_frame=M)
         for rep in range(2):
             for tag, cfg in (("default", base), (best, cfg_best)):
                 t = time_fn(ours(layout, cfg), n, want_mem=(rep == 0))
-                r = {"frames": f, "rep": rep, "which": tag, **t}
+                r = {"frames": f, "prefix": prefix, "rep": rep, "which": tag, **t}
                 info["fwdbwd"].append(r)
                 print(r, flush=True)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(info, fh, indent=1, default=str)
-    print(f"\n## backward variants, {info['device']}, torch {info['torch']}, {info['date']}")
+    print(f"\n## backward variants, prefix {prefix}, {info['device']}, torch {info['torch']}, {info['date']}")
     print("\n| variant | frames | backward ms | rel diff vs default | second-run diff |\n|---|---|---|---|---|")
     for r in info["bwd"]:
         print(f"| {r['variant']} | {r['frames']} | {r['bwd_ms']:.2f} | {r['rel_diff_vs_default']:.1e} | "
@@ -283,10 +286,11 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100], help="prefixes at 128 frames")
     p.add_argument("--ab-bwd", action="store_true",
                    help="A/B of backward variants (alone, then fwd+bwd of the default vs the best); only this")
+    p.add_argument("--ab-prefix", type=int, default=64, help="text tokens before the video in --ab-bwd")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.ab_bwd:
-        return ab_bwd(args.json)
+        return ab_bwd(args.json, prefix=args.ab_prefix)
 
     from .ops import hier_attention_triton as H
 

@@ -17,7 +17,8 @@ Tile schedule (built on the host from the layout's few integers, cached on the l
 Loops: when every query tile has at most ``PRE_SLOTS`` prefix segments (always, with at most two videos per
 sequence) the query-side kernels walk prefix segments, W, P and C in ONE flat loop whose block addresses are pure
 functions of the loop index (pipelined by Triton); otherwise a general nested loop walks any number of segments.
-Masks are compile-time variants chosen from the gcd of all range lengths (aligned layouts run unmasked).
+Masks are compile-time variants chosen from the power-of-two alignment of all range lengths (aligned layouts run
+unmasked).
 
 Load balance: the work list is sorted by decreasing cost (longest first), and dK/dV key tiles whose later-token
 range is very long (text keys early in a long sequence) are split into pieces that write fp32 partial sums to a
@@ -187,9 +188,10 @@ class Plan:
     n_qtiles: int
     n_ktiles: int
     q_flat: bool  # every query tile has <= PRE_SLOTS prefix segments: flat loop
-    q_gcd: int  # gcd of the lengths of every key range of the flat query-side loop (prefix slots, W, P, C)
-    q_gcd_hier: int  # gcd of the W, P, C lengths only
-    k_gcd: int  # gcd of the lengths of every query range of the flat dK/dV loop (suffix, W, P, C)
+    q_align: int  # power-of-two alignment of every key range of the flat query-side loop (prefix slots, W, P, C)
+    q_align_hier: int  # of the W, P, C ranges only
+    k_align: int  # power-of-two alignment of every query range of the flat dK/dV loop (later tokens X, W, P, C)
+    k_align_hier: int  # of the W, P, C ranges only
     rdesc: torch.Tensor | None = None  # [R, 8] int32: split key tiles (b, k0, k1, first slot, pieces)
     n_slots: int = 0  # workspace slots (pieces of split key tiles)
     split_chunk: int = 0
@@ -224,12 +226,13 @@ def _split_heavy_key_tiles(kd: np.ndarray, kcost: np.ndarray, chunk: int):
     return kd, kcost, np.asarray(red, dtype=np.int64), slot
 
 
-def _gcd_of_lengths(desc: np.ndarray, cols) -> int:
-    """gcd of the lengths of the ranges [desc[c], desc[c + 1]) over all tiles (desc: [DESC_COLS, T])."""
-    g = 0
+def _alignment(desc: np.ndarray, cols) -> int:
+    """Largest power of two (at most 2**30) dividing the length of every range [desc[c], desc[c + 1]) over all tiles
+    (desc: [DESC_COLS, T]). Blocks are powers of two, so a block needs no range mask iff it divides this."""
+    bits = 1 << 30
     for c0 in cols:
-        g = int(np.gcd.reduce(desc[c0 + 1] - desc[c0], initial=g))
-    return g
+        bits |= int(np.bitwise_or.reduce(desc[c0 + 1] - desc[c0], initial=0))
+    return bits & -bits
 
 
 def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block_k: int, device,
@@ -257,9 +260,10 @@ def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block
     l0 = np.array([spans[i].l0_end for i in order] or [0], dtype=np.int32)
     ve = np.array([spans[i].end for i in order] or [0], dtype=np.int32)
     q_flat = bool(qd.shape[1] == 0 or int(qd[22].max()) <= PRE_SLOTS)
-    q_gcd_hier = _gcd_of_lengths(qd, [8, 10, 12])
-    q_gcd = int(np.gcd(q_gcd_hier, _gcd_of_lengths(qd, [16, 18, 20])))
-    k_gcd = _gcd_of_lengths(kd, [4, 8, 10, 12])
+    q_align_hier = _alignment(qd, [8, 10, 12])
+    q_align = min(q_align_hier, _alignment(qd, [16, 18, 20]))
+    k_align_hier = _alignment(kd, [8, 10, 12])
+    k_align = min(k_align_hier, _alignment(kd, [4]))
     # one int32 buffer, one host-to-device copy; tiles sorted by decreasing cost (longest first: load balance)
     sizes = [qd.size, kd.size, l0.size, ve.size, red.size]
     flat = np.empty(sum(sizes), dtype=np.int32)
@@ -270,7 +274,8 @@ def build_plan(layout: HierLayout, batch: int, seq_len: int, block_q: int, block
     parts_np[2][:], parts_np[3][:], parts_np[4][:] = l0, ve, red.reshape(-1)
     parts = torch.split(torch.from_numpy(flat).to(device), sizes)
     plan = Plan(parts[0].view(-1, DESC_COLS), parts[1].view(-1, DESC_COLS), parts[2], parts[3], qd.shape[1],
-                kd.shape[1], q_flat, q_gcd, q_gcd_hier, k_gcd, parts[4].view(-1, 8), n_slots, split_chunk)
+                kd.shape[1], q_flat, q_align, q_align_hier, k_align, k_align_hier, parts[4].view(-1, 8), n_slots,
+                split_chunk)
     layout._cache[key] = plan
     return plan
 
@@ -535,9 +540,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  Hq, Hkv, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr, SPLIT_X: tl.constexpr):
     """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
-    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles."""
+    ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles. SPLIT_X: X in its own masked
+    loop, before the flat loop over W, P, C (RANGE_MASK then refers to W, P, C only)."""
     pid = tl.program_id(0)
     t = pid // Hkv
     hk = pid % Hkv
@@ -574,7 +580,20 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                     other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-        n1 = tl.cdiv(x1 - x0, BLOCK_M)
+        nx = tl.cdiv(x1 - x0, BLOCK_M)
+        if SPLIT_X:
+            # misaligned later-token range X (text lengths) but aligned hierarchy: mask only this loop
+            for it in range(0, G * nx):
+                g = it // nx
+                i = it - g * nx
+                h64 = hk64 * G + g
+                row_stat = (b64 * Hq + h64) * N
+                dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
+                                     LSE + row_stat, DELTA + row_stat, sqn, sdon, x0 + i * BLOCK_M, x1,
+                                     offs_kn, offs_m, offs_d, qk_scale, True, False, KV_AS_B, EARLY_DP)
+            n1 = 0
+        else:
+            n1 = nx
         n2 = n1 + tl.cdiv(w1 - w0, BLOCK_M)
         n3 = n2 + tl.cdiv(p1 - p0, BLOCK_M)
         nb = n3 + tl.cdiv(c1 - c0, BLOCK_M)
@@ -661,7 +680,10 @@ class HierAttnConfig:
     dkdv_kv_as_b: bool = False
     dkdv_split_chunk: int = 0  # 0: automatic; -1: never split heavy key tiles; > 0: split size in tokens
     allow_flat: bool = True  # False forces the general (nested-loop) query-side path (tests)
-    split_prefix: bool = True  # misaligned prefix: separate masked loop (keeps the hierarchy loop unmasked)
+    # misaligned text lengths: the prefix (query side) and the later-token range (dK/dV) get their own masked
+    # loops, so that the hierarchy loop stays unmasked
+    split_prefix: bool = True
+    dkdv_split_x: bool = True
     # backward: issue the dO V^T matmul before the exponentials (overlap MUFU work with the tensor cores)
     dq_early_dp: bool = False
     dkdv_early_dp: bool = False
@@ -726,15 +748,17 @@ def _plans(layout, b, n, hkv, cfg, device):
 
 def _q_masks(plan: "Plan", block: int, cfg) -> dict:
     """RANGE_MASK for the flat loop and SPLIT_PRE (prefix slots in their own, masked loop)."""
-    hier_ok = plan.q_gcd_hier % block == 0
-    if plan.q_gcd % block != 0 and hier_ok and cfg.split_prefix:
+    hier_ok = plan.q_align_hier % block == 0
+    if plan.q_align % block != 0 and hier_ok and cfg.split_prefix:
         return {"RANGE_MASK": False, "SPLIT_PRE": True}
-    return {"RANGE_MASK": plan.q_gcd % block != 0, "SPLIT_PRE": False}
+    return {"RANGE_MASK": plan.q_align % block != 0, "SPLIT_PRE": False}
 
 
-def _need_mask(plan: "Plan", block: int, query_side: bool) -> bool:
-    g = plan.q_gcd if query_side else plan.k_gcd
-    return g % block != 0
+def _k_masks(plan: "Plan", block: int, cfg) -> dict:
+    """RANGE_MASK for the dK/dV flat loop and SPLIT_X (later-token range in its own, masked loop)."""
+    if plan.k_align % block != 0 and plan.k_align_hier % block == 0 and cfg.dkdv_split_x:
+        return {"RANGE_MASK": False, "SPLIT_X": True}
+    return {"RANGE_MASK": plan.k_align % block != 0, "SPLIT_X": False}
 
 
 def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False):
@@ -799,7 +823,7 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             hq, hkv, n, scale * LOG2E, scale,
             G=hq // hkv, HEAD_D=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-            RANGE_MASK=_need_mask(pk, cfg.dkdv_block_m, False), KV_AS_B=cfg.dkdv_kv_as_b,
+            **_k_masks(pk, cfg.dkdv_block_m, cfg), KV_AS_B=cfg.dkdv_kv_as_b,
             EARLY_DP=cfg.dkdv_early_dp, num_warps=cfg.dkdv_warps,
             num_stages=cfg.dkdv_stages)
     if pk.n_slots:
