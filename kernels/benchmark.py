@@ -1,13 +1,14 @@
 """Benchmark of the hierarchical-attention kernels on the reference shapes (GPU only).
 
-    python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128]
-                                       [--json out.json]
-    python -m sophia_kernels.benchmark --ab-bwd --json out.json   # backward variants A/B (BWD_VARIANTS)
+    python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128 512]
+                                       [--prefix-check 0 64 100 128] [--json out.json]
+    python -m sophia_kernels.benchmark --ab-bwd [--ab-prefix 64] --json out.json   # backward variants (BWD_VARIANTS)
+    python -m sophia_kernels.benchmark --frames 128 512 --ab-cfg "s4:fwd_stages=4"  # configurations vs the default
 
 Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
 64 after the video, bf16. Medians of triton.testing.do_bench. "Dense" is causal SDPA (flash backend) over the
 plain sequence (64 + 256 F + 64 tokens); "Flex" is FlexAttention (compiled) with a BlockMask of exactly the same
-rule over the extended sequence. Useful TFLOP/s count only allowed (q, k) pairs: 4 * D * pairs * Hq per forward,
+rule over the extended sequence (built chunk-wise by ``flex_block_mask``; its build time is reported). Useful TFLOP/s count only allowed (q, k) pairs: 4 * D * pairs * Hq per forward,
 2.5x that for the backward (fwd+bwd = 3.5x).
 """
 
@@ -278,17 +279,51 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
     return 0
 
 
+def ab_configs(specs: list[str], frames=(128, 512), reps: int = 2) -> int:
+    """fwd and fwd+bwd of configurations given as "name:field=value,..." strings (fields of HierAttnConfig over the
+    default; "default" alone is the default), interleaved (A, B, ..., A, B, ...) ``reps`` times at each size."""
+    import dataclasses
+
+    from .ops import hier_attention_triton as H
+
+    base = H.default_config(D)
+    cfgs = {}
+    for spec in ["default"] + [x for x in specs if x != "default"]:
+        name, _, fields = spec.partition(":")
+        kw = {}
+        for item in filter(None, fields.split(",")):
+            k, _, v = item.partition("=")
+            kw[k] = (v.lower() in ("1", "true")) if isinstance(getattr(base, k), bool) else int(v)
+        cfgs[name] = dataclasses.replace(base, **kw)
+    rows = []
+    for f in frames:
+        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
+        for rep in range(reps):
+            for name, cfg in cfgs.items():
+                r = {"frames": f, "rep": rep, "config": name, **time_fn(ours(layout, cfg), n, want_mem=False)}
+                rows.append(r)
+                print(r, flush=True)
+    print(f"\n## {torch.cuda.get_device_name()}\n\n| frames | config | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['frames']} | {r['config']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--frames", type=int, nargs="*", default=[32, 128, 512])
     p.add_argument("--dense-frames", type=int, nargs="*", default=[32, 128])
-    p.add_argument("--flex-frames", type=int, nargs="*", default=[])
-    p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100], help="prefixes at 128 frames")
+    p.add_argument("--flex-frames", type=int, nargs="*", default=[32, 128, 512])
+    p.add_argument("--prefix-check", type=int, nargs="*", default=[0, 64, 100, 128], help="prefixes at 128 frames")
     p.add_argument("--ab-bwd", action="store_true",
                    help="A/B of backward variants (alone, then fwd+bwd of the default vs the best); only this")
     p.add_argument("--ab-prefix", type=int, default=64, help="text tokens before the video in --ab-bwd")
+    p.add_argument("--ab-cfg", nargs="*", default=None,
+                   help='configurations "name:field=value,..." timed against the default, interleaved; only this')
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.ab_cfg is not None:
+        return ab_configs(args.ab_cfg, tuple(args.frames))
     if args.ab_bwd:
         return ab_bwd(args.json, prefix=args.ab_prefix)
 
