@@ -26,8 +26,8 @@ _TAG = re.compile(r"<(video|image)>")
 
 class SophiaTemplate(Template):
     placeholder_tokens = [VIDEO_CONTEXT, IMAGE_CONTEXT]
-    # Packed rows (--padding_free / --packing) work in the model (tested); ms-swift allows them only with
-    # --attn_impl flash_attn, i.e. on GPUs with flash-attn installed.
+    # Packed rows (--padding_free / --packing) work in the template and the model (tested: same loss as the padded
+    # batch); ms-swift's CLI allows them only with a flash attention --attn_impl, i.e. with flash-attn installed.
     support_padding_free = True
 
     def init_env_args(self):
@@ -130,7 +130,13 @@ class SophiaTemplate(Template):
             values = [b[key] for b in batch if b.get(key) is not None]
             if values:
                 res[key] = torch.cat(values)
-        queries = [q for b in batch for q in (b.get("video_query_ids") or [])]
+        queries = []
+        for b in batch:
+            q = b.get("video_query_ids")
+            if isinstance(q, torch.Tensor):  # a row packed and collated already (padding_free packs, then collates)
+                queries += [row[keep.bool()].tolist() for row, keep in zip(q, b["video_query_mask"])]
+            elif q:
+                queries += list(q)
         if queries:
             longest = max(1, max(len(q) for q in queries))
             ids = torch.zeros(len(queries), longest, dtype=torch.long)
