@@ -535,6 +535,23 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
 
 
 @triton.jit
+def _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N, r0, r1, offs_kn,
+                offs_m, offs_d, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                KV_AS_B: tl.constexpr, EARLY_DP: tl.constexpr):
+    """The query blocks of one range [r0, r1) for each query head of the group, the range end masked."""
+    nr = tl.cdiv(r1 - r0, BLOCK_M)
+    for it in range(0, G * nr):
+        g = it // nr
+        i = it - g * nr
+        h64 = hk64 * G + g
+        row_stat = (b64 * Hq + h64) * N
+        dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
+                             LSE + row_stat, DELTA + row_stat, sqn, sdon, r0 + i * BLOCK_M, r1,
+                             offs_kn, offs_m, offs_d, qk_scale, True, CAUSAL, KV_AS_B, EARLY_DP)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
@@ -580,20 +597,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                     other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-        nx = tl.cdiv(x1 - x0, BLOCK_M)
         if SPLIT_X:
             # misaligned later-token range X (text lengths) but aligned hierarchy: mask only this loop
-            for it in range(0, G * nx):
-                g = it // nx
-                i = it - g * nx
-                h64 = hk64 * G + g
-                row_stat = (b64 * Hq + h64) * N
-                dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                     LSE + row_stat, DELTA + row_stat, sqn, sdon, x0 + i * BLOCK_M, x1,
-                                     offs_kn, offs_m, offs_d, qk_scale, True, False, KV_AS_B, EARLY_DP)
+            dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N,
+                                 x0, x1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, False, KV_AS_B, EARLY_DP)
             n1 = 0
         else:
-            n1 = nx
+            n1 = tl.cdiv(x1 - x0, BLOCK_M)
         n2 = n1 + tl.cdiv(w1 - w0, BLOCK_M)
         n3 = n2 + tl.cdiv(p1 - p0, BLOCK_M)
         nb = n3 + tl.cdiv(c1 - c0, BLOCK_M)
@@ -609,15 +619,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                                  LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
                                  offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, KV_AS_B, EARLY_DP)
         # diagonal of text key tiles: queries [k0, k1) with q >= k
-        nd = tl.cdiv(d1 - d0, BLOCK_M)
-        for it in range(0, G * nd):
-            g = it // nd
-            i = it - g * nd
-            h64 = hk64 * G + g
-            row_stat = (b64 * Hq + h64) * N
-            dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
-                                 LSE + row_stat, DELTA + row_stat, sqn, sdon, d0 + i * BLOCK_M, d1,
-                                 offs_kn, offs_m, offs_d, qk_scale, True, True, KV_AS_B, EARLY_DP)
+        dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N,
+                             d0, d1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, True, KV_AS_B, EARLY_DP)
         slot = tl.load(dp_ + 23)
         if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
             ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
