@@ -110,48 +110,52 @@ def _build_tiles(layout: HierLayout, batch: int, seq_len: int, bs: int, side: st
             text_tiles(row, cursor, sp.start, s0, s1, vid_lo, nprev, plain_before, done_segs)
             plain_before += sp.start - cursor
             vid_prefix = done_segs + [(cursor, sp.start)]
-            counts, lstarts = sp.counts, sp.level_starts
-            nlev = len(counts)
-            for lvl, c in enumerate(counts):
-                n = np.arange(c, dtype=np.int64)
-                sub = np.arange(0, m, bs, dtype=np.int64)
-                nn = np.repeat(n, sub.size)
-                ss = np.tile(sub, c)
-                f0 = lstarts[lvl] + nn * m
-                st = f0 + ss
-                en = np.minimum(st + bs, f0 + m)
-                d = np.zeros((DESC_COLS, st.size), dtype=np.int32)
-                d[0] = KIND_VIDEO
-                d[1] = row
-                d[2] = st
-                d[3] = en
-                d[8] = lstarts[lvl] + m * np.maximum(nn - e, 0)
-                d[9] = lstarts[lvl] + m * (np.minimum(nn + e, c - 1) + 1)
-                if lvl + 1 < nlev:
-                    d[10] = lstarts[lvl + 1] + m * (nn // a)
-                    d[11] = d[10] + m
-                if lvl >= 1:
-                    d[12] = lstarts[lvl - 1] + m * nn * a
-                    d[13] = lstarts[lvl - 1] + m * np.minimum(nn * a + a, counts[lvl - 1])
-                hier = (d[9] - d[8]) + (d[11] - d[10]) + (d[13] - d[12])
-                if side == "q":
-                    d[4] = s0
-                    d[5] = vid_lo
-                    d[6] = nprev
-                    d[7] = sp.start
-                    segs = [sg for sg in vid_prefix if sg[1] > sg[0]]
-                    for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
-                        d[16 + 2 * r] = a0
-                        d[17 + 2 * r] = a1
-                    d[22] = len(segs)
-                    cost = hier + plain_before
-                else:
-                    if lvl == 0:
-                        d[4] = sp.end
-                        d[5] = s1
-                    cost = hier + (d[5] - d[4])
-                blocks.append(d)
-                costs.append(cost)
+            # every tile of every level of this video at once: frame n of level l, sub-tile ss of the frame
+            counts = np.asarray(sp.counts, dtype=np.int64)
+            lstarts = np.asarray(sp.level_starts, dtype=np.int64)
+            nlev = counts.size
+            sub = np.arange(0, m, bs, dtype=np.int64)
+            lvl = np.repeat(np.repeat(np.arange(nlev), counts), sub.size)
+            first = np.repeat(np.cumsum(counts) - counts, counts)  # index of each level's first frame
+            nn = np.repeat(np.arange(int(counts.sum()), dtype=np.int64) - first, sub.size)
+            c, ls = counts[lvl], lstarts[lvl]
+            f0 = ls + nn * m
+            st = f0 + np.tile(sub, nn.size // sub.size)
+            en = np.minimum(st + bs, f0 + m)
+            d = np.zeros((DESC_COLS, st.size), dtype=np.int32)
+            d[0] = KIND_VIDEO
+            d[1] = row
+            d[2] = st
+            d[3] = en
+            d[8] = ls + m * np.maximum(nn - e, 0)
+            d[9] = ls + m * (np.minimum(nn + e, c - 1) + 1)
+            up = lvl + 1 < nlev  # parent frame on the next level
+            nxt = np.minimum(lvl + 1, nlev - 1)
+            d[10] = np.where(up, lstarts[nxt] + m * (nn // a), 0)
+            d[11] = np.where(up, d[10] + m, 0)
+            down = lvl >= 1  # children frames on the previous level
+            prv = np.maximum(lvl - 1, 0)
+            d[12] = np.where(down, lstarts[prv] + m * nn * a, 0)
+            d[13] = np.where(down, lstarts[prv] + m * np.minimum(nn * a + a, counts[prv]), 0)
+            hier = (d[9] - d[8]) + (d[11] - d[10]) + (d[13] - d[12])
+            if side == "q":
+                d[4] = s0
+                d[5] = vid_lo
+                d[6] = nprev
+                d[7] = sp.start
+                segs = [sg for sg in vid_prefix if sg[1] > sg[0]]
+                for r, (a0, a1) in enumerate(segs[:PRE_SLOTS]):
+                    d[16 + 2 * r] = a0
+                    d[17 + 2 * r] = a1
+                d[22] = len(segs)
+                cost = hier + plain_before
+            else:
+                level0 = lvl == 0  # level-0 keys are also read by the tokens after the video
+                d[4] = np.where(level0, sp.end, 0)
+                d[5] = np.where(level0, s1, 0)
+                cost = hier + (d[5] - d[4])
+            blocks.append(d)
+            costs.append(cost)
             plain_before += sp.frames * m
             done_segs = done_segs + [(cursor, sp.l0_end)]
             cursor = sp.end
