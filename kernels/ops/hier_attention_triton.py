@@ -30,6 +30,7 @@ Padding tiles write zeros (output, dQ, dK, dV).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -741,7 +742,12 @@ def _n_sm(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _plans(layout, b, n, hkv, cfg, device):
