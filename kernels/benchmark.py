@@ -5,11 +5,12 @@
     python -m sophia_kernels.benchmark --ab-bwd [--ab-prefix 64] --json out.json   # backward variants (BWD_VARIANTS)
     python -m sophia_kernels.benchmark --frames 128 512 --ab-cfg "s4:fwd_stages=4"  # configurations vs the default
 
-Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4, 64 text tokens before and
-64 after the video, bf16. Medians of triton.testing.do_bench. "Dense" is causal SDPA (flash backend) over the
-plain sequence (64 + 256 F + 64 tokens); "Flex" is FlexAttention (compiled) with a BlockMask of exactly the same
-rule over the extended sequence (built chunk-wise by ``flex_block_mask``; its build time is reported). Useful TFLOP/s count only allowed (q, k) pairs: 4 * D * pairs * Hq per forward,
-2.5x that for the backward (fwd+bwd = 3.5x).
+Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4,
+64 text tokens before and 64 after the video, bf16. Medians over >= 25 runs of triton.testing.do_bench. "Dense"
+is causal SDPA (flash backend) over the plain sequence (64 + 256 F + 64 tokens); "Flex" is FlexAttention
+(compiled) with a BlockMask of exactly the same rule over the extended sequence (built chunk-wise by
+``flex_block_mask``; its build time is reported). Useful TFLOP/s count only allowed (q, k) pairs: 4 * D * pairs *
+Hq per forward, 2.5x that for the backward (fwd+bwd = 3.5x).
 """
 
 from __future__ import annotations
