@@ -256,15 +256,8 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
     if json_path:
         with open(os.path.join(os.path.dirname(json_path) or ".", "best_cfg.txt"), "w") as fh:
             fh.write(env)
-    cfg_best = dataclasses.replace(base, **kw)
-    for f in frames:
-        layout, n = HierLayout.from_segments([[[prefix, ("video", f), 64]]], tokens_per_frame=M)
-        for rep in range(2):
-            for tag, cfg in (("default", base), (best, cfg_best)):
-                t = time_fn(ours(layout, cfg), n, want_mem=(rep == 0))
-                r = {"frames": f, "prefix": prefix, "rep": rep, "which": tag, **t}
-                info["fwdbwd"].append(r)
-                print(r, flush=True)
+    info["fwdbwd"] = interleaved({"default": base, best: dataclasses.replace(base, **kw)}, frames, prefix,
+                                 want_mem=True)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(info, fh, indent=1, default=str)
@@ -273,37 +266,38 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
     for r in info["bwd"]:
         print(f"| {r['variant']} | {r['frames']} | {r['bwd_ms']:.2f} | {r['rel_diff_vs_default']:.1e} | "
               f"{r['rerun_diff']:.1e} |")
-    print("\n| frames | which | fwd ms | fwd+bwd ms | extra mem GiB |\n|---|---|---|---|---|")
+    print("\n| frames | config | fwd ms | fwd+bwd ms | extra mem GiB |\n|---|---|---|---|---|")
     for r in info["fwdbwd"]:
         mem = "-" if r["extra_mem_gib"] is None else f"{r['extra_mem_gib']:.2f}"
-        print(f"| {r['frames']} | {r['which']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {mem} |")
+        print(f"| {r['frames']} | {r['config']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | {mem} |")
     return 0
+
+
+def interleaved(cfgs: dict, frames, prefix: int = 64, reps: int = 2, want_mem: bool = False) -> list[dict]:
+    """fwd and fwd+bwd of each configuration, interleaved (A, B, ..., A, B, ...) ``reps`` times at each size;
+    peak memory in the first round when ``want_mem``."""
+    rows = []
+    for f in frames:
+        layout, n = HierLayout.from_segments([[[prefix, ("video", f), 64]]], tokens_per_frame=M)
+        for rep in range(reps):
+            for name, cfg in cfgs.items():
+                t = time_fn(ours(layout, cfg), n, want_mem=want_mem and rep == 0)
+                rows.append({"frames": f, "prefix": prefix, "rep": rep, "config": name, **t})
+                print(rows[-1], flush=True)
+    return rows
 
 
 def ab_configs(specs: list[str], frames=(128, 512), reps: int = 2) -> int:
     """fwd and fwd+bwd of configurations given as "name:field=value,..." strings (fields of HierAttnConfig over the
-    default; "default" alone is the default), interleaved (A, B, ..., A, B, ...) ``reps`` times at each size."""
-    import dataclasses
-
+    default; "default" alone is the default), interleaved with the default."""
     from .ops import hier_attention_triton as H
 
     base = H.default_config(D)
     cfgs = {}
     for spec in ["default"] + [x for x in specs if x != "default"]:
         name, _, fields = spec.partition(":")
-        kw = {}
-        for item in filter(None, fields.split(",")):
-            k, _, v = item.partition("=")
-            kw[k] = (v.lower() in ("1", "true")) if isinstance(getattr(base, k), bool) else int(v)
-        cfgs[name] = dataclasses.replace(base, **kw)
-    rows = []
-    for f in frames:
-        layout, n = HierLayout.from_segments([[[64, ("video", f), 64]]], tokens_per_frame=M)
-        for rep in range(reps):
-            for name, cfg in cfgs.items():
-                r = {"frames": f, "rep": rep, "config": name, **time_fn(ours(layout, cfg), n, want_mem=False)}
-                rows.append(r)
-                print(r, flush=True)
+        cfgs[name] = H.config_with(base, fields, source=f"--ab-cfg {name}")
+    rows = interleaved(cfgs, frames, reps=reps)
     print(f"\n## {torch.cuda.get_device_name()}\n\n| frames | config | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['frames']} | {r['config']} | {r['fwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} |")

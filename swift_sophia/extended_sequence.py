@@ -13,7 +13,7 @@ frame min(n * A**l + (A**l - 1) // 2, F' - 1).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
@@ -76,7 +76,7 @@ def find_video_runs(input_ids: torch.Tensor, video_token_id: int, frame_counts: 
 
 def plain_sequences(attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
                     batch: int, length: int) -> List[List[tuple]]:
-    """Per row, the (start, end, first_position) of each sequence in the plain row.
+    """Per row, the (start, end) of each sequence in the plain row.
 
     Padded batches: one sequence per row over the attended tokens (left or right padding). Packed rows
     (ms-swift padding_free): a new sequence starts wherever position_ids restarts at 0.
@@ -97,9 +97,9 @@ def plain_sequences(attention_mask: Optional[torch.Tensor], position_ids: Option
             pos = position_ids[b]
             restarts = (pos[s:e] == 0).nonzero().flatten().add(s).tolist()
             bounds = sorted(set([s] + restarts)) + [e]
-            rows.append([(bounds[i], bounds[i + 1], 0) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]])
+            rows.append([(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]])
         else:
-            rows.append([(s, e, 0)])
+            rows.append([(s, e)])
     return rows
 
 
@@ -118,77 +118,83 @@ def build_extended_plan(input_ids: torch.Tensor, attention_mask: Optional[torch.
     for run in runs:
         runs_by_row[run.row].append(run)
 
-    sources, plain_map, positions, cache_keep = [], [], [], []
+    rows: List[_ExtendedRow] = []
     seqs, videos = [], []
     next_position = torch.zeros(batch, dtype=torch.long)
     bank_offset = batch * length
-    row_lengths = []
     for b, row_seqs in enumerate(plain_sequences(attention_mask, position_ids, batch, length)):
-        src: List[torch.Tensor] = []
-        pos: List[torch.Tensor] = []
-        keep: List[torch.Tensor] = []
-        p2e = torch.full((length,), -1, dtype=torch.long)
-        cursor = 0  # extended position in this row
-        row_runs = runs_by_row[b]
-        for s, e, first_pos in row_seqs:
-            seq_start = cursor
-            p = first_pos
-            t = s
-            for run in [r for r in row_runs if s <= r.start < e]:
+        row = _ExtendedRow(b * length, torch.full((length,), -1, dtype=torch.long))
+        for s, e in row_seqs:
+            seq_start, row.p, t = row.cursor, 0, s  # positions restart with every sequence
+            for run in [r for r in runs_by_row[b] if s <= r.start < e]:
                 if run.start + run.frames * m > e:
                     raise ValueError(f"video placeholder run at row {b}, token {run.start} crosses the end of its "
                                      "sequence")
-                # text before the video
-                n_text = run.start - t
-                src.append(torch.arange(b * length + t, b * length + run.start))
-                pos.append(torch.arange(p, p + n_text))
-                p2e[t:run.start] = torch.arange(cursor, cursor + n_text)
-                keep.append(torch.arange(cursor, cursor + n_text))
-                cursor += n_text
-                p += n_text
-                # kept level-0 frames, then aggregated levels
-                counts = level_counts(len(run.kept), arity, levels)
-                n_bank = sum(counts) * m
-                videos.append((b, cursor, len(run.kept)))
-                src.append(torch.arange(bank_offset, bank_offset + n_bank))
-                bank_offset += n_bank
-                l0_tokens = len(run.kept) * m
-                pos.append(_video_positions(p, counts, m, arity))
-                for j, f in enumerate(run.kept):
-                    p2e[run.start + f * m: run.start + (f + 1) * m] = torch.arange(cursor + j * m, cursor + (j + 1) * m)
-                keep.append(torch.arange(cursor, cursor + l0_tokens))
-                cursor += n_bank
-                p += l0_tokens
+                row.add_text(t, run.start)
+                videos.append((b, row.cursor, len(run.kept)))
+                bank_offset += row.add_video(run, bank_offset, level_counts(len(run.kept), arity, levels), m, arity)
                 t = run.start + run.frames * m
-            n_text = e - t
-            src.append(torch.arange(b * length + t, b * length + e))
-            pos.append(torch.arange(p, p + n_text))
-            p2e[t:e] = torch.arange(cursor, cursor + n_text)
-            keep.append(torch.arange(cursor, cursor + n_text))
-            cursor += n_text
-            p += n_text
-            seqs.append((b, seq_start, cursor))
-            next_position[b] = p
-        row_lengths.append(cursor)
-        sources.append(torch.cat(src) if src else torch.zeros(0, dtype=torch.long))
-        positions.append(torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long))
-        plain_map.append(p2e)
-        cache_keep.append(torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
+            row.add_text(t, e)
+            seqs.append((b, seq_start, row.cursor))
+            next_position[b] = row.p
+        rows.append(row)
 
-    n_ext = max(row_lengths) if row_lengths else 0
+    n_ext = max((row.cursor for row in rows), default=0)
     source = torch.full((batch, n_ext), -1, dtype=torch.long)
     position_out = torch.zeros((batch, n_ext), dtype=torch.long)
     plain_to_extended = torch.full((batch, length), -1, dtype=torch.long)
-    for b in range(batch):
-        source[b, :row_lengths[b]] = sources[b]
-        position_out[b, :row_lengths[b]] = positions[b]
-        mapped = plain_map[b]
-        plain_to_extended[b] = torch.where(mapped >= 0, mapped + b * n_ext, mapped)
+    for b, row in enumerate(rows):
+        source[b, :row.cursor] = _cat(row.src)
+        position_out[b, :row.cursor] = _cat(row.pos)
+        plain_to_extended[b] = torch.where(row.p2e >= 0, row.p2e + b * n_ext, row.p2e)
     layout = HierLayout.from_lists(seqs, videos, m, arity, levels, neighbours)
     return ExtendedPlan(length=n_ext, source=source.view(-1).to(device),
                         plain_to_extended=plain_to_extended.view(-1).to(device),
                         position_ids=position_out.to(device), layout=layout.to(device),
-                        cache_keep=[k.to(device) for k in cache_keep], next_position=next_position.to(device))
+                        cache_keep=[_cat(row.keep).to(device) for row in rows],
+                        next_position=next_position.to(device))
+
+
+@dataclass
+class _ExtendedRow:
+    """One extended row while it is built: where its tokens come from, their positions, what the cache keeps."""
+
+    plain_offset: int  # index of the row's first plain token in the flattened plain embeddings
+    p2e: torch.Tensor  # [N]: extended position of every plain token of the row, -1 if none
+    src: List[torch.Tensor] = field(default_factory=list)
+    pos: List[torch.Tensor] = field(default_factory=list)
+    keep: List[torch.Tensor] = field(default_factory=list)
+    cursor: int = 0  # extended position of the next token
+    p: int = 0  # position id of the next token
+
+    def add_text(self, t0: int, t1: int) -> None:
+        """Plain tokens [t0, t1) of the row, copied as they are and kept in the cache."""
+        n = t1 - t0
+        self.src.append(torch.arange(self.plain_offset + t0, self.plain_offset + t1))
+        self.pos.append(torch.arange(self.p, self.p + n))
+        self.p2e[t0:t1] = torch.arange(self.cursor, self.cursor + n)
+        self.keep.append(torch.arange(self.cursor, self.cursor + n))
+        self.cursor += n
+        self.p += n
+
+    def add_video(self, run: VideoRun, bank_start: int, counts: List[int], m: int, arity: int) -> int:
+        """The run's kept level-0 frames, then its aggregated levels, taken from the visual bank at
+        ``bank_start``; only the level-0 tokens stay in the cache. Returns the bank tokens used."""
+        n_bank = sum(counts) * m
+        self.src.append(torch.arange(bank_start, bank_start + n_bank))
+        self.pos.append(_video_positions(self.p, counts, m, arity))
+        for j, f in enumerate(run.kept):
+            self.p2e[run.start + f * m: run.start + (f + 1) * m] = torch.arange(self.cursor + j * m,
+                                                                               self.cursor + (j + 1) * m)
+        l0_tokens = len(run.kept) * m
+        self.keep.append(torch.arange(self.cursor, self.cursor + l0_tokens))
+        self.cursor += n_bank
+        self.p += l0_tokens
+        return n_bank
+
+
+def _cat(parts: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def _video_positions(first: int, counts: List[int], m: int, arity: int) -> torch.Tensor:

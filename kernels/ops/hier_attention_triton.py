@@ -712,23 +712,22 @@ def default_config(head_dim: int) -> HierAttnConfig:
 
 
 def _env_overrides(cfg: HierAttnConfig) -> HierAttnConfig:
-    """``SOPHIA_HIER_CONFIG="field=value,..."`` replaces HierAttnConfig fields (A/B of variants, e.g.
-    ``dkdv_block_n=64,dkdv_warps=4,dkdv_stages=2``); ints, and 0/1/true/false for booleans."""
-    val = os.environ.get("SOPHIA_HIER_CONFIG", "").strip()
-    if not val:
-        return cfg
+    """``SOPHIA_HIER_CONFIG="field=value,..."`` replaces HierAttnConfig fields (A/B of variants)."""
+    return config_with(cfg, os.environ.get("SOPHIA_HIER_CONFIG", ""), source="SOPHIA_HIER_CONFIG")
+
+
+def config_with(cfg: HierAttnConfig, fields: str, source: str = "config") -> HierAttnConfig:
+    """``cfg`` with the fields of a "field=value,..." string replaced (e.g. ``dkdv_block_n=64,dkdv_warps=4``);
+    ints, and 0/1/true/false/yes for booleans. An empty string changes nothing."""
     import dataclasses
 
     kw = {}
-    for item in val.split(","):
+    for item in filter(None, (x.strip() for x in fields.split(","))):
         name, _, raw = item.partition("=")
         name, raw = name.strip(), raw.strip()
         if name not in HierAttnConfig.__dataclass_fields__:
-            raise ValueError(f"SOPHIA_HIER_CONFIG: unknown field {name!r}")
-        if isinstance(getattr(cfg, name), bool):
-            kw[name] = raw.lower() in ("1", "true", "yes")
-        else:
-            kw[name] = int(raw)
+            raise ValueError(f"{source}: unknown field {name!r}")
+        kw[name] = raw.lower() in ("1", "true", "yes") if isinstance(getattr(cfg, name), bool) else int(raw)
     return dataclasses.replace(cfg, **kw)
 
 
