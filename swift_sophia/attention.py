@@ -1,67 +1,82 @@
 """Hierarchical attention inside any transformers decoder.
 
 transformers dispatches attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` and passes the
-decoder's `**kwargs` through to it. Sophia installs "sophia_<base>" on the decoder (e.g. "sophia_sdpa"): when the call
-carries a `hier_layout` (a prefill or training step over an extended sequence holding videos) it runs the
-hierarchical kernel; otherwise (text, images, decoding after prefill) it hands over to the implementation the user
-chose (sdpa, eager, flash_attention_2, ...), masks included.
+decoder's `**kwargs` through to it. Sophia puts a router in front of the implementation the decoder uses (sdpa,
+eager, flash_attention_2, ...) under the same name, so the user's choice and everything transformers derives from
+the name (output_attentions with eager, flash-attention packing) stay as they are. The router hands every call
+to that implementation unchanged, except a call that carries a `hier_layout` (only Sophia's prefill or training
+step over an extended sequence passes one): that runs the hierarchical kernel. Inside that step the mask
+function returns None: over an extended sequence the mask is a rule the kernel applies, never an N x N tensor.
+`install` is idempotent and the model calls it again before every step over videos, so a later
+`set_attn_implementation` (or another library replacing the registered function) cannot remove the hierarchy.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.models.llama import modeling_llama
 
 from sophia_kernels import hierarchical_attention
 
-PREFIX = "sophia_"
+_LEGACY_PREFIX = "sophia_"  # implementations were renamed "sophia_<base>" before the router kept the name
 _hierarchical_step = contextvars.ContextVar("sophia_hierarchical_step", default=False)
 
 
-def _make_attention(base: str):
+def _module_eager(module):
+    """The eager attention function of the decoder's own modeling file (Llama's if it has none)."""
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return own if own is not None else modeling_llama.eager_attention_forward
+
+
+def _attention_router(original):
     def sophia_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                                  hier_layout=None, sophia_attention_backend="auto", **kwargs):
         if hier_layout is None:
-            fn = ALL_ATTENTION_FUNCTIONS[base] if base != "eager" else eager_attention_forward
+            fn = original if original is not None else _module_eager(module)
             return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if dropout and module.training:
             raise ValueError("hierarchical attention has no attention dropout; set attention_dropout=0")
         out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
                                      implementation=sophia_attention_backend)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights
 
+    sophia_attention_forward.sophia_router = True
     return sophia_attention_forward
 
 
-def _make_mask(base: str):
+def _mask_router(original):
     def sophia_attention_mask(*args, **kwargs):
-        # Over an extended sequence the mask is a rule the kernel applies: never build an N x N tensor for it.
         if _hierarchical_step.get():
             return None
-        fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
-        return fn(*args, **kwargs) if fn is not None else kwargs.get("attention_mask")
+        return original(*args, **kwargs) if original is not None else kwargs.get("attention_mask")
 
+    sophia_attention_mask.sophia_router = True
     return sophia_attention_mask
 
 
 def install(text_config) -> str:
-    """Route the decoder's attention through Sophia, on top of the implementation the user chose.
-
-    The decoder's implementation becomes "sophia_<base>" (e.g. "sophia_sdpa"): hierarchical attention for
-    extended sequences, <base> for everything else.
-    """
-    current = text_config._attn_implementation or "sdpa"
-    if current.startswith(PREFIX):
-        return current
-    name = PREFIX + current
-    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(name, _make_attention(current))
-        AttentionMaskInterface.register(name, _make_mask(current))
-    text_config._attn_implementation_internal = name
+    """Put Sophia's router in front of the decoder's attention implementation; returns its name."""
+    name = text_config._attn_implementation or "sdpa"
+    if name.startswith(_LEGACY_PREFIX):
+        name = name[len(_LEGACY_PREFIX):]
+    if text_config._attn_implementation != name:
+        text_config._attn_implementation_internal = name
+    current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(name)
+    if not getattr(current, "sophia_router", False):
+        AttentionInterface.register(name, _attention_router(current))
+    mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
+    if not getattr(mask, "sophia_router", False):
+        AttentionMaskInterface.register(name, _mask_router(mask))
     return name
+
+
+def is_installed(text_config) -> bool:
+    name = text_config._attn_implementation or "sdpa"
+    return getattr(ALL_ATTENTION_FUNCTIONS._global_mapping.get(name), "sophia_router", False)
 
 
 @contextlib.contextmanager
@@ -73,4 +88,4 @@ def hierarchical_step():
         _hierarchical_step.reset(token)
 
 
-__all__ = ["install", "hierarchical_step"]
+__all__ = ["install", "is_installed", "hierarchical_step"]

@@ -6,7 +6,13 @@ it. Everything InternVL has lives in `InternVLConfig`; this class adds the Sophi
 """
 from __future__ import annotations
 
+import os
+
 from transformers import InternVLConfig
+
+# Settings a run may change without touching the checkpoint: `--model_kwargs '{"prune_alpha": 30}'` (ms-swift turns
+# it into PRUNE_ALPHA=30) or the environment variable itself. Read once, when the model or template is built.
+RUNTIME_SETTINGS = ("prune_alpha", "prune_beta", "vision_chunk_frames", "decoder_chunk_tokens")
 
 
 class SophiaConfig(InternVLConfig):
@@ -26,6 +32,11 @@ class SophiaConfig(InternVLConfig):
         0 and 0 give the unpruned model.
     gumbel_tau_start, gumbel_tau_min, gumbel_anneal_rate: temperature schedule of the Gumbel-Softmax used to
         train the pruner: tau(step) = max(tau_min, tau_start * exp(-rate * step)).
+    vision_chunk_frames (`int`, defaults to 64): frames the vision tower takes at once (0: all at once). Bounds the
+        tower's activation memory for long videos; the result is the same.
+    decoder_chunk_tokens (`int`, defaults to 16384): tokens the decoder's position-wise layers (MLP, norms) take at
+        once for long inputs (0: all at once), so that no [tokens x MLP width] tensor exists at 100K+ tokens; the
+        result is the same. In training each chunk is recomputed in backward.
     """
 
     model_type = "sophia"
@@ -41,6 +52,8 @@ class SophiaConfig(InternVLConfig):
     gumbel_tau_start: float = 1.0
     gumbel_tau_min: float = 0.1
     gumbel_anneal_rate: float = 1e-3
+    vision_chunk_frames: int = 64
+    decoder_chunk_tokens: int = 16384
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -50,6 +63,8 @@ class SophiaConfig(InternVLConfig):
             raise ValueError(f"hier_levels must be >= 1, got {self.hier_levels}")
         if self.hier_neighbours < 0:
             raise ValueError(f"hier_neighbours must be >= 0, got {self.hier_neighbours}")
+        if self.vision_chunk_frames < 0 or self.decoder_chunk_tokens < 0:
+            raise ValueError("vision_chunk_frames and decoder_chunk_tokens must be >= 0 (0: no chunking)")
         if self.attention_backend not in ("auto", "triton", "reference"):
             raise ValueError(f"attention_backend must be auto, triton or reference, got {self.attention_backend!r}")
 
@@ -66,4 +81,21 @@ class SophiaConfig(InternVLConfig):
         return int(patches * self.downsample_ratio**2)
 
 
-__all__ = ["SophiaConfig"]
+def resolve_runtime_settings(config: SophiaConfig) -> SophiaConfig:
+    """Apply the environment's overrides of `RUNTIME_SETTINGS` (e.g. PRUNE_ALPHA=30) to `config`, once."""
+    for name in RUNTIME_SETTINGS:
+        raw = os.environ.get(name.upper())
+        if raw in (None, ""):
+            continue
+        kind = type(getattr(SophiaConfig, name))
+        try:
+            value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
+        except ValueError:
+            raise ValueError(f"{name.upper()}={raw!r} is not a valid {kind.__name__} for the setting {name}") from None
+        if value < 0:
+            raise ValueError(f"{name.upper()}={raw!r} must be >= 0")
+        setattr(config, name, value)
+    return config
+
+
+__all__ = ["SophiaConfig", "RUNTIME_SETTINGS", "resolve_runtime_settings"]

@@ -47,12 +47,11 @@ class ExtendedPlan:
     next_position: torch.Tensor  # [B], the position the next generated token takes
 
 
-def find_video_runs(input_ids: torch.Tensor, video_token_id: int, frame_counts: Sequence[int],
-                    tokens_per_frame: int) -> List[VideoRun]:
-    """Locate each video's placeholder run, in row-major order, and check it against the frame counts."""
-    is_video = (input_ids == video_token_id)
+def find_video_runs(is_video: torch.Tensor, frame_counts: Sequence[int], tokens_per_frame: int) -> List[VideoRun]:
+    """Locate each video's placeholder run (`is_video`: bool [B, N]), in row-major order, and check it against the
+    frame counts."""
     spans = []  # (row, start, placeholder tokens)
-    for row in range(input_ids.shape[0]):
+    for row in range(is_video.shape[0]):
         flags = is_video[row].to(torch.int8)
         if not bool(flags.any()):
             continue
@@ -103,17 +102,18 @@ def plain_sequences(attention_mask: Optional[torch.Tensor], position_ids: Option
     return rows
 
 
-def build_extended_plan(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+def build_extended_plan(plain: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         position_ids: Optional[torch.Tensor], runs: List[VideoRun], *, tokens_per_frame: int,
                         arity: int, levels: int, neighbours: int) -> ExtendedPlan:
-    """Lay out the extended rows (valid tokens first, padding at the end of each row).
+    """Lay out the extended rows (valid tokens first, padding at the end of each row). `plain` is any [B, N]
+    tensor of the plain sequence (its shape and device are used).
 
     The visual bank that `source` indexes after the plain embeddings holds, video after video, the kept
     level-0 frames and then the aggregated frames of levels 1.., each frame M consecutive tokens.
     """
-    batch, length = input_ids.shape
+    batch, length = plain.shape[:2]
     m = tokens_per_frame
-    device = input_ids.device
+    device = plain.device
     runs_by_row: List[List[VideoRun]] = [[] for _ in range(batch)]
     for run in runs:
         runs_by_row[run.row].append(run)

@@ -1,30 +1,41 @@
 """Sophia: an InternVL-style VLM for hour-long videos (shot-adaptive frame pruning + hierarchical attention).
 
-Reads top to bottom like transformers' InternVL: vision features and projector (inherited), Sophia's frame
-pruner and aggregation CNN, the merge into the extended sequence, the decoder with hierarchical attention, the
-LM head, and generation, which drops the aggregated tokens from the KV cache after prefill.
+Reads top to bottom like transformers' InternVL (docs/architecture.md has the picture):
+
+* `SophiaAggregator`, the CNN that builds the frames of levels 1 .. L-1 from level 0;
+* `SophiaModel` (what `AutoModel` gives): vision tower + projector (inherited from InternVL, run a chunk of
+  frames at a time), frame pruning, aggregation, the merge into the extended sequence, and the decoder with
+  hierarchical attention; it returns the hidden states of the plain sequence, so that they line up with
+  `input_ids`, and a KV cache that holds only what decoding reads;
+* `SophiaForConditionalGeneration`: the model, the LM head and the loss (from the label positions only), and
+  generation, which continues from that cache.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.internvl.modeling_internvl import (InternVLForConditionalGeneration, InternVLModel,
                                                             InternVLPreTrainedModel)
+from transformers.utils import can_return_tuple
 
 from sophia_kernels import level_counts
 
 from . import attention
-from .configuration_sophia import SophiaConfig
-from .extended_sequence import ExtendedPlan, build_extended_plan, find_video_runs
+from .chunking import chunk_positionwise_layers
+from .configuration_sophia import SophiaConfig, resolve_runtime_settings
+from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
+from .kv_cache import PrefillCache, cache_index
 from .pruning import FramePruner
+
+Shot = Tuple[int, int]
 
 
 class SophiaAggregator(nn.Module):
@@ -67,37 +78,19 @@ class SophiaAggregator(nn.Module):
         return out
 
 
-class SophiaModel(InternVLModel):
-    config_class = SophiaConfig
+@dataclass
+class SophiaModelOutputWithPast(ModelOutput):
+    """`last_hidden_state` is over the plain sequence (aligned with `input_ids`; zeros at pruned frames)."""
 
-    def __init__(self, config: SophiaConfig):
-        super().__init__(config)
-        hidden = config.text_config.hidden_size
-        self.aggregator = SophiaAggregator(hidden, config.hier_arity, config.hier_levels)
-        self.pruner = FramePruner(hidden)
-        attention.install(self.language_model.config)
-
-    def _init_weights(self, module):
-        # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
-        # only for modules that own parameters, so a checkpoint without Sophia's modules (an InternVL one) gets
-        # their documented initialisation here: the aggregator averages, the pruner's query MLP is the identity
-        # (zero residual branch; plain tensor ops, which transformers' init guards do not skip).
-        super()._init_weights(module)
-        if isinstance(module, SophiaAggregator):
-            module.reset_parameters()
-        elif getattr(self, "pruner", None) is not None and module is self.pruner.query_mlp[-1] \
-                and self.pruner.residual:
-            with torch.no_grad():
-                module.weight.zero_()
-                module.bias.zero_()
-
-    def video_frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + pixel shuffle + projector: [F, 3, H, W] -> [F, M, D]."""
-        return self.get_image_features(
-            pixel_values,
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-        ).pooler_output
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[Cache] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+    # Set by a prefill over videos: the cache's 2-D attention mask and the next token's position per row.
+    cache_attention_mask: Optional[torch.LongTensor] = None
+    next_position_ids: Optional[torch.LongTensor] = None
+    kept_frames: Optional[list] = None
 
 
 @dataclass
@@ -107,10 +100,252 @@ class SophiaCausalLMOutput(ModelOutput):
     past_key_values: Optional[Cache] = None
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
-    # Set by a prefill over videos: the compacted cache's 2-D mask and the next token's position per row.
+    image_hidden_states: Optional[torch.FloatTensor] = None
     cache_attention_mask: Optional[torch.LongTensor] = None
     next_position_ids: Optional[torch.LongTensor] = None
     kept_frames: Optional[list] = None
+
+
+class SophiaModel(InternVLModel):
+    config_class = SophiaConfig
+
+    def __init__(self, config: SophiaConfig):
+        super().__init__(config)
+        resolve_runtime_settings(config)
+        hidden = config.text_config.hidden_size
+        self.aggregator = SophiaAggregator(hidden, config.hier_arity, config.hier_levels)
+        self.pruner = FramePruner(hidden)
+        attention.install(self.language_model.config)
+        chunk_positionwise_layers(self.language_model, config)
+
+    def _init_weights(self, module):
+        # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
+        # only for modules that own parameters, so a checkpoint without Sophia's modules (an InternVL one) gets
+        # their documented initialisation here: the aggregator averages, the pruner is the fresh pruner
+        # (identity query mapping, Gumbel schedule at step 0).
+        super()._init_weights(module)
+        if isinstance(module, SophiaAggregator):
+            module.reset_parameters()
+        pruner = getattr(self, "pruner", None)
+        if pruner is not None and (module is pruner or any(module is m for m in pruner.modules())):
+            pruner.reset_parameters()
+            pruner.gumbel.set_step(0)
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        attention.install(self.language_model.config)  # the chosen implementation, under Sophia's routing
+
+    # ------------------------------------------------------------------------------------------ vision
+    def video_frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + pixel shuffle + projector: [F, 3, H, W] -> [F, M, D], `vision_chunk_frames` at a time.
+
+        A frozen tower runs without autograd; a trained one recomputes each chunk in backward when there is more
+        than one chunk, so memory stays that of one chunk either way.
+        """
+        chunk, frames = self.config.vision_chunk_frames, pixel_values.shape[0]
+        if chunk <= 0 or frames <= chunk or is_deepspeed_zero3_enabled():
+            return self._frame_features(pixel_values)
+        recompute = self._tower_trained() and torch.is_grad_enabled()
+        return torch.cat([checkpoint(self._frame_features, pixel_values[s:s + chunk], use_reentrant=False)
+                          if recompute else self._frame_features(pixel_values[s:s + chunk])
+                          for s in range(0, frames, chunk)])
+
+    def _tower_trained(self) -> bool:
+        return any(p.requires_grad for p in self.vision_tower.parameters())
+
+    def _frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._tower_trained()):
+            tower = self._tower_features(pixel_values)
+        return self.multi_modal_projector(tower)
+
+    def _tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What InternVL's `get_image_features` computes before the projector: [F, M, 4 C] after pixel shuffle."""
+        config = self.config
+        pixel_values = pixel_values.to(dtype=self.dtype)
+        layer = config.vision_feature_layer
+        outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=layer != -1, return_dict=True)
+        features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:, :]
+        side = int(features.shape[1] ** 0.5)
+        features = features.reshape(features.shape[0], side, side, -1)
+        features = self.pixel_shuffle(features, scale_factor=config.downsample_ratio)
+        return features.reshape(features.shape[0], -1, features.shape[-1])
+
+    def placeholder_mask(self, token_id: int, input_ids, inputs_embeds) -> torch.Tensor:
+        """Bool [B, N]: where the placeholder `token_id` is, from the ids or, without them, from the embeddings."""
+        if input_ids is not None:
+            return input_ids == token_id
+        token = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token.to(inputs_embeds.dtype)).all(-1)
+
+    def _scatter_images(self, mask: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if int(mask.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tiles of "
+                             f"{features.shape[1]} tokens")
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------------ forward
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        pixel_values_videos: Optional[torch.FloatTensor] = None,
+        video_frame_counts: Optional[torch.LongTensor] = None,
+        video_frame_shots: Optional[torch.LongTensor] = None,
+        video_query_ids: Optional[torch.LongTensor] = None,
+        video_query_mask: Optional[torch.LongTensor] = None,
+        **kwargs,
+    ) -> SophiaModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values_videos is not None:
+            return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
+                                       position_ids, past_key_values, use_cache, video_frame_counts,
+                                       video_frame_shots, video_query_ids, video_query_mask, **kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        features = None
+        if pixel_values is not None:
+            features = self.video_frame_features(pixel_values).to(inputs_embeds.dtype)
+            mask = self.placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
+            inputs_embeds = self._scatter_images(mask, inputs_embeds, features)
+        if self.training and is_deepspeed_zero3_enabled():
+            inputs_embeds = inputs_embeds + self._dummy_visual_pass(inputs_embeds, features)
+        outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      use_cache=use_cache, return_dict=True, **kwargs)
+        return SophiaModelOutputWithPast(last_hidden_state=outputs.last_hidden_state,
+                                         past_key_values=outputs.past_key_values,
+                                         hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                         image_hidden_states=features)
+
+    def _forward_video(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
+                       position_ids, past_key_values, use_cache, video_frame_counts, video_frame_shots,
+                       video_query_ids, video_query_mask, **kwargs) -> SophiaModelOutputWithPast:
+        """A prefill (or training step) over videos. Every large intermediate is freed as soon as the next one
+        exists, so that at hour scale the decoder runs beside the extended embeddings and little else."""
+        config = self.config
+        m = config.tokens_per_frame
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("videos can only be given in the first forward pass (prefill), not with a filled cache")
+        if video_frame_counts is None:
+            raise ValueError("pixel_values_videos needs video_frame_counts (frames per video)")
+        counts = [int(c) for c in video_frame_counts.tolist()]
+        if sum(counts) != pixel_values_videos.shape[0]:
+            raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
+                             "were given")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        is_video = self.placeholder_mask(config.video_token_id, input_ids, inputs_embeds)
+        runs = find_video_runs(is_video, counts, m)
+
+        # One pass of the vision tower over image tiles and video frames together.
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
+        frames = self.video_frame_features(pixels).to(inputs_embeds.dtype)
+        del pixels
+        if images:
+            mask = self.placeholder_mask(config.image_token_id, input_ids, inputs_embeds)
+            inputs_embeds = self._scatter_images(mask, inputs_embeds, frames[:images])
+            frames = frames[images:]
+
+        # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
+        # [plain embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
+        table = self._embedding_table(inputs_embeds, frames, runs, video_frame_shots, video_query_ids,
+                                      video_query_mask)
+        del frames
+
+        # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
+        plan = build_extended_plan(is_video, attention_mask, position_ids, runs, tokens_per_frame=m,
+                                   arity=config.hier_arity, levels=config.hier_levels,
+                                   neighbours=config.hier_neighbours)
+        batch, hidden = is_video.shape[0], inputs_embeds.shape[-1]
+        del inputs_embeds
+        source = torch.where(plan.source >= 0, plan.source, table.shape[0] - 1)
+        extended = table.index_select(0, source).view(batch, plan.length, hidden)
+        del table, source
+        cache = cache_mask = None
+        if use_cache:
+            index, cache_mask = cache_index(plan.cache_keep, device=extended.device)
+            cache = PrefillCache(index, config=config.text_config)
+        attention.install(self.language_model.config)  # whatever set the implementation since loading
+        with attention.hierarchical_step():
+            outputs = self.language_model(inputs_embeds=extended, attention_mask=None,
+                                          position_ids=plan.position_ids, past_key_values=cache,
+                                          use_cache=bool(use_cache), hier_layout=plan.layout,
+                                          sophia_attention_backend=config.attention_backend, return_dict=True,
+                                          **kwargs)
+        del extended
+
+        # 4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids.
+        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(outputs.last_hidden_state, plan),
+                                        kept_frames=[run.kept for run in runs], attentions=outputs.attentions)
+        if outputs.hidden_states is not None:
+            out.hidden_states = tuple(_to_plain(h, plan) for h in outputs.hidden_states)
+        if cache is not None:
+            cache.end_prefill()
+            out.past_key_values, out.cache_attention_mask = cache, cache_mask
+            out.next_position_ids = plan.next_position
+        return out
+
+    def _embedding_table(self, inputs_embeds, frames, runs: List[VideoRun], frame_shots, query_ids, query_mask):
+        """Prune every video (recording the kept frames on its run), aggregate the kept frames, and stack the
+        rows that `ExtendedPlan.source` indexes."""
+        hidden = inputs_embeds.shape[-1]
+        kept, offset = [], 0
+        for i, run in enumerate(runs):
+            video = frames[offset:offset + run.frames]
+            shots = shots_of(frame_shots, offset, run.frames)
+            video, run.kept = self._prune(video, shots, self._query_embeds(query_ids, query_mask, i))
+            offset += run.frames
+            kept.append(video)
+        rows = [inputs_embeds.reshape(-1, hidden)]
+        for video, levels in zip(kept, self.aggregator(kept)):
+            rows.append(video.reshape(-1, hidden))
+            rows.extend(level.reshape(-1, hidden) for level in levels)
+        rows.append(inputs_embeds.new_zeros(1, hidden))
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def _dummy_visual_pass(self, embeds, features=None):
+        """ZeRO-3 gathers a module's weights when it is called, so every rank must call the same modules the same
+        number of times per step: a batch without video still runs the vision tower (unless images did), the
+        aggregation CNN, on a blank frame, and adds nothing. (The pruner is called a varying number of times per
+        step, once per video, so pruning is trained with ZeRO-2 or without DeepSpeed; see `_prune`.)"""
+        if features is None:
+            size = self.config.vision_config.image_size
+            pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
+            features = self.video_frame_features(pixels).to(embeds.dtype)
+        video = features[:1]
+        levels = self.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
+        return (video.sum() + sum(level.sum() for level in levels)) * 0.0
+
+    def _query_embeds(self, query_ids, query_mask, video: int) -> Optional[torch.Tensor]:
+        """The pruning query of a video: the user text of the turn that holds it (None if absent or empty)."""
+        if query_ids is None or video >= query_ids.shape[0]:
+            return None
+        ids = query_ids[video][query_mask[video].bool()] if query_mask is not None else query_ids[video]
+        if ids.numel() == 0:
+            return None
+        return self.get_input_embeddings()(ids)
+
+    def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query):
+        alpha, beta = self.config.prune_alpha, self.config.prune_beta
+        if alpha <= 0 and beta <= 0:
+            return video, list(range(video.shape[0]))
+        if self.training and is_deepspeed_zero3_enabled():
+            raise ValueError("training with frame pruning on (stage 3) needs --deepspeed zero2 or no DeepSpeed: "
+                             "ZeRO-3 would hang, the pruner runs once per video and videos per rank differ")
+        tau = self.pruner.temperature(self.config) if self.training else None
+        selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau)
+        return video[selection.keep] * selection.gate.to(video.dtype)[:, None, None], selection.keep.tolist()
 
 
 class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
@@ -123,7 +358,11 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    # ----------------------------------------------------------------------------------------------- forward
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        attention.install(self.model.language_model.config)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -142,147 +381,45 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         video_query_mask: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> SophiaCausalLMOutput:
-        prefilled = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if pixel_values_videos is None:
-            return self._forward_plain(input_ids, pixel_values, attention_mask, position_ids, past_key_values,
-                                       inputs_embeds, labels, use_cache, logits_to_keep, **kwargs)
-        if prefilled:
-            raise ValueError("videos can only be given in the first forward pass (prefill), not with a filled cache")
-        if input_ids is None:
-            raise ValueError("a forward pass with videos needs input_ids (the template's video placeholders)")
-        if video_frame_counts is None:
-            raise ValueError("pixel_values_videos needs video_frame_counts (frames per video)")
-        return self._forward_video(input_ids, pixel_values, attention_mask, position_ids, labels, use_cache,
-                                   logits_to_keep, pixel_values_videos, video_frame_counts, video_frame_shots,
-                                   video_query_ids, video_query_mask, **kwargs)
-
-    def _forward_plain(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
-                       labels, use_cache, logits_to_keep, **kwargs) -> SophiaCausalLMOutput:
-        """Text, images, and decoding steps: the InternVL forward with causal attention."""
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        features = None
-        if pixel_values is not None:
-            features = self.model.video_frame_features(pixel_values).to(inputs_embeds.dtype)
-            inputs_embeds = self._scatter_images(input_ids, inputs_embeds, features)
-        if self.training and is_deepspeed_zero3_enabled():
-            inputs_embeds = inputs_embeds + self._dummy_visual_pass(inputs_embeds, features)
-        outputs = self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            position_ids=position_ids, past_key_values=past_key_values,
-                                            use_cache=use_cache, **kwargs)
-        logits = self.lm_head(_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = self._loss(logits, labels, **kwargs)
+        r"""With `labels` and no `logits_to_keep`, the LM head runs on the label positions only (no
+        [tokens x vocab] tensor); the loss is the usual shifted cross-entropy. The logits are then returned in eval
+        mode (all positions, as a plain causal LM gives them) and not in training (`logits=None`, as Liger-Kernel's
+        fused loss does)."""
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, pixel_values_videos=pixel_values_videos,
+                             video_frame_counts=video_frame_counts, video_frame_shots=video_frame_shots,
+                             video_query_ids=video_query_ids, video_query_mask=video_query_mask, return_dict=True,
+                             **kwargs)
+        hidden = outputs.last_hidden_state
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            loss = self.label_position_loss(hidden, labels, num_items_in_batch)
+            logits = None if self.training else self.lm_head(hidden)
+        else:
+            logits = self.lm_head(_keep(hidden, logits_to_keep))
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels,
+                                          vocab_size=self.config.text_config.vocab_size,
+                                          num_items_in_batch=num_items_in_batch)
         return SophiaCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                    image_hidden_states=outputs.image_hidden_states,
+                                    cache_attention_mask=outputs.cache_attention_mask,
+                                    next_position_ids=outputs.next_position_ids, kept_frames=outputs.kept_frames)
 
-    def _forward_video(self, input_ids, pixel_values, attention_mask, position_ids, labels, use_cache,
-                       logits_to_keep, pixel_values_videos, video_frame_counts, video_frame_shots,
-                       video_query_ids, video_query_mask, **kwargs) -> SophiaCausalLMOutput:
-        config = self.config
-        m = config.tokens_per_frame
-        counts = [int(c) for c in video_frame_counts.tolist()]
-        if sum(counts) != pixel_values_videos.shape[0]:
-            raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
-                             "were given")
-        embeds = self.get_input_embeddings()(input_ids)
-        # One pass of the vision tower over image tiles and video frames together.
-        images = 0 if pixel_values is None else pixel_values.shape[0]
-        pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
-        features = self.model.video_frame_features(pixels).to(embeds.dtype)
-        if images:
-            embeds = self._scatter_images(input_ids, embeds, features[:images])
-        frames = features[images:]
-        runs = find_video_runs(input_ids, config.video_token_id, counts, m)
-
-        # 1. Shot-adaptive pruning, then 2. the hierarchy of each video: its kept frames and aggregated levels.
-        kept, offset = [], 0
-        for i, run in enumerate(runs):
-            video = frames[offset:offset + run.frames]
-            shots = _shots_of(video_frame_shots, offset, run.frames)
-            query = self._query_embeds(video_query_ids, video_query_mask, i)
-            video, run.kept = self._prune(video, shots, query)
-            offset += run.frames
-            kept.append(video)
-        bank = []
-        for video, levels in zip(kept, self.model.aggregator(kept)):
-            bank.append(video.reshape(-1, video.shape[-1]))
-            bank.extend(level.reshape(-1, level.shape[-1]) for level in levels)
-
-        # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
-        plan = build_extended_plan(input_ids, attention_mask, position_ids, runs, tokens_per_frame=m,
-                                   arity=config.hier_arity, levels=config.hier_levels,
-                                   neighbours=config.hier_neighbours)
-        batch, hidden = input_ids.shape[0], embeds.shape[-1]
-        table = torch.cat([embeds.reshape(-1, hidden)] + bank)
-        valid = (plan.source >= 0).unsqueeze(-1)
-        extended = (table[plan.source.clamp(min=0)] * valid).view(batch, plan.length, hidden)
-        cache = DynamicCache(config=config.text_config) if use_cache else None
-        with attention.hierarchical_step():
-            outputs = self.model.language_model(inputs_embeds=extended, attention_mask=None,
-                                                position_ids=plan.position_ids, past_key_values=cache,
-                                                use_cache=bool(use_cache), hier_layout=plan.layout,
-                                                sophia_attention_backend=config.attention_backend, **kwargs)
-
-        # 4. Back to the plain sequence for the LM head, so logits and labels line up as ms-swift expects.
-        flat = outputs.last_hidden_state.reshape(-1, hidden)
-        index = plan.plain_to_extended
-        plain = (flat[index.clamp(min=0)] * (index >= 0).unsqueeze(-1)).view(batch, -1, hidden)
-        logits = self.lm_head(_keep(plain, logits_to_keep))
-        loss = self._loss(logits, labels, **kwargs)
-
-        out = SophiaCausalLMOutput(loss=loss, logits=logits, kept_frames=[run.kept for run in runs])
-        if use_cache:
-            out.past_key_values, out.cache_attention_mask = _compact_cache(cache, plan, config.text_config)
-            out.next_position_ids = plan.next_position
-        return out
-
-    # --------------------------------------------------------------------------------------------- pieces
-    def _scatter_images(self, input_ids, embeds, features):
-        mask = (input_ids == self.config.image_token_id)
-        if int(mask.sum()) != features.shape[0] * features.shape[1]:
-            raise ValueError(f"{int(mask.sum())} image placeholder tokens but {features.shape[0]} image tiles of "
-                             f"{features.shape[1]} tokens")
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
-
-    def _dummy_visual_pass(self, embeds, features=None):
-        """ZeRO-3 gathers a module's weights when it is called, so every rank must call the same modules the same
-        number of times per step: a batch without video still runs the vision tower (unless images did), the
-        aggregation CNN, on a blank frame, and adds nothing. (The pruner is called a varying number of times per
-        step, once per video, so pruning is trained with ZeRO-2 or without DeepSpeed; see `_prune`.)"""
-        if features is None:
-            size = self.config.vision_config.image_size
-            pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
-            features = self.model.video_frame_features(pixels).to(embeds.dtype)
-        video = features[:1]
-        levels = self.model.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
-        return (video.sum() + sum(level.sum() for level in levels)) * 0.0
-
-    def _query_embeds(self, query_ids, query_mask, video: int) -> Optional[torch.Tensor]:
-        """The pruning query of a video: the user text of the turn that holds it (None if absent or empty)."""
-        if query_ids is None or video >= query_ids.shape[0]:
-            return None
-        ids = query_ids[video][query_mask[video].bool()] if query_mask is not None else query_ids[video]
-        if ids.numel() == 0:
-            return None
-        return self.get_input_embeddings()(ids)
-
-    def _prune(self, video: torch.Tensor, shots, query):
-        alpha, beta = prune_settings(self.config)
-        if alpha <= 0 and beta <= 0:
-            return video, list(range(video.shape[0]))
-        if self.training and is_deepspeed_zero3_enabled():
-            raise ValueError("training with frame pruning on (stage 3) needs --deepspeed zero2 or no DeepSpeed: "
-                             "ZeRO-3 would hang, the pruner runs once per video and videos per rank differ")
-        tau = self.model.pruner.temperature(self.config) if self.training else None
-        selection = self.model.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau)
-        kept = selection.keep.tolist()
-        return video[selection.keep] * selection.gate.to(video.dtype)[:, None, None], kept
-
-    def _loss(self, logits, labels, **kwargs):
-        if labels is None:
-            return None
-        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
-                                  **kwargs)
+    def label_position_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                            num_items_in_batch: Optional[int] = None) -> torch.Tensor:
+        """Shifted cross-entropy (transformers' causal-LM loss: mean over label tokens, or their sum over
+        `num_items_in_batch`), with the LM head applied only where a label follows."""
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)
+        where = targets != -100
+        logits = self.lm_head(hidden[where]).float()
+        loss = nn.functional.cross_entropy(logits, targets[where], reduction="sum")
+        if num_items_in_batch is not None:
+            return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+        return loss / where.sum().clamp(min=1)
 
     # ------------------------------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
@@ -304,12 +441,12 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
                                             num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
                                                                    num_new_tokens)
-        compact_mask = getattr(outputs, "cache_attention_mask", None)
-        if compact_mask is not None:
-            # The prefill dropped the aggregated tokens (and pruned frames) from the cache: from now on the
-            # attention mask describes the compacted cache and positions continue from the plain sequence.
+        cache_mask = getattr(outputs, "cache_attention_mask", None)
+        if cache_mask is not None:
+            # The prefill kept only text and level-0 tokens in the cache: from now on the attention mask
+            # describes that cache and positions continue from the plain sequence.
             model_kwargs["attention_mask"] = torch.cat(
-                [compact_mask, compact_mask.new_ones((compact_mask.shape[0], num_new_tokens))], dim=-1)
+                [cache_mask, cache_mask.new_ones((cache_mask.shape[0], num_new_tokens))], dim=-1)
             model_kwargs["sophia_next_position"] = outputs.next_position_ids
             model_kwargs.pop("position_ids", None)
         elif model_kwargs.get("sophia_next_position") is not None:
@@ -323,49 +460,32 @@ def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return hidden[:, logits_to_keep, :]
 
 
-def _shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int):
-    """Shot ranges [(start, end), ...] of one video from its per-frame shot ids (None: one shot)."""
+def _to_plain(extended: torch.Tensor, plan: ExtendedPlan) -> torch.Tensor:
+    """Extended-sequence hidden states [B, N_ext, D] -> plain-sequence ones [B, N, D] (zeros where a plain token
+    has no extended position: padding, pruned frames)."""
+    batch, hidden = extended.shape[0], extended.shape[-1]
+    flat = torch.cat([extended.reshape(-1, hidden), extended.new_zeros(1, hidden)])
+    index = torch.where(plan.plain_to_extended >= 0, plan.plain_to_extended, flat.shape[0] - 1)
+    return flat.index_select(0, index).view(batch, -1, hidden)
+
+
+def shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int) -> List[Shot]:
+    """Shot ranges [(start, end), ...] of one video from its per-frame shot ids (None: one shot). The ids of a
+    video must be non-decreasing (each shot one contiguous range)."""
     if frame_shots is None:
         return [(0, frames)]
     ids = frame_shots[offset:offset + frames].tolist()
+    if len(ids) != frames:
+        raise ValueError(f"video_frame_shots has {len(ids)} ids for a video of {frames} frames")
+    if any(b < a for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"video_frame_shots of a video must be non-decreasing (one range per shot), got {ids}")
     bounds = [0] + [i for i in range(1, frames) if ids[i] != ids[i - 1]] + [frames]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def runtime_setting(config, name: str) -> float:
-    """A pruning setting: the environment (`--model_kwargs '{"prune_alpha": 30}'` sets PRUNE_ALPHA) overrides the
-    config, so it can change per run and at inference without touching the checkpoint."""
-    value = os.environ.get(name.upper())
-    return float(value) if value not in (None, "") else float(getattr(config, name))
-
-
-def prune_settings(config) -> tuple:
-    """(alpha, beta) in percent for this forward pass."""
-    return runtime_setting(config, "prune_alpha"), runtime_setting(config, "prune_beta")
-
-
-def _compact_cache(cache: DynamicCache, plan: ExtendedPlan, text_config):
-    """Keep only text and level-0 tokens in the cache, rows right-aligned (left padding) for decoding."""
-    keep = plan.cache_keep
-    longest = max(int(k.numel()) for k in keep)
-    batch = len(keep)
-    device = plan.position_ids.device
-    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    index = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for b, k in enumerate(keep):
-        n = int(k.numel())
-        mask[b, longest - n:] = 1
-        index[b, longest - n:] = k
-    compact = DynamicCache(config=text_config)
-    for layer_idx, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values  # [B, H, N_ext, D]
-        gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-        compact.update(torch.gather(keys, 2, gather), torch.gather(values, 2, gather), layer_idx)
-    return compact, mask
-
-
 AutoConfig.register("sophia", SophiaConfig)
-AutoModel.register(SophiaConfig, SophiaForConditionalGeneration)
+AutoModel.register(SophiaConfig, SophiaModel)
 AutoModelForImageTextToText.register(SophiaConfig, SophiaForConditionalGeneration)
 
-__all__ = ["SophiaAggregator", "SophiaModel", "SophiaForConditionalGeneration", "SophiaCausalLMOutput"]
+__all__ = ["SophiaAggregator", "SophiaModel", "SophiaForConditionalGeneration", "SophiaModelOutputWithPast",
+           "SophiaCausalLMOutput", "VideoRun"]

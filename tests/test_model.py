@@ -38,8 +38,11 @@ def test_save_and_reload_with_auto_classes(model_and_tokenizer, tmp_path):
 
 
 def test_decoder_routes_attention_through_sophia(model_and_tokenizer):
+    from swift_sophia.attention import is_installed
+
     model, _ = model_and_tokenizer
-    assert model.model.language_model.config._attn_implementation == "sophia_sdpa"
+    config = model.model.language_model.config
+    assert config._attn_implementation == "sdpa" and is_installed(config)  # the user's choice, routed
 
 
 def test_generate_with_cache_equals_full_recomputation(model_and_tokenizer):
@@ -158,8 +161,8 @@ def test_pruning_keeps_fewer_frames_and_generation_stays_consistent(model_and_to
     inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
     with torch.no_grad():
         unpruned = model(**inputs)
-        monkeypatch.setenv("PRUNE_ALPHA", "50")
-        monkeypatch.setenv("PRUNE_BETA", "50")
+        monkeypatch.setattr(model.config, "prune_alpha", 50.0)
+        monkeypatch.setattr(model.config, "prune_beta", 50.0)
         pruned = model(**inputs, use_cache=True)
         assert [len(k) for k in unpruned.kept_frames] == [8, 6]
         kept = [len(k) for k in pruned.kept_frames]
@@ -173,11 +176,21 @@ def test_pruning_keeps_fewer_frames_and_generation_stays_consistent(model_and_to
     assert torch.equal(cached, full)
 
 
+def test_pruning_settings_come_from_the_environment_once_at_load(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PRUNE_ALPHA", "30")
+    monkeypatch.setenv("PRUNE_BETA", "20")
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    assert (model.config.prune_alpha, model.config.prune_beta) == (30.0, 20.0)
+    monkeypatch.setenv("PRUNE_ALPHA", "abc")
+    with pytest.raises(ValueError, match="PRUNE_ALPHA='abc'"):
+        SophiaForConditionalGeneration.from_pretrained(tiny_model_dir)
+
+
 def test_zero_alpha_and_beta_is_exactly_the_unpruned_model(model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
     inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8,)), tokenizer, (4,))
-    monkeypatch.setenv("PRUNE_ALPHA", "0")
-    monkeypatch.setenv("PRUNE_BETA", "0")
+    monkeypatch.setattr(model.config, "prune_alpha", 0.0)
+    monkeypatch.setattr(model.config, "prune_beta", 0.0)
     with torch.no_grad():
         plain = _batch(tokenizer, model, frames=(8,))
         torch.testing.assert_close(model(**inputs).logits, model(**plain).logits, rtol=0, atol=0)
