@@ -1,0 +1,214 @@
+"""What makes hour-long inputs fit is exact: the prefill cache, the chunked vision tower, the chunked position-wise
+decoder layers and the label-position loss give what the plain computation gives."""
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from swift_sophia import attention
+from swift_sophia.extended_sequence import build_extended_plan, find_video_runs
+from swift_sophia.kv_cache import PrefillCache, cache_index
+from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+from helpers import left_pad, video_prompt
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _model(tiny_model_dir, **config):
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return model
+
+
+def _batch(model, tokenizer, frames=(6, 3), seed=0):
+    m = model.config.tokens_per_frame
+    rows = [video_prompt(tokenizer, f, m, after=f"Shot {i}?<|im_end|>\n<|im_start|>assistant\nred") for i, f in
+            enumerate(frames)]
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    g = torch.Generator().manual_seed(seed)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=torch.randn(sum(frames), 3, 56, 56, generator=g),
+                video_frame_counts=torch.tensor(frames))
+
+
+def _labels(inputs, answer=3):
+    labels = inputs["input_ids"].clone()
+    labels[:, :-answer] = -100
+    return labels
+
+
+class RecordingCache(PrefillCache):
+    """Records what every layer's prefill update received and how much it stored."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received, self.stored_after_prefill = {}, []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        prefill = self._prefill_index is not None
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if prefill:
+            self.received[layer_idx] = (key_states, value_states)
+            self.stored_after_prefill.append(self.layers[layer_idx].keys.shape[2])
+        return out
+
+
+def test_prefill_cache_holds_exactly_the_text_and_level0_keys(tiny_model_dir, tokenizer, monkeypatch):
+    import swift_sophia.modeling_sophia as modeling
+
+    model = _model(tiny_model_dir).eval()
+    inputs = _batch(model, tokenizer)
+    monkeypatch.setattr(modeling, "PrefillCache", RecordingCache)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, RecordingCache)
+    # Every layer stored only the plain-sequence tokens (no aggregated frame), never the extended sequence.
+    plain = inputs["attention_mask"].sum(1)
+    layers = model.config.text_config.num_hidden_layers
+    assert cache.stored_after_prefill == [int(plain.max())] * layers
+    m = model.config.tokens_per_frame
+    is_video = inputs["input_ids"] == model.config.video_token_id
+    runs = find_video_runs(is_video, inputs["video_frame_counts"].tolist(), m)
+    plan = build_extended_plan(is_video, inputs["attention_mask"], None, runs, tokens_per_frame=m,
+                               arity=model.config.hier_arity, levels=model.config.hier_levels,
+                               neighbours=model.config.hier_neighbours)
+    assert all(k.shape[2] == plan.length for k, _ in cache.received.values())
+    index, mask = cache_index(plan.cache_keep)
+    torch.testing.assert_close(out.cache_attention_mask, mask)
+    for layer_idx, (keys, values) in cache.received.items():
+        gather = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        torch.testing.assert_close(cache.layers[layer_idx].keys, torch.gather(keys, 2, gather), rtol=0, atol=0)
+        torch.testing.assert_close(cache.layers[layer_idx].values, torch.gather(values, 2, gather), rtol=0, atol=0)
+    # Decoding appends to it as to any cache.
+    with torch.no_grad():
+        step = model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache,
+                     attention_mask=torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1),
+                     position_ids=out.next_position_ids[:, None])
+    assert step.past_key_values.get_seq_length() == int(plain.max()) + 1
+
+
+def test_generation_from_the_prefill_cache_equals_full_recomputation(tiny_model_dir, tokenizer):
+    model = _model(tiny_model_dir).eval()
+    inputs = _batch(model, tokenizer, frames=(7, 2))
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        full = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+@pytest.mark.parametrize("freeze_vit", [True, False])
+def test_chunked_vision_tower_is_exact(tiny_model_dir, tokenizer, freeze_vit):
+    inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(7, 3))
+    results = []
+    for chunk in (0, 2):
+        model = _model(tiny_model_dir, vision_chunk_frames=chunk).train()
+        model.model.vision_tower.requires_grad_(not freeze_vit)
+        out = model(**inputs, labels=_labels(inputs))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert grads0.keys() == grads1.keys()
+    assert any(n.startswith("model.vision_tower.") for n in grads0) == (not freeze_vit)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_vision_tower_runs_one_chunk_at_a_time(tiny_model_dir, tokenizer):
+    model = _model(tiny_model_dir, vision_chunk_frames=3).eval()
+    sizes = []
+    model.model.vision_tower.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(
+        kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        model(**_batch(model, tokenizer, frames=(7, 3)))
+    assert sizes == [3, 3, 3, 1]
+
+
+def test_chunked_decoder_layers_are_exact_in_inference_and_training(tiny_model_dir, tokenizer):
+    inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(6, 3))
+    text = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    results = {}
+    for chunk in (0, 5):
+        model = _model(tiny_model_dir, decoder_chunk_tokens=chunk)
+        with torch.no_grad():
+            logits = [model.eval()(**batch).logits for batch in (inputs, text)]
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(**inputs, labels=_labels(inputs)).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[chunk] = (logits, loss.detach(), grads, list(model.state_dict()))
+    (logits0, loss0, grads0, keys0), (logits1, loss1, grads1, keys1) = results[0], results[5]
+    for a, b in zip(logits0, logits1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0)
+    assert keys0 == keys1  # checkpoint keys unchanged
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_decoder_layers_run_one_chunk_at_a_time_and_keep_lora_targets(tiny_model_dir, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(tiny_model_dir, decoder_chunk_tokens=16).eval()
+    mlp = model.model.language_model.layers[0].mlp
+    rows = []
+    mlp.gate_proj.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[1]))
+    inputs = _batch(model, tokenizer, frames=(6,))
+    with torch.no_grad():
+        model(**inputs)
+    assert max(rows) == 16 and len(rows) > 1
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
+    lora.eval()
+    with torch.no_grad():
+        lora(**inputs)  # LoRA layers inside the chunked MLP run
+    assert any("gate_proj.lora_A" in n for n, _ in lora.named_parameters())
+
+
+@pytest.mark.parametrize("with_video", [True, False])
+def test_label_position_loss_equals_the_full_loss(tiny_model_dir, tokenizer, with_video):
+    model = _model(tiny_model_dir).train()
+    inputs = _batch(model, tokenizer)
+    if not with_video:
+        inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    labels = _labels(inputs, answer=4)
+    out = model(**inputs, labels=labels)
+    assert out.logits is None  # training: no [tokens x vocab] tensor
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    # Full computation: every position's logits, then transformers' causal-LM loss.
+    full = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1])
+    reference = model.loss_function(logits=full.logits, labels=labels, vocab_size=model.config.text_config.vocab_size)
+    reference.backward()
+    torch.testing.assert_close(out.loss, reference)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # num_items_in_batch (gradient accumulation): the sum over label tokens divided by it.
+    summed = model(**inputs, labels=labels, num_items_in_batch=10).loss
+    torch.testing.assert_close(summed, reference * int((labels[:, 1:] != -100).sum()) / 10)
+
+
+def test_label_position_loss_in_eval_returns_all_logits(tiny_model_dir, tokenizer):
+    model = _model(tiny_model_dir).eval()
+    inputs = _batch(model, tokenizer)
+    with torch.no_grad():
+        out = model(**inputs, labels=_labels(inputs))
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+
+
+def test_the_hierarchy_is_never_replaced_by_a_plain_mask(tiny_model_dir, tokenizer):
+    """Inside a step over videos the mask function returns None (the kernel's rule), outside the user's mask."""
+    model = _model(tiny_model_dir)
+    config = model.model.language_model.config
+    assert attention.is_installed(config)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
+    with attention.hierarchical_step():
+        assert fn(batch_size=1, cache_position=torch.arange(4), kv_length=4) is None
