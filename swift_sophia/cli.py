@@ -2,6 +2,7 @@
 
     sophia plugin-path                 the file to give `swift ... --external_plugins`
     sophia build-tiny DIR              write the sophia-tiny checkpoint (random weights, offline tokenizer)
+    sophia build-random --shape NAME DIR   a random-weight checkpoint of a real shape (internvl2.5-8b, ...)
     sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
     sophia init-from-internvl SRC DIR  start a Sophia checkpoint from a transformers-native InternVL one
 """
@@ -26,6 +27,16 @@ def main(argv=None) -> int:
     tiny.add_argument("--decoder", default="qwen2", choices=["qwen2", "llama"])
     tiny.add_argument("--num-frames", type=int, default=8)
     tiny.add_argument("--seed", type=int, default=0)
+    rand = sub.add_parser("build-random", help="build a random-weight checkpoint of a named real shape",
+                          description="Random bf16 weights of a real shape (swift_sophia/shapes.py), for speed and "
+                                      "memory measurements: `swift sft/infer --model DIR --model_type sophia` load it.")
+    rand.add_argument("output_dir")
+    rand.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test")
+    rand.add_argument("--device", default="cpu", help="where to build it: cuda is fast (seconds), cpu takes minutes "
+                                                      "at 8B")
+    rand.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    rand.add_argument("--num-frames", type=int, default=32)
+    rand.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("make-data", help="write the synthetic video QA dataset")
     data.add_argument("output_dir")
     data.add_argument("--num-train", type=int, default=64)
@@ -44,6 +55,18 @@ def main(argv=None) -> int:
 
         path = build_tiny(args.output_dir, seed=args.seed, decoder=args.decoder, num_frames=args.num_frames)
         print(f"sophia-tiny written to {path}")
+    elif args.command == "build-random":
+        import torch
+
+        from .shapes import build_random, resolve_shape
+
+        try:
+            resolve_shape(args.shape)
+        except ValueError as exc:
+            parser.error(str(exc))
+        path = build_random(args.shape, args.output_dir, device=args.device, dtype=getattr(torch, args.dtype),
+                            seed=args.seed, num_frames=args.num_frames, verbose=True)
+        print(f"random {args.shape} checkpoint written to {path}")
     elif args.command == "make-data":
         from .synthetic import make_dataset
 
