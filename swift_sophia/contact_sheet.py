@@ -211,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--beta', type=float, default=None,
                     help="%% of frames dropped per kept shot (default: the checkpoint's prune_beta if non-zero, "
                          "else 30)")
-    ap.add_argument('--num-frames', type=int, default=int(os.environ.get('VIDEO_SEGMENTS', '32')))
+    ap.add_argument('--num-frames', type=int, default=None,
+                    help='frames to sample (default: as the template, VIDEO_SEGMENTS / FPS, else 32)')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--no-cache', action='store_true', help='do not read or write the shot cache')
     ap.add_argument('--thumb-width', type=int, default=128)
@@ -219,9 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     from .shots import sampled_shots
-    from .video import VideoError, load_video
+    from .video import FrameSampling, VideoError, load_video
     try:
-        clip = load_video(args.video, args.num_frames)
+        clip = load_video(args.video, args.num_frames or FrameSampling.from_env(32))
         shots = sampled_shots(clip.source, clip.indices, total_frames=clip.total_frames, cache=not args.no_cache)
     except (VideoError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -11,10 +11,8 @@ entries are written atomically, so the command can be interrupted (Ctrl-C, kill)
 it stopped.
 
 A missing or undecodable video is reported with the file, row number (1-based line) and path, the rest goes
-on, and the exit code is 1 (0 when every video is cached; 130 when interrupted). ``--num-frames`` must be the
-template's number of sampled frames (``VIDEO_SEGMENTS``, default 32); it matters only when the detector sees
-the sampled frames (``--mode sampled``): the default mode detects on every frame, whose entry serves every
-sampling.
+on, and the exit code is 1 (0 when every video is cached; 130 when interrupted). The detector sees every frame:
+one entry per video serves every sampling (``VIDEO_SEGMENTS``, ``FPS``, any ``--num-frames``).
 """
 from __future__ import annotations
 
@@ -30,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .shot_cache import ShotCache
-from .shots import MODES, DetectionSettings, resolve_video_source
+from .shots import DETECTION_MODE, DetectionSettings
+from .video_source import resolve_video_source
 
 
 @dataclass
@@ -102,59 +101,44 @@ _W: dict = {}
 
 
 def _init_worker(cache_dir: Optional[str], settings: DetectionSettings, device: str, threads: int,
-                 num_frames: int, ignore_sigint: bool) -> None:
+                 ignore_sigint: bool) -> None:
     if ignore_sigint:  # the parent handles Ctrl-C and cancels; the worker finishes or is terminated
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(max(1, threads))
-    from .shots import ShotDetector
-    _W.update(cache=ShotCache(cache_dir), settings=settings, detector=ShotDetector(device),
-              num_frames=num_frames)
+    from .shot_detector import ShotDetector
+    _W.update(cache=ShotCache(cache_dir), settings=settings, detector=ShotDetector(device))
 
 
 def _process(paths: List[str]) -> List[Tuple[str, str, float]]:
     """-> [(path, 'cached' | 'computed' | 'error: ...', seconds)] for a batch of videos."""
-    from .shots import ensure_cached_many, video_info
+    from .shots import ensure_cached_many
     t0 = time.perf_counter()
-    settings = _W['settings']
-    indices: List[Sequence[int]] = []
-    early: Dict[int, str] = {}
-    for k, path in enumerate(paths):
-        indices.append(())
-        if settings.depends_on_sampling:
-            try:
-                from .video import sample_frame_indices
-                total, _ = video_info(path)
-                indices[k] = sample_frame_indices(total, _W['num_frames'])
-            except Exception as e:  # noqa: BLE001
-                early[k] = f'error: {type(e).__name__}: {e}'
-    todo = [k for k in range(len(paths)) if k not in early]
     try:
-        res = ensure_cached_many([paths[k] for k in todo], [indices[k] for k in todo], cache=_W['cache'],
-                                 detector=_W['detector'], settings=settings, num_threads=1)
+        res = ensure_cached_many(paths, cache=_W['cache'], detector=_W['detector'], settings=_W['settings'],
+                                 num_threads=1)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # the batched detector call failed: every video of the batch fails
-        res = [e] * len(todo)
-    for k, r in zip(todo, res):
-        early[k] = f'error: {type(r).__name__}: {r}' if isinstance(r, BaseException) else r
+        res = [e] * len(paths)
+    status = [f'error: {type(r).__name__}: {r}' if isinstance(r, BaseException) else r for r in res]
     dt = (time.perf_counter() - t0) / max(1, len(paths))
-    return [(p, early[k], dt) for k, p in enumerate(paths)]
+    return [(p, st, dt) for p, st in zip(paths, status)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog='python -m swift_sophia.precompute_shots', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('datasets', nargs='+', help='ms-swift dataset files (.jsonl or .json)')
-    ap.add_argument('--num-frames', type=int, default=int(os.environ.get('VIDEO_SEGMENTS', '32')),
-                    help="the template's sampled frames per video (default $VIDEO_SEGMENTS or 32)")
+    ap.add_argument('--num-frames', type=int, default=None,
+                    help='ignored (kept for old command lines): one entry per video serves every sampling')
     ap.add_argument('--workers', type=int, default=max(1, min(4, os.cpu_count() or 1)),
                     help='worker processes (0: run in this process)')
     ap.add_argument('--threads', type=int, default=None, help='torch threads per worker (default cores/workers)')
     ap.add_argument('--cache-dir', default=None, help='default $SOPHIA_SHOT_CACHE or ~/.cache/swift_sophia/shots')
     ap.add_argument('--device', default=os.environ.get('SOPHIA_SHOT_DEVICE', 'cpu'), help='cpu, cuda, auto')
-    ap.add_argument('--mode', choices=MODES, default=None, help='which frames the detector sees '
-                    '(default $SOPHIA_SHOT_MODE or native; must match training)')
+    ap.add_argument('--mode', choices=[DETECTION_MODE], default=None,
+                    help='which frames the detector sees: only native (every frame) is left')
     ap.add_argument('--threshold', type=float, default=None)
     ap.add_argument('--batch-videos', type=int, default=None,
                     help='videos per detector call (their windows share batches; default 1 on CPU, 8 on CUDA)')
@@ -163,13 +147,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from tqdm import tqdm
 
-    settings = DetectionSettings.from_env(mode=args.mode, threshold=args.threshold)
+    settings = DetectionSettings.from_env(threshold=args.threshold)
     cache = ShotCache(args.cache_dir)
     cache.clean_temporaries()
     jobs, errors, nrows = collect_jobs(args.datasets)
     for e in errors:
         print(f'error: {e}', file=sys.stderr)
-    print(f'{nrows} rows, {len(jobs)} distinct videos, cache {cache.root}, detector sees: {settings.mode}',
+    print(f'{nrows} rows, {len(jobs)} distinct videos, cache {cache.root}, detector sees every frame',
           file=sys.stderr)
     workers = max(0, args.workers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -195,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     batches = [paths[i:i + bv] for i in range(0, len(paths), bv)]
     try:
         if workers == 0:
-            _init_worker(args.cache_dir, settings, args.device, threads, args.num_frames, ignore_sigint=False)
+            _init_worker(args.cache_dir, settings, args.device, threads, ignore_sigint=False)
             for batch in batches:
                 for r in _process(batch):
                     record(*r)
@@ -203,8 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import multiprocessing as mp
             ctx = mp.get_context('spawn')
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(args.cache_dir, settings, args.device, threads, args.num_frames,
-                                               True)) as pool:
+                                     initargs=(args.cache_dir, settings, args.device, threads, True)) as pool:
                 pending: Dict[Future, List[str]] = {}
                 it = iter(batches)
                 try:

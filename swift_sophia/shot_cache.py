@@ -4,10 +4,10 @@ An entry is a small JSON file named by a key that hashes
 
 * the video's *content* (BLAKE2b of every byte, so a path and the same file handed over as bytes or
   ``BytesIO`` share an entry, and a renamed or copied file is still a hit),
-* the detector settings (detector version, threshold, which frames the detector sees), and
-* the sampling, when the detection depends on it (see :func:`swift_sophia.shots.detection_frame_indices`:
-  only the ``"sampled"`` mode feeds the sampled frames themselves to the detector; the other modes produce
-  video-level boundaries that are mapped onto any sampling, so one entry serves every ``num_frames``).
+* the detector settings (detector version, threshold, which frames the detector sees: always every frame).
+
+The boundaries are video-level (native frame numbers), mapped onto any sampling, so one entry serves every
+``num_frames`` / ``FPS``.
 
 Writes are atomic (temporary file in the same folder, ``fsync``, ``os.replace``): an interrupted writer
 leaves either no entry or a complete one, never a truncated file. A file that does not parse, or whose
@@ -27,13 +27,13 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+from .video_source import VideoSource
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = 'SOPHIA_SHOT_CACHE'
 CACHE_FORMAT = 1
 _HASH_CHUNK = 1 << 20
-
-VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
 
 # (realpath, size, mtime_ns) -> content hash. Per process; cleared with clear_content_hash_memo().
 _HASH_MEMO: Dict[Tuple[str, int, int], str] = {}

@@ -37,7 +37,8 @@ from swift.dataset.register import DATASET_MAPPING
 from swift.utils import get_logger
 
 from .shot_cache import ShotCache
-from .shots import DetectionSettings, ensure_cached, get_default_detector, resolve_video_source
+from .shots import DetectionSettings, ensure_cached, get_default_detector
+from .video_source import resolve_video_source
 
 logger = get_logger()  # ms-swift's logger: it prints from the forked workers `datasets.map` runs rows in
 
@@ -54,8 +55,7 @@ class ShotCachePreprocessor(RowPreprocessor):
 
     Args:
         inner: the preprocessor for the row format (default ``AutoPreprocessor()``).
-        num_frames: frames the template samples; only used when the detection depends on the sampling
-            (``SOPHIA_SHOT_MODE=sampled``). Default ``$VIDEO_SEGMENTS`` or 32.
+        num_frames: ignored (accepted for old callers): one cache entry per video serves every sampling.
         cache_dir: the shot cache folder (default ``$SOPHIA_SHOT_CACHE`` or ``~/.cache/swift_sophia/shots``).
         settings: detection settings (default :meth:`DetectionSettings.from_env`).
         dataset_dir: where relative video paths are looked up after the current folder and
@@ -69,9 +69,6 @@ class ShotCachePreprocessor(RowPreprocessor):
                  device: Optional[str] = None, on_error: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         self.inner = inner if inner is not None else AutoPreprocessor()
-        if num_frames is None:
-            num_frames = int(os.environ.get('VIDEO_SEGMENTS', '32'))
-        self.num_frames = int(num_frames)
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self.settings = settings
         self.dataset_dir = dataset_dir
@@ -89,15 +86,6 @@ class ShotCachePreprocessor(RowPreprocessor):
         return super().__call__(dataset, num_proc=num_proc, load_from_cache_file=load_from_cache_file,
                                 strict=strict, enable_auto_mapping=False, **kwargs)
 
-    def _frame_indices(self, src) -> List[int]:
-        settings = self.settings or DetectionSettings.from_env()
-        if not settings.depends_on_sampling:
-            return []
-        from .shots import video_info
-        from .video import sample_frame_indices
-        total, _ = video_info(src)
-        return sample_frame_indices(total, self.num_frames)
-
     def ensure_row(self, row: Dict[str, Any]) -> List[str]:
         """Cache the shots of every video of ``row``; returns the statuses ('cached'/'computed')."""
         statuses = []
@@ -109,7 +97,7 @@ class ShotCachePreprocessor(RowPreprocessor):
                 continue
             src, name = resolve_video_source(video, self.dataset_dir, prefer_base=False)
             try:
-                statuses.append(ensure_cached(src, self._frame_indices(src), cache=ShotCache(self.cache_dir),
+                statuses.append(ensure_cached(src, cache=ShotCache(self.cache_dir),
                                               detector=get_default_detector(self.device),
                                               settings=self.settings or DetectionSettings.from_env()))
             except Exception as e:

@@ -2,8 +2,24 @@
 
 A `<video>` tag becomes `<vid>` + frames x M `<VIDEO_CONTEXT>` tokens + `</vid>`: the frames' tokens are contiguous,
 so that the model can place each video's hierarchy right after its level-0 frames. An `<image>` tag becomes
-`<img>` + M `<IMG_CONTEXT>` tokens + `</img>` (one tile per image). Frames per video: the `VIDEO_SEGMENTS`
-environment variable, which `--model_kwargs '{"video_segments": N}'` sets, else the model config's `num_frames`.
+`<img>` + M `<IMG_CONTEXT>` tokens + `</img>` (one tile per image).
+
+Frames per video, read once when the template is built (`init_env_args`; each variable can also be given as
+`--model_kwargs '{"<lower-case name>": value}'`, which ms-swift turns into the environment variable):
+
+1. `VIDEO_SEGMENTS=N` (InternVL's name): N frames, whatever the video's length. An explicit value wins.
+2. else `FPS=r` (Qwen2.5-VL's name and meaning): `clamp(round(duration_s * r), FPS_MIN_FRAMES, FPS_MAX_FRAMES)`
+   frames, never more than the video has (defaults as in ms-swift: `FPS_MIN_FRAMES=4`, `FPS_MAX_FRAMES=768`;
+   e.g. `FPS=1 FPS_MAX_FRAMES=4096` takes 3,600 frames of an hour and 4,096 of two hours). A video that reports
+   no frame rate gets `FPS_MAX_FRAMES` frames.
+3. else the model config's `num_frames`.
+
+The frames are spread uniformly (segment centres, :func:`swift_sophia.video.sample_frame_indices`) and decoded
+straight to the vision tower's input size. A value that is not a number or out of range (`VIDEO_SEGMENTS=abc`,
+`FPS=-1`) raises a `ValueError` that names the variable.
+
+Pruning settings: `resolve_runtime_settings` (configuration_sophia) applies the `PRUNE_ALPHA` / `PRUNE_BETA`
+environment overrides to the config once, here; shots are computed only when pruning is on.
 """
 from __future__ import annotations
 
@@ -15,10 +31,9 @@ from swift.template import Template, register_template
 from swift.template.template_inputs import StdTemplateInputs
 from swift.template.templates.utils import ChatmlTemplateMeta
 from swift.template.utils import Context
-from swift.utils import get_env_args
 
 from .tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
-from .video import VideoError, describe, frames_to_pixel_values, load_video
+from .video import FrameSampling, VideoError, describe, frames_to_pixel_values, load_video
 
 SOPHIA_TEMPLATE = "sophia"
 _TAG = re.compile(r"<(video|image)>")
@@ -32,10 +47,14 @@ class SophiaTemplate(Template):
 
     def init_env_args(self):
         super().init_env_args()
+        if self.config is not None:
+            from .configuration_sophia import resolve_runtime_settings
+
+            self.config = resolve_runtime_settings(self.config)
         default_frames = getattr(self.config, "num_frames", 32) if self.config is not None else 32
-        self.video_segments = get_env_args("video_segments", int, default_frames)
-        if self.video_segments < 1:
-            raise ValueError(f"VIDEO_SEGMENTS must be >= 1, got {self.video_segments}")
+        self.frame_sampling = FrameSampling.from_env(default_frames)
+        # the fixed frame count, None under FPS sampling (kept for callers that read it)
+        self.video_segments = self.frame_sampling.num_frames
 
     # --------------------------------------------------------------------------------------------- tags
     @staticmethod
@@ -75,7 +94,7 @@ class SophiaTemplate(Template):
         clips = []
         for i, video in enumerate(inputs.videos):
             try:
-                clips.append(load_video(video, self.video_segments))
+                clips.append(load_video(video, self.frame_sampling, size=size))
             except VideoError as exc:
                 raise VideoError(f"video {i} of the sample: {exc}") from exc
         inputs._sophia_clips = clips
@@ -107,10 +126,7 @@ class SophiaTemplate(Template):
 
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
-        from .modeling_sophia import prune_settings
-
-        alpha, beta = prune_settings(self.config)
-        if alpha <= 0 and beta <= 0:
+        if self.config.prune_alpha <= 0 and self.config.prune_beta <= 0:
             return None
         from .shots import sampled_shots
 

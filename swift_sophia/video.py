@@ -1,35 +1,111 @@
-"""Video loading for Sophia: decord through ms-swift's `load_file` (paths, URLs, base64 and data URLs).
+"""Video frames for Sophia: how many frames a video gives, which ones, and decoding them.
 
-Frames are sampled uniformly at segment centres (InternVL's rule), resized to the vision tower's input size
-and normalised with the ImageNet statistics InternViT was trained with.
+How many (:class:`FrameSampling`, the template reads it once from the environment, see
+:meth:`FrameSampling.from_env`): ``VIDEO_SEGMENTS`` frames when set; else, when ``FPS`` is set,
+``clamp(round(duration * FPS), FPS_MIN_FRAMES, FPS_MAX_FRAMES)`` frames (never more than the video has); else the
+model config's ``num_frames``. Which ones: uniformly spread, at segment centres (InternVL's rule,
+:func:`sample_frame_indices`); every frame once when the video has no more frames than asked for.
+
+Decoding (:func:`open_reader`, :func:`decode_frames`): PyAV, with frame threading, seeking to the keyframe before
+a sampled frame only when that skips decoding (``benchmarks/bench_video_decode.py`` measured it against decord);
+decord when PyAV cannot open the file. Frame ``i`` is the ``i``-th frame in presentation order for both (the
+same numbering as decord's ``VideoReader``, which the shot cache and older releases use; tested equal). The
+template decodes straight to the vision tower's square input size (swscale, area filter), which keeps 4,096
+frames of a 720p video at 2.5 GB instead of 11 GB of full-size RGB.
 """
 from __future__ import annotations
 
+import bisect
+import logging
+import math
 import os
 from dataclasses import dataclass
 from io import BytesIO
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .video_source import (VideoDecodeError, VideoError, VideoNotFoundError, VideoSource, describe, fresh_stream,
+                           resolve_video_source)
+
+logger = logging.getLogger(__name__)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".mpeg", ".mpg", ".ts")
+DEFAULT_FPS_MIN_FRAMES = 4  # ms-swift / qwen_vl_utils defaults
+DEFAULT_FPS_MAX_FRAMES = 768
 
 
-class VideoError(ValueError):
-    """A video that cannot be used, with the reason and the video's name in the message."""
+# ------------------------------------------------------------------------------------------------ how many frames
+def _env_number(name: str, kind, default, minimum, what: str):
+    """``swift.utils.get_env_args(name)`` (so ``--model_kwargs '{"<name>": ...}'`` works as for ms-swift's own
+    templates), with an error that names the variable and says what it accepts."""
+    from swift.utils import get_env_args
+    try:
+        value = get_env_args(name, kind, default)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name.upper()}={os.environ.get(name.upper())!r} is not valid: it must be {what} '
+                         f'(set it with the environment variable or --model_kwargs \'{{"{name}": ...}}\')') from None
+    if value is not None and (not math.isfinite(value) or value < minimum):
+        raise ValueError(f'{name.upper()}={os.environ.get(name.upper(), value)!r} is not valid: it must be {what}')
+    return value
 
 
-@dataclass
-class VideoClip:
-    frames: np.ndarray  # uint8 [F, H, W, 3], the sampled frames
-    indices: List[int]  # their indices in the video
-    total_frames: int
-    fps: float
-    source: Union[str, BytesIO]  # what decord read (a path, or the bytes of a URL / base64 video)
-    name: str  # for messages
+def _env_int(name, default, minimum=1):
+    return _env_number(name, int, default, minimum, f'an integer >= {minimum}')
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """How many frames to take from a video: a fixed count (``num_frames``) or a rate (``fps``) with bounds."""
+    num_frames: Optional[int] = 32
+    fps: Optional[float] = None
+    min_frames: int = DEFAULT_FPS_MIN_FRAMES
+    max_frames: int = DEFAULT_FPS_MAX_FRAMES
+
+    def __post_init__(self):
+        if self.fps is None and (self.num_frames is None or self.num_frames < 1):
+            raise ValueError(f'num_frames must be >= 1, got {self.num_frames}')
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f'fps must be > 0, got {self.fps}')
+        if self.min_frames < 1 or self.max_frames < self.min_frames:
+            raise ValueError(f'need 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}')
+
+    @classmethod
+    def from_env(cls, default_frames: int = 32) -> 'FrameSampling':
+        """``VIDEO_SEGMENTS`` wins; else ``FPS`` (with ``FPS_MIN_FRAMES``, ``FPS_MAX_FRAMES``); else
+        ``default_frames`` (the model config's ``num_frames``). Each is also ``--model_kwargs``' lower-case key.
+        A value that is not a number, or out of range, raises a ``ValueError`` naming the variable."""
+        segments = _env_int('video_segments', None)
+        fps = _env_number('fps', float, None, 0, 'a number > 0 (frames per second of video)') \
+            if segments is None else None
+        if fps is not None and fps <= 0:
+            raise ValueError(f'FPS={os.environ.get("FPS")!r} is not valid: it must be a number > 0')
+        if fps is None:
+            return cls(num_frames=segments if segments is not None else default_frames)
+        lo = _env_int('fps_min_frames', DEFAULT_FPS_MIN_FRAMES)
+        hi = _env_int('fps_max_frames', DEFAULT_FPS_MAX_FRAMES)
+        if hi < lo:
+            raise ValueError(f'FPS_MAX_FRAMES={hi} is below FPS_MIN_FRAMES={lo}')
+        return cls(num_frames=None, fps=fps, min_frames=lo, max_frames=hi)
+
+    def count(self, total_frames: int, video_fps: float) -> int:
+        """Frames to sample from a video of ``total_frames`` frames at ``video_fps``."""
+        if self.fps is None:
+            return int(self.num_frames)
+        if not video_fps or video_fps <= 0 or not math.isfinite(video_fps):
+            logger.warning('the video reports no frame rate: FPS sampling takes FPS_MAX_FRAMES=%d frames',
+                           self.max_frames)
+            n = self.max_frames
+        else:
+            n = min(max(int(round(total_frames / video_fps * self.fps)), self.min_frames), self.max_frames)
+        return max(1, min(n, total_frames))
+
+    def describe(self) -> str:
+        if self.fps is None:
+            return f'{self.num_frames} frames per video'
+        return f'{self.fps:g} frames per second, {self.min_frames}..{self.max_frames} frames per video'
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> List[int]:
@@ -44,59 +120,220 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> List[int]:
     return [min(total_frames - 1, max(0, int(round((i + 0.5) * seg - 0.5)))) for i in range(num_frames)]
 
 
-def describe(video) -> str:
-    """A short, printable name for a video given as a path, URL, data URL or base64 string."""
-    if isinstance(video, str):
-        v = video.strip()
-        if v.startswith("data:"):
-            return f"<data URL, {len(v)} chars>"
-        if len(v) > 200 and not os.path.exists(v):
-            return f"<base64 video, {len(v)} chars>"
-        return v
-    return f"<{type(video).__name__}>"
+# ------------------------------------------------------------------------------------------------------- readers
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
-def open_video(video):
-    """Resolve a path, URL, data URL or base64 string into something decord reads; missing files fail clearly."""
-    from swift.template.vision_utils import load_file
+class PyAVReader:
+    """Frames by presentation-order index, with PyAV. Opening reads the packet index (no decoding): every
+    packet's timestamp, sorted (frame ``i`` has the ``i``-th smallest), and the keyframes'.
 
-    name = describe(video)
-    if isinstance(video, str):
-        v = video.strip()
-        looks_like_path = (not v.startswith(("http://", "https://", "data:"))
-                           and (v.lower().endswith(_VIDEO_EXTENSIONS) or os.sep in v) and len(v) < 4096)
-        if looks_like_path:
-            if not os.path.isfile(v):
-                raise VideoError(f"video file not found: {v}")
-            return v, name
+    :meth:`get` decodes forward through the file and converts only the wanted frames; it seeks to the
+    keyframe before the next wanted frame when that keyframe lies beyond the current position (decoding the
+    frames in between would be wasted). ``num_threads=0``: FFmpeg's automatic thread count, frame threading.
+    """
+    backend = 'pyav'
+
+    def __init__(self, src: VideoSource, num_threads: int = 0):
+        import av
+        self._src = src
+        self.num_threads = int(num_threads)
+        with av.open(fresh_stream(src)) as container:
+            if not container.streams.video:
+                raise VideoDecodeError('no video stream')
+            stream = container.streams.video[0]
+            pts, keys = [], []
+            for packet in container.demux(stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                pts.append(int(packet.pts))
+                if packet.is_keyframe:
+                    keys.append(int(packet.pts))
+            rate = stream.average_rate or stream.guessed_rate or 0
+            self.fps = float(rate) if rate else 0.0
+            self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        self.pts = sorted(pts)
+        self.keys = sorted(keys) or self.pts[:1]
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def get(self, indices: Sequence[int], size: Optional[Tuple[int, int]] = None,
+            interpolation: str = 'AREA') -> np.ndarray:
+        """uint8 ``[len(indices), H, W, 3]`` RGB; ``size=(W, H)`` scales with swscale (``interpolation``)."""
+        import av
+        idx = [int(i) for i in indices]
+        n = len(self.pts)
+        if any(i < 0 or i >= n for i in idx):
+            raise IndexError(f'frame index out of range for a video of {n} frames')
+        w, h = size if size is not None else (self.width, self.height)
+        out = np.empty((len(idx), h, w, 3), np.uint8)
+        if not idx:
+            return out
+        wanted = sorted(set(idx))
+        where = {i: [] for i in wanted}
+        for k, i in enumerate(idx):
+            where[i].append(k)
+        fmt = dict(format='rgb24')
+        if size is not None and (w, h) != (self.width, self.height):
+            fmt.update(width=w, height=h, interpolation=interpolation)
+        with av.open(fresh_stream(self._src)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            stream.codec_context.thread_count = self.num_threads
+            frames = None
+            cur = None  # pts of the last decoded frame
+            for i in wanted:
+                target = self.pts[i]
+                key = self.keys[max(0, bisect.bisect_right(self.keys, target) - 1)]
+                if frames is None or cur is None or cur >= target or key > cur:
+                    container.seek(key, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                    cur = None
+                for frame in frames:
+                    cur = frame.pts
+                    if cur is None:
+                        raise VideoDecodeError('a decoded frame has no timestamp')
+                    if cur >= target:
+                        break
+                else:
+                    raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded: the file ends early')
+                if cur != target:
+                    raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded (next frame: pts {cur})')
+                arr = frame.to_ndarray(**fmt)
+                for k in where[i]:
+                    out[k] = arr
+        return out
+
+
+class DecordReader:
+    """Frames by index with decord's ``VideoReader.get_batch``; ``size=(W, H)`` uses decord's scaler, which
+    works only for widths that are multiples of 32 (others: decoded at full size, then resized with torch)."""
+    backend = 'decord'
+
+    def __init__(self, src: VideoSource, num_threads: int = 1, size: Optional[Tuple[int, int]] = None):
+        import decord
+        kw = {} if size is None else dict(width=size[0], height=size[1])
+        self.scaled = size is not None
+        try:
+            self._vr = decord.VideoReader(fresh_stream(src), ctx=decord.cpu(0), num_threads=num_threads, **kw)
+        except (VideoNotFoundError, TypeError):
+            raise
+        except Exception:
+            if size is None:
+                raise
+            self._vr = decord.VideoReader(fresh_stream(src), ctx=decord.cpu(0), num_threads=num_threads)
+            self.scaled = False
+        self._size = size
+        self.fps = float(self._vr.get_avg_fps() or 0.0)
+
+    def __len__(self) -> int:
+        return len(self._vr)
+
+    def get(self, indices: Sequence[int], size: Optional[Tuple[int, int]] = None, interpolation: str = 'AREA'
+            ) -> np.ndarray:
+        idx = [int(i) for i in indices]
+        n = len(self._vr)
+        if any(i < 0 or i >= n for i in idx):
+            raise IndexError(f'frame index out of range for a video of {n} frames')
+        frames = self._vr.get_batch(idx).asnumpy() if idx else np.zeros((0, 1, 1, 3), np.uint8)
+        if size is not None and tuple(frames.shape[1:3]) != (size[1], size[0]) and len(frames):
+            frames = resize_frames(frames, size)
+        return frames
+
+
+def resize_frames(frames: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` -> uint8 ``[F, size[1], size[0], 3]`` (area filter)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode='area')
+    return t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def open_reader(src: VideoSource, *, backend: str = 'auto', num_threads: int = 0):
+    """A reader (``len(reader)``, ``reader.fps``, ``reader.get(indices, size)``) for a resolved source.
+
+    ``backend='auto'``: PyAV, else decord when PyAV cannot open the file. Raises :class:`VideoNotFoundError`
+    or :class:`VideoDecodeError` (the file is not a readable video)."""
+    errors = []
+    order = {'auto': ('pyav', 'decord'), 'pyav': ('pyav',), 'decord': ('decord',)}[backend]
+    for name in order:
+        try:
+            reader = PyAVReader(src, num_threads) if name == 'pyav' else DecordReader(src, num_threads or 1)
+            if len(reader) == 0:
+                raise VideoDecodeError('the video has zero frames')
+            return reader
+        except (VideoNotFoundError, TypeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - PyAV / decord raise many types
+            errors.append(f'{name}: {_first_line(exc)}')
+    raise VideoDecodeError('; '.join(errors))
+
+
+def decode_frames(reader, indices: Sequence[int], size: Optional[Tuple[int, int]] = None, *,
+                  src: Optional[VideoSource] = None) -> np.ndarray:
+    """``reader.get(indices, size)``; when the reader is decord's and it fails on the file (it cannot copy
+    frames of videos 48 or 72 pixels wide: "DECORDArrayCopyFromTo: The size must exactly match"), PyAV decodes
+    the same frames instead (``src`` is needed for that)."""
     try:
-        return load_file(video), name
-    except Exception as exc:  # bad base64, unreachable URL, ...
-        raise VideoError(f"cannot read video {name}: {exc}") from exc
+        return reader.get(indices, size)
+    except IndexError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if getattr(reader, 'backend', None) != 'decord' or src is None:
+            raise
+        logger.info('decord cannot decode %s (%s); decoding with PyAV', describe(src), _first_line(exc))
+        fallback = PyAVReader(src)
+        if len(fallback) != len(reader):
+            raise VideoDecodeError(f'decord failed ({_first_line(exc)}) and PyAV counts {len(fallback)} frames, '
+                                   f'not {len(reader)}') from exc
+        return fallback.get(indices, size)
 
 
-def load_video(video, num_frames: int) -> VideoClip:
-    """Decode `num_frames` uniformly sampled frames. Raises `VideoError` naming the video on any problem."""
-    from decord import DECORDError, VideoReader, cpu
+def video_info(src: VideoSource) -> Tuple[int, float]:
+    """``(number of frames, average fps)`` of a resolved source."""
+    reader = open_reader(src)
+    return len(reader), reader.fps
 
-    source, name = open_video(video)
+
+# --------------------------------------------------------------------------------------------------- the clip
+@dataclass
+class VideoClip:
+    frames: np.ndarray  # uint8 [F, H, W, 3], the sampled frames
+    indices: List[int]  # their indices in the video
+    total_frames: int
+    fps: float
+    source: Union[str, bytes, BytesIO]  # what was decoded (a path, or the bytes of a URL / base64 video)
+    name: str  # for messages
+
+
+def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None,
+               num_threads: int = 0) -> VideoClip:
+    """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
+    or a :class:`FrameSampling`. ``size``: decode straight to ``size x size`` (the vision tower's input; area
+    filter), else full size. Raises :class:`VideoError` naming the video on any problem."""
+    if not isinstance(sampling, FrameSampling):
+        sampling = FrameSampling(num_frames=int(sampling))
+    source, name = resolve_video_source(video)
     try:
-        reader = VideoReader(source, ctx=cpu(0), num_threads=1)
-        total = len(reader)
-    except (DECORDError, RuntimeError, ValueError) as exc:
-        raise VideoError(f"cannot decode video {name}: not a readable video file ({str(exc).splitlines()[0]})") \
-            from exc
-    if total == 0:
-        raise VideoError(f"video {name} has zero frames")
-    indices = sample_frame_indices(total, num_frames)
+        reader = open_reader(source, num_threads=num_threads)
+    except VideoNotFoundError:
+        raise
+    except VideoDecodeError as exc:
+        if 'zero frames' in str(exc):
+            raise VideoDecodeError(f'video {name} has zero frames') from exc
+        raise VideoDecodeError(f'cannot decode video {name}: not a readable video file ({exc})') from exc
+    total = len(reader)
+    indices = sample_frame_indices(total, sampling.count(total, reader.fps))
     try:
-        frames = reader.get_batch(indices).asnumpy()
-    except (DECORDError, RuntimeError) as exc:
-        raise VideoError(f"cannot decode frames {indices[0]}..{indices[-1]} of video {name}: {exc}") from exc
-    fps = float(reader.get_avg_fps() or 0.0)
+        frames = decode_frames(reader, indices, None if size is None else (int(size), int(size)), src=source)
+    except Exception as exc:  # noqa: BLE001
+        raise VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
+                               f'{_first_line(exc)}') from exc
     if isinstance(source, BytesIO):
         source.seek(0)
-    return VideoClip(frames=frames, indices=indices, total_frames=total, fps=fps, source=source, name=name)
+    return VideoClip(frames=frames, indices=indices, total_frames=total, fps=reader.fps, source=source, name=name)
 
 
 def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int) -> torch.Tensor:
@@ -112,4 +349,6 @@ def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int)
     return (x - mean) / std
 
 
-__all__ = ["VideoClip", "VideoError", "sample_frame_indices", "load_video", "frames_to_pixel_values", "describe"]
+__all__ = ["VideoClip", "VideoError", "VideoNotFoundError", "VideoDecodeError", "FrameSampling",
+           "sample_frame_indices", "open_reader", "decode_frames", "video_info", "load_video",
+           "frames_to_pixel_values", "describe", "resize_frames", "PyAVReader", "DecordReader"]

@@ -52,7 +52,7 @@ def test_errors_are_reported_per_row_and_the_rest_is_cached(dataset, tmp_path, c
                         '--batch-videos', '3'], capsys)
     assert rc == 1
     jl = str(dataset / 'data.jsonl')
-    assert f'{jl}:3: video not found: videos/missing.mp4' in err
+    assert f'{jl}:3: video file not found: videos/missing.mp4' in err
     assert f'{jl}:5: invalid JSON' in err
     assert f'{jl}:6: ' + str(dataset / 'videos' / 'corrupt.mp4') in err and 'cannot decode' in err
     assert '3 distinct videos' in err  # a (rows 1 and 4), b, corrupt

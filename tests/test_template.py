@@ -55,6 +55,64 @@ def test_frame_count_follows_video_segments(template, sample, monkeypatch):
         template.init_env_args()
 
 
+@pytest.fixture()
+def clip100(tmp_path):
+    """100 frames at 25 fps: 4 seconds."""
+    from test_shots import write_clip
+    return write_clip(tmp_path / "four_seconds.mp4", [50, 50])
+
+
+def _reinit(template, monkeypatch, **env):
+    for name in ("VIDEO_SEGMENTS", "FPS", "FPS_MIN_FRAMES", "FPS_MAX_FRAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+    template.init_env_args()
+
+
+def test_frame_count_follows_fps(template, clip100, monkeypatch):
+    try:
+        _reinit(template, monkeypatch, FPS=2)  # 4 s at 2 fps
+        assert template.encode(_row([clip100]))["video_frame_counts"].tolist() == [8]
+        _reinit(template, monkeypatch, FPS=2, FPS_MAX_FRAMES=5)
+        assert template.encode(_row([clip100]))["video_frame_counts"].tolist() == [5]
+        _reinit(template, monkeypatch, FPS=0.25)  # 1 frame by rate, FPS_MIN_FRAMES (4) by default
+        assert template.encode(_row([clip100]))["video_frame_counts"].tolist() == [4]
+        _reinit(template, monkeypatch, FPS=2, VIDEO_SEGMENTS=3)  # an explicit VIDEO_SEGMENTS wins
+        enc = template.encode(_row([clip100]))
+        assert enc["video_frame_counts"].tolist() == [3] and enc["pixel_values_videos"].shape[0] == 3
+    finally:
+        _reinit(template, monkeypatch)
+
+
+@pytest.mark.parametrize("name,value", [("VIDEO_SEGMENTS", "abc"), ("FPS", "-1"), ("FPS_MAX_FRAMES", "x")])
+def test_bad_sampling_values_name_the_variable(template, monkeypatch, name, value):
+    try:
+        with pytest.raises(ValueError, match=f"{name}='{value}' is not valid"):
+            _reinit(template, monkeypatch, **{"FPS": 1, name: value})
+    finally:
+        _reinit(template, monkeypatch)
+
+
+def test_pruning_settings_are_resolved_once(template, sample, monkeypatch):
+    import inspect
+
+    import swift_sophia.template as T
+    assert "modeling_sophia" not in inspect.getsource(T)
+    config = template.config
+    try:
+        monkeypatch.setenv("PRUNE_ALPHA", "30")
+        template.init_env_args()
+        assert config.prune_alpha == 30 and config.prune_beta == 0
+        monkeypatch.delenv("PRUNE_ALPHA")  # read once, at init_env_args: later changes do not matter
+        enc = template.encode(sample)
+        assert enc["video_frame_shots"].shape == (config.num_frames,)
+        config.prune_alpha = 0.0
+        assert "video_frame_shots" not in template.encode(sample)
+    finally:
+        config.prune_alpha, config.prune_beta = 0.0, 0.0
+
+
 def test_collator_concatenates_videos_and_pads_queries(template, sample):
     text_only = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
     batch = template.data_collator([template.encode(sample), template.encode(text_only), template.encode(sample)])

@@ -1,0 +1,118 @@
+"""Where a video comes from: the one resolver that turns any video entry into something the decoders read.
+
+A video arrives as a local path (absolute, or relative to the dataset file, the current folder or
+``$ROOT_IMAGE_DIR``, ms-swift's rule), an ``http(s)://`` URL, a ``data:`` URL or a base64 string (ms-swift's
+``load_file`` turns those into a ``BytesIO``), raw bytes, a ``{'bytes': ..., 'path': ...}`` dict (HF datasets) or
+a binary file object. :func:`resolve_video_source` returns ``(source, name)``: ``source`` is a path or an
+in-memory file, ``name`` is what error messages print. Used by the template (:func:`swift_sophia.video.load_video`),
+shot detection and shot precomputation alike.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Optional, Tuple, Union
+
+VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
+
+_INLINE_PREFIXES = ('http://', 'https://', 'data:')
+
+
+class VideoError(ValueError):
+    """A video that cannot be used, with the reason and the video's name in the message."""
+
+
+class VideoNotFoundError(VideoError, FileNotFoundError):
+    """The video file does not exist (message: ``video file not found: <path>``)."""
+
+
+class VideoDecodeError(VideoError, RuntimeError):
+    """The file exists but is not a readable video (message: ``cannot decode video <name>: ...``)."""
+
+
+def describe(video) -> str:
+    """A short, printable name for a video given as a path, URL, data URL, base64 string or bytes."""
+    if isinstance(video, os.PathLike):
+        return os.fspath(video)
+    if isinstance(video, str):
+        v = video.strip()
+        if v.startswith('data:'):
+            return f'<data URL, {len(v)} chars>'
+        if len(v) > 1024 and not os.path.exists(v[:1024]):
+            return f'<base64 video, {len(v)} chars>'
+        return v
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return f'<{len(video)} bytes>'
+    if isinstance(video, dict):
+        return describe(video.get('path')) if video.get('path') and not video.get('bytes') else '<bytes>'
+    return f'<{type(video).__name__}>'
+
+
+def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_base: bool = True
+                         ) -> Tuple[VideoSource, str]:
+    """Turn a video entry into ``(source, name)``; ``source`` is an absolute path, bytes or a file object.
+
+    Relative paths are looked up in ``base_dir`` (the dataset file's folder), the current folder and
+    ``$ROOT_IMAGE_DIR``, ``base_dir`` first when ``prefer_base``. URLs, data URLs and base64 strings go through
+    ms-swift's ``load_file`` (a ``BytesIO``). Raises :class:`VideoNotFoundError` for a missing file and
+    :class:`VideoError` for an entry that is no video at all or cannot be fetched.
+    """
+    if isinstance(video, dict):
+        if video.get('bytes'):
+            return bytes(video['bytes']), '<bytes>'
+        video = video.get('path')
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        return bytes(video), describe(video)
+    if isinstance(video, io.IOBase) or (hasattr(video, 'read') and hasattr(video, 'seek')):
+        return video, describe(video)
+    if isinstance(video, os.PathLike):
+        video = os.fspath(video)
+    if not isinstance(video, str) or not video.strip():
+        raise VideoError(f'unsupported video entry {type(video).__name__}: {str(video)[:80]!r}')
+    v = video.strip()
+    name = describe(v)
+    if v.startswith(_INLINE_PREFIXES) or (len(v) > 1024 and not os.path.exists(v[:1024])):
+        from swift.template.vision_utils import load_file
+        try:
+            return load_file(v), name
+        except Exception as exc:  # bad base64, unreachable URL, ...
+            raise VideoError(f'cannot read video {name}: {exc}') from exc
+    expanded = os.path.expanduser(v)
+    if os.path.isabs(expanded):
+        if not os.path.isfile(expanded):
+            raise VideoNotFoundError(f'video file not found: {expanded}')
+        return expanded, expanded
+    root = os.environ.get('ROOT_IMAGE_DIR')
+    swift_rule = [os.path.abspath(expanded)] + ([os.path.join(root, expanded)] if root else [])
+    base = [os.path.join(base_dir, expanded)] if base_dir else []
+    candidates = base + swift_rule if prefer_base else swift_rule + base
+    for c in candidates:
+        if os.path.isfile(c):
+            return os.path.abspath(c), v
+    looked = ', '.join(os.path.dirname(c) or '.' for c in candidates)
+    raise VideoNotFoundError(f'video file not found: {v} (looked in: {looked})')
+
+
+def fresh_stream(src: VideoSource):
+    """What a decoder opens: the path itself, or a new ``BytesIO`` at position 0 over the bytes (decoders read
+    from the current position and move it; the caller's file object is left where it was)."""
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.isfile(path):
+            raise VideoNotFoundError(f'video file not found: {path}')
+        return path
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(src))
+    if isinstance(src, io.BytesIO):
+        return io.BytesIO(src.getbuffer())
+    if hasattr(src, 'read') and hasattr(src, 'seek'):
+        pos = src.tell()
+        src.seek(0)
+        data = src.read()
+        src.seek(pos)
+        return io.BytesIO(data)
+    raise TypeError(f'unsupported video source {type(src).__name__}')
+
+
+__all__ = ['VideoSource', 'VideoError', 'VideoNotFoundError', 'VideoDecodeError', 'describe',
+           'resolve_video_source', 'fresh_stream']
