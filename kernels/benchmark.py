@@ -1,9 +1,12 @@
 """Benchmark of the hierarchical-attention kernels on the reference shapes (GPU only).
 
     python -m sophia_kernels.benchmark [--frames 32 128 512] [--dense-frames 32 128] [--flex-frames 32 128 512]
-                                       [--prefix-check 0 64 100 128] [--json out.json]
+                                       [--prefix-check 0 64 100 128] [--config "field=value,..."] [--json out.json]
     python -m sophia_kernels.benchmark --ab-bwd [--ab-prefix 64] --json out.json   # backward variants (BWD_VARIANTS)
     python -m sophia_kernels.benchmark --frames 128 512 --ab-cfg "s4:fwd_stages=4"  # configurations vs the default
+
+Configurations: the default is the automatic choice for bf16, D 128 on the device (``choose_config``; on H100 /
+H200 the tuned HierAttnConfig defaults); "field=value,..." strings (``config_with``) replace HierAttnConfig fields.
 
 Shapes (as in the reference measurements): batch 1, 32 query heads, 8 kv heads, D 128, M 256, E 2, A 2, L 4,
 64 text tokens before and 64 after the video, bf16. Medians over >= 25 runs of triton.testing.do_bench. "Dense"
@@ -55,11 +58,33 @@ def ceilings() -> dict:
     return {"matmul_tflops": 2 * 8192**3 / t / 1e9, "copy_tbps": 2 * (1 << 30) / tc / 1e9}
 
 
-def setup_ms(rows, reps=30, device="cuda") -> float:
-    from .ops.hier_attention_triton import _plans, default_config
+def base_config(device="cuda"):
+    """The configuration the kernels choose for the benchmark shapes (bf16, D 128) on ``device``."""
+    from .ops.config import choose_config
 
-    cfg = default_config(D)
+    return choose_config(torch.bfloat16, D, device)
+
+
+def config_with(cfg, fields: str, source: str = "config"):
+    """``cfg`` (a HierAttnConfig) with the fields of a "field=value,..." string replaced (e.g.
+    ``dkdv_block_n=64,dkdv_warps=4``); integers. An empty string changes nothing."""
+    import dataclasses
+
+    kw = {}
+    for item in filter(None, (x.strip() for x in fields.split(","))):
+        name, _, raw = item.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if name not in type(cfg).__dataclass_fields__:
+            raise ValueError(f"{source}: unknown field {name!r}")
+        kw[name] = int(raw)
+    return dataclasses.replace(cfg, **kw)
+
+
+def setup_ms(rows, reps=30, device="cuda") -> float:
+    from .ops.hier_attention_triton import _plans
+
     dev = torch.device(device)
+    cfg = base_config(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ts = []
     for _ in range(reps):
@@ -198,7 +223,6 @@ BWD_VARIANTS = {  # name -> HierAttnConfig fields replaced; "default" = the defa
     "default": {},
     "v3_dkdv_n128m64w8s3": {"dkdv_block_n": 128, "dkdv_block_m": 64, "dkdv_warps": 8, "dkdv_stages": 3},
     "dq_m64n64w4s2": {"dq_block_m": 64, "dq_block_n": 64, "dq_warps": 4, "dq_stages": 2},
-    "no_split_x": {"dkdv_split_x": False},
 }
 
 
@@ -206,13 +230,13 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
     """Whole-backward variants (BWD_VARIANTS) timed alone at 128 and 512 frames (``prefix`` text tokens before the
     video, 64 after) and checked against the default's
     gradients; then fwd+bwd of the default vs the fastest variant, alternating (A, B, A, B). Writes the fastest as a
-    SOPHIA_HIER_CONFIG string to best_cfg.txt next to json_path."""
+    "field=value,..." string (``--config`` of this benchmark and of gpu_check) to best_cfg.txt next to json_path."""
     import dataclasses
     import os
 
     from .ops import hier_attention_triton as H
 
-    base = H.default_config(D)
+    base = base_config()
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "base": repr(base), "bwd": [], "fwdbwd": []}
     total: dict[str, float] = {}
@@ -225,7 +249,7 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
         layout, n = HierLayout.from_segments([[[prefix, ("video", f), 64]]], tokens_per_frame=M)
         q, k, v = _inputs(n)
         do = torch.randn_like(q)
-        o, lse = H.hier_attention_fwd(q, k, v, layout, scale, base)
+        o, lse, _ = H.hier_attention_fwd(q, k, v, layout, scale, base)
         ref = H.hier_attention_bwd(do, q, k, v, o, lse, layout, scale, base)
         for name, kw in BWD_VARIANTS.items():
             cfg = dataclasses.replace(base, **kw)
@@ -250,9 +274,9 @@ def ab_bwd(json_path=None, frames=(128, 512), prefix=64) -> int:
         torch.cuda.empty_cache()
     best = min(total, key=total.get)
     kw = BWD_VARIANTS[best]
-    env = ",".join(f"{a}={int(b) if isinstance(b, bool) else b}" for a, b in kw.items())
-    info["best"], info["best_env"] = best, env
-    print("best", best, "SOPHIA_HIER_CONFIG=" + env, flush=True)
+    env = ",".join(f"{a}={b}" for a, b in kw.items())
+    info["best"], info["best_config"] = best, env
+    print("best", best, f"--config {env!r}", flush=True)
     if json_path:
         with open(os.path.join(os.path.dirname(json_path) or ".", "best_cfg.txt"), "w") as fh:
             fh.write(env)
@@ -290,13 +314,11 @@ def interleaved(cfgs: dict, frames, prefix: int = 64, reps: int = 2, want_mem: b
 def ab_configs(specs: list[str], frames=(128, 512), reps: int = 2) -> int:
     """fwd and fwd+bwd of configurations given as "name:field=value,..." strings (fields of HierAttnConfig over the
     default; "default" alone is the default), interleaved with the default."""
-    from .ops import hier_attention_triton as H
-
-    base = H.default_config(D)
+    base = base_config()
     cfgs = {}
     for spec in ["default"] + [x for x in specs if x != "default"]:
         name, _, fields = spec.partition(":")
-        cfgs[name] = H.config_with(base, fields, source=f"--ab-cfg {name}")
+        cfgs[name] = config_with(base, fields, source=f"--ab-cfg {name}")
     rows = interleaved(cfgs, frames, reps=reps)
     print(f"\n## {torch.cuda.get_device_name()}\n\n| frames | config | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
     for r in rows:
@@ -315,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--ab-prefix", type=int, default=64, help="text tokens before the video in --ab-bwd")
     p.add_argument("--ab-cfg", nargs="*", default=None,
                    help='configurations "name:field=value,..." timed against the default, interleaved; only this')
+    p.add_argument("--config", default="",
+                   help='"field=value,..." replacing fields of the default configuration in the main table')
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.ab_cfg is not None:
@@ -322,8 +346,7 @@ def main(argv=None) -> int:
     if args.ab_bwd:
         return ab_bwd(args.json, prefix=args.ab_prefix)
 
-    from .ops import hier_attention_triton as H
-
+    cfg = config_with(base_config(), args.config, source="--config")
     dev = torch.cuda.get_device_name()
     info = {"device": dev, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     import triton
@@ -331,7 +354,7 @@ def main(argv=None) -> int:
     info["triton"] = triton.__version__
     info.update(ceilings())
     print(info, flush=True)
-    info["config"] = repr(H.default_config(D))
+    info["config"] = repr(cfg)
     rows_out = []
     for f in args.frames:
         rows = [[[64, ("video", f), 64]]]
@@ -339,7 +362,7 @@ def main(argv=None) -> int:
         fl = 4 * D * layout.allowed_pairs() * HQ
         r = {"frames": f, "plain_tokens": 128 + M * f, "ext_tokens": n, "useful_tflop_fwd": fl / 1e12,
              "setup_ms": setup_ms(rows)}
-        r["ours"] = time_fn(ours(layout), n)
+        r["ours"] = time_fn(ours(layout, cfg), n)
         r["ours"]["tflops_fwd"] = fl / r["ours"]["fwd_ms"] / 1e9
         r["ours"]["tflops_fwdbwd"] = 3.5 * fl / r["ours"]["fwdbwd_ms"] / 1e9
         print(f, "ours", r["ours"], flush=True)
@@ -367,7 +390,7 @@ def main(argv=None) -> int:
         rows = [[[pre, ("video", 128), 64]]]
         layout, n = HierLayout.from_segments(rows, tokens_per_frame=M)
         fl = 4 * D * layout.allowed_pairs() * HQ
-        t = time_fn(ours(layout), n, want_mem=False)
+        t = time_fn(ours(layout, cfg), n, want_mem=False)
         t["tflops_fwd"] = fl / t["fwd_ms"] / 1e9
         prefix_rows.append({"prefix": pre, "ext_tokens": n, **t})
         print("prefix", pre, t, flush=True)

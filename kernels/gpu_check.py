@@ -1,17 +1,20 @@
 """GPU correctness check of the Triton hierarchical-attention kernels against the reference.
 
-    python -m sophia_kernels.gpu_check            # prints a pass/fail table, exit code 1 on any failure
+    python -m sophia_kernels.gpu_check [--quick] [--config "field=value,..."]   # pass/fail table, exit 1 on failure
 
-bf16 and fp16 inputs, fresh random inputs per case, outputs and gradients poisoned with NaN before each run,
-randomized layouts (packed rows, padding, text before/between/after, several videos, trapezoids, any M) and the
-the reference shape at 32 frames. The reference runs on upcast inputs (float64 for small cases, float32 for the large
-one). Error metric: ||x - ref|| / ||ref||; NaN never passes; padding rows must be exactly 0; a second run on the
-same inputs must give bitwise-identical results (no races: the kernels use no atomics).
+bf16, fp16 and fp32 inputs, fresh random inputs per case, outputs and gradients poisoned with NaN before each run,
+varied layouts (packed rows, padding, text before/between/after, several videos, trapezoids, any M; drawn once by
+the tests' random-layout generator, tests/layouts.py, and written out here) and the reference shape at 32 frames.
+The reference runs on upcast inputs (float64 for small cases, float32 for the large ones). Error metric:
+||x - ref|| / ||ref||; NaN never passes; padding rows must be exactly 0; a second run on the same inputs must give
+bitwise-identical results (no races: the kernels use no atomics). Without ``--config`` the kernels run with the
+automatic configuration (``choose_config``: fitted to the device's shared memory); ``--config`` replaces fields of
+the default ``HierAttnConfig`` (A/B of variants).
 """
 
 from __future__ import annotations
 
-import random
+import argparse
 import sys
 import time
 
@@ -20,31 +23,31 @@ import torch
 from .layout import HierLayout
 from .reference import hierarchical_attention_reference
 
-TOL = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 5e-3)}  # (output, gradients)
+TOL = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 5e-3),  # (output, gradients)
+       torch.float32: (2e-3, 5e-3)}  # fp32 inputs: tl.dot runs in tf32 (10-bit mantissa, like fp16)
 
 
-def random_rows(rng: random.Random, m: int, max_frames: int = 10, max_text: int = 300, rows: int = 2):
-    out = []
-    for _ in range(rows):
-        row = []
-        for _ in range(rng.randint(1, 2)):
-            if rng.random() < 0.4:
-                row.append(("pad", rng.randint(1, 200)))
-            seq = []
-            for _ in range(rng.randint(1, 4)):
-                if rng.random() < 0.6:
-                    seq.append(("video", rng.randint(1, max_frames)))
-                else:
-                    seq.append(rng.randint(1, max_text))
-            row.append(seq)
-        out.append(row)
-    return out
+# the layouts of the "rand" cases: tests/layouts.py random_rows(random.Random(1234), **GPU) with frames up to 8
+# (M >= 128) or 12, drawn in this order for the M of each spec
+RAND_ROWS = [
+    [[("pad", 24), [43], ("pad", 91), [("video", 1), ("video", 8)]],
+     [("pad", 47), [258], [("video", 8), ("video", 2)]]],
+    [[("pad", 143), [247]], [("pad", 168), [("video", 9), 261], ("pad", 86), [194, ("video", 2)]]],
+    [[("pad", 143), [("video", 6), 272], ("pad", 79), [("video", 5), 21, ("video", 3), ("video", 3)]],
+     [("pad", 99), [("video", 10), 244, ("video", 8)], [("video", 9), 152]]],
+    [[("pad", 48), [("video", 2), 53, 249, ("video", 11)], ("pad", 50), [("video", 12), 81, ("video", 5)]],
+     [[229, 41, ("video", 1)]]],
+    [[[("video", 2), 163], ("pad", 118), [("video", 2)]],
+     [[("video", 12)], [("video", 6), 106, ("video", 12), ("video", 10)]]],
+    [[("pad", 91), [("video", 8), ("video", 3)]], [[36, 88]]],
+    [[[76]], [("pad", 101), [("video", 7), 144, ("video", 5)]]],
+    [[("pad", 148), [48, 143], [("video", 7), ("video", 5), 204]], [("pad", 113), [85, ("video", 1)]]],
+]
 
 
 def make_cases(quick: bool = False):
     """(name, layout, n, batch, hq, hkv, d, dtype, ref_dtype)."""
     cases = []
-    rng = random.Random(1234)
     specs = [
         # m, d, hq, hkv, dtype, arity, levels, neighbours
         (256, 128, 4, 1, torch.bfloat16, 2, 4, 2),
@@ -59,7 +62,7 @@ def make_cases(quick: bool = False):
     if quick:
         specs = specs[:3]
     for i, (m, d, hq, hkv, dtype, a, lv, e) in enumerate(specs):
-        rows = random_rows(rng, m, max_frames=8 if m >= 128 else 12)
+        rows = RAND_ROWS[i]
         layout, n = HierLayout.from_segments(rows, tokens_per_frame=m, arity=a, levels=lv, neighbours=e)
         name = f"rand{i}_M{m}_D{d}_{str(dtype)[6:]}_A{a}L{lv}E{e}"
         cases.append((name, layout, n, len(rows), hq, hkv, d, dtype, torch.float64))
@@ -74,6 +77,13 @@ def make_cases(quick: bool = False):
         cases.append(("targets_32f", layout, n, 1, 32, 8, 128, torch.bfloat16, torch.float32))
         layout, n = HierLayout.from_segments([[[0, ("video", 32), 64]]], tokens_per_frame=256)
         cases.append(("targets_32f_prefix0", layout, n, 1, 32, 8, 128, torch.float16, torch.float32))
+        # float32 inputs (the configuration is shrunk to fit shared memory: 4-byte tiles)
+        layout, n = HierLayout.from_segments(RAND_ROWS[0], tokens_per_frame=256)
+        cases.append(("fp32_rand_M256_D128", layout, n, 2, 4, 1, 128, torch.float32, torch.float64))
+        layout, n = HierLayout.from_segments(RAND_ROWS[1], tokens_per_frame=64)
+        cases.append(("fp32_rand_M64_D64", layout, n, 2, 4, 2, 64, torch.float32, torch.float64))
+        layout, n = HierLayout.from_segments([[[64, ("video", 32), 64]]], tokens_per_frame=256)
+        cases.append(("targets_32f_fp32", layout, n, 1, 32, 8, 128, torch.float32, torch.float32))
     return cases
 
 
@@ -84,7 +94,8 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm().clamp_min(1e-30))
 
 
-def check_case(case, seed: int = 0) -> dict:
+def check_case(case, seed: int = 0, config=None) -> dict:
+    """Run one case of ``make_cases`` (``config``: a HierAttnConfig, None for the automatic choice)."""
     from .ops.hier_attention_triton import hier_attention_triton
 
     name, layout, n, b, hq, hkv, d, dtype, ref_dtype = case
@@ -97,7 +108,7 @@ def check_case(case, seed: int = 0) -> dict:
 
     def run():
         qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-        out = hier_attention_triton(qq, kk, vv, layout, poison=True)
+        out = hier_attention_triton(qq, kk, vv, layout, config=config, poison=True)
         grads = torch.autograd.grad(out, (qq, kk, vv), do)
         torch.cuda.synchronize()
         return (out.detach(),) + tuple(grads)
@@ -129,11 +140,11 @@ def check_case(case, seed: int = 0) -> dict:
     return res
 
 
-def run_checks(quick: bool = False, verbose: bool = True) -> list[dict]:
+def run_checks(quick: bool = False, verbose: bool = True, config=None) -> list[dict]:
     results = []
     for i, case in enumerate(make_cases(quick)):
         try:
-            r = check_case(case, seed=i)
+            r = check_case(case, seed=i, config=config)
         except Exception as exc:  # report, keep going
             r = {"case": case[0], "pass": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         results.append(r)
@@ -156,12 +167,24 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description="GPU correctness check of the Triton kernels against the reference")
+    p.add_argument("--quick", action="store_true", help="the first few cases only")
+    p.add_argument("--config", default=None,
+                   help='replace fields of the default HierAttnConfig, e.g. "dkdv_block_n=128,dkdv_warps=8" '
+                        "(default: the automatic choice for each dtype and head dim)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 2
-    results = run_checks(quick="--quick" in argv)
-    print(f"\nDevice: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    config = None
+    if args.config is not None:
+        from .benchmark import config_with
+        from .ops.config import HierAttnConfig
+
+        config = config_with(HierAttnConfig(), args.config, source="--config")
+    results = run_checks(quick=args.quick, config=config)
+    print(f"\nDevice: {torch.cuda.get_device_name()}  torch {torch.__version__}"
+          + (f"  config {config}" if config is not None else ""))
     print(table(results))
     bad = [r["case"] for r in results if not r["pass"]]
     print("ALL PASS" if not bad else f"FAILED: {bad}")

@@ -1,4 +1,4 @@
-"""GPU correctness of the Triton kernels (bf16 / fp16) against the reference; skipped without CUDA.
+"""GPU correctness of the Triton kernels (bf16 / fp16 / fp32) against the reference; skipped without CUDA.
 
 The full check with the reference shape is ``python -m sophia_kernels.gpu_check``.
 """
@@ -37,3 +37,30 @@ def test_auto_uses_triton_on_cuda_and_matches():
     out = hierarchical_attention(q, k, k, layout)
     ref = hierarchical_attention(q.float(), k.float(), k.float(), layout, implementation="reference")
     assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_auto_float32_fits_shared_memory_and_matches(d):
+    """A float32 model with implementation="auto": the chosen configuration fits the device's shared memory (the
+    tuned 16-bit blocks in 4-byte elements need 262,144 B for the forward at D = 128; an H200 has 232,448)."""
+    from sophia_kernels import HierLayout, hierarchical_attention
+
+    layout, n = HierLayout.from_segments([[[64, ("video", 4), 100]]], tokens_per_frame=256)
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, k, v = (torch.randn(1, h, n, d, device="cuda", generator=g).requires_grad_(True) for h in (4, 2, 2))
+    do = torch.randn(1, 4, n, d, device="cuda", generator=g)
+    out = hierarchical_attention(q, k, v, layout)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = hierarchical_attention(q64, k64, v64, layout, implementation="reference")
+    rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    for x, y, tol in [(out, ref, 2e-3)] + [(a, b, 5e-3) for a, b in zip(grads, rgrads)]:
+        assert float((x.double() - y).norm() / y.norm()) < tol
+
+
+def test_gpu_check_float32_case():
+    from sophia_kernels.gpu_check import check_case, make_cases
+
+    case = next(c for c in make_cases() if c[0] == "fp32_rand_M256_D128")
+    res = check_case(case, seed=0)
+    assert res["pass"], res

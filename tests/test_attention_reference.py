@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from layouts import random_layout
 
 from sophia_kernels import HierLayout, hierarchical_attention, level_counts
 
@@ -59,31 +60,6 @@ def oracle_attention(q, k, v, mask, scale):
     s = s.masked_fill(~mask[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows with no key (padding) -> 0
     return torch.einsum("bhqk,bhkd->bhqd", p, vv)
-
-
-# ---------------------------------------------------------------------------------------------- layouts
-def random_layout(rng: random.Random, max_rows=3):
-    m = rng.choice([1, 2, 3, 4])
-    a = rng.choice([2, 2, 3])
-    lv = rng.choice([1, 2, 3, 4, 6])
-    e = rng.choice([0, 1, 2])
-    rows = []
-    for _ in range(rng.randint(1, max_rows)):
-        row = []
-        for _ in range(rng.randint(1, 3)):
-            if rng.random() < 0.3:
-                row.append(("pad", rng.randint(1, 5)))
-            seq = []
-            for _ in range(rng.randint(1, 4)):
-                if rng.random() < 0.55:
-                    seq.append(("video", rng.randint(1, 7)))
-                else:
-                    seq.append(rng.randint(1, 6))
-            row.append(seq)
-        if rng.random() < 0.3:
-            row.append(("pad", rng.randint(1, 4)))
-        rows.append(row)
-    return HierLayout.from_segments(rows, tokens_per_frame=m, arity=a, levels=lv, neighbours=e)
 
 
 def _check(layout, n, hq, hkv, d, seed):
