@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -51,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -64,7 +63,7 @@ GiB = 2**30
 DEFAULTS = {  # per shape family: frames of (a), frames of (b), video of --make-video, matmul size
     "full": dict(frames=[128, 512, 1024, 2048, 4096], train_frames=[128, 512, 1024], video_seconds=3600,
                  video_size=(640, 360), video_fps=25, max_frames=4096, matmul=8192),
-    "tiny": dict(frames=[8, 32], train_frames=[8, 16], video_seconds=40, video_size=(160, 96),
+    "tiny": dict(frames=[8, 32], train_frames=[8], video_seconds=20, video_size=(160, 96),
                  video_fps=10, max_frames=64, matmul=512),
 }
 
@@ -195,8 +194,12 @@ def memory_trace(enabled: bool, sink: dict):
         yield
         return
     try:
-        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
-                                                 max_entries=2_000_000)
+        try:
+            torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                     max_entries=2_000_000, clear_history=True)
+        except TypeError:
+            torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                     max_entries=2_000_000)
     except Exception as exc:  # older/newer signature: tracing is optional
         sink["error"] = f"memory history unavailable: {exc}"
         yield
@@ -206,22 +209,28 @@ def memory_trace(enabled: bool, sink: dict):
     finally:
         try:
             snap = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
             sink.update(peak_blocks(snap))
         except Exception as exc:
             sink["error"] = f"memory history failed: {exc}"
+        finally:
+            try:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            except Exception:
+                pass
 
 
 def _where(frames) -> str:
     keep = [f for f in frames or [] if any(s in f.get("filename", "") for s in
                                            ("swift_sophia", "sophia_kernels", "kernels/", "transformers", "peft",
                                             "bench_8b"))]
-    f = (keep or frames or [{}])[0]
-    return f"{os.path.basename(f.get('filename', '?'))}:{f.get('line', '?')} {f.get('name', '')}".strip()
+    picked = (keep or frames or [{}])[:1]
+    outer = [f for f in keep[1:] if "swift_sophia" in f.get("filename", "") and f not in picked][:1]
+    return " < ".join(f"{os.path.basename(f.get('filename', '?'))}:{f.get('line', '?')} {f.get('name', '')}".strip()
+                      for f in picked + outer)
 
 
-def peak_blocks(snap, top: int = 6) -> dict:
-    trace = snap["device_traces"][torch.cuda.current_device()]
+def peak_blocks(snap, top: int = 6, device: Optional[int] = None) -> dict:
+    trace = snap["device_traces"][torch.cuda.current_device() if device is None else device]
     live, total, peak, peak_i = {}, 0, 0, -1
     for i, ev in enumerate(trace):
         if ev["action"] == "alloc":
@@ -392,7 +401,8 @@ class Bench:
 
         self.shape = resolve_shape(args.shape)
         self.tokenizer = build_tokenizer()
-        self.sophia_config = shape_config(self.shape, self.tokenizer, attention_backend=args.attention_backend)
+        self.sophia_config = shape_config(self.shape, self.tokenizer, attention_backend=args.attention_backend,
+                                          **dict(args.set or []))
         self.dense_config = internvl_config(self.shape, self.tokenizer)
         self.prompt = Prompt(self.tokenizer, self.sophia_config, self.device)
         self.results = dict(meta=self.meta(), prefill=[], train=[], e2e=None)
@@ -416,6 +426,7 @@ class Bench:
         else:
             name, total = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", None
         rate = matmul_rate(self.device, a.matmul_size, self.dtype)
+        free_memory()
         print(f"{name}; torch {torch.__version__}, triton {triton_version}, transformers {transformers.__version__}; "
               f"{a.dtype} {a.matmul_size}^3 matmul: {rate / 1e12:.1f} TFLOP/s", flush=True)
         return dict(device=name, device_memory_gib=total, torch=torch.__version__, triton=triton_version,
@@ -426,10 +437,12 @@ class Bench:
                     tokens_per_frame=self.sophia_config.tokens_per_frame,
                     hier=dict(arity=self.sophia_config.hier_arity, levels=self.sophia_config.hier_levels,
                               neighbours=self.sophia_config.hier_neighbours),
-                    attention_backend=a.attention_backend, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                    attention_backend=a.attention_backend, sophia_settings=dict(a.set or []),
+                    started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
     def save(self):
         if self.args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.json)), exist_ok=True)
             tmp = self.args.json + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(self.results, f, indent=1, default=str)
@@ -690,8 +703,11 @@ class Bench:
         path = a.video
         res = dict(stages={}, variant=a.e2e_variant)
         stages = res["stages"]
-        if a.make_video:
+        if a.make_video and path and os.path.isfile(path):
+            print(f"--make-video: {path} exists, reusing it (delete it to write a new one)", flush=True)
+        elif a.make_video:
             path = path or os.path.join(tempfile.mkdtemp(prefix="bench8b-video-"), "synthetic.mp4")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             t0 = time.perf_counter()
             res["made_video"] = make_video(path, a.video_seconds, a.video_size, a.video_fps, seed=0)
             res["make_video_s"] = time.perf_counter() - t0
@@ -700,25 +716,38 @@ class Bench:
             raise SystemExit("--e2e needs --video PATH (an existing file) or --make-video")
         res["video"] = path
         res["video_bytes"] = os.path.getsize(path)
-        total, fps = shots_mod.video_info(path)
+        size = self.sophia_config.vision_config.image_size[0]
+        try:  # FPS sampling and decoding straight to the tower's input size, as the template does
+            from swift_sophia.video import FrameSampling, video_info
+
+            sampling = FrameSampling(num_frames=None, fps=a.sample_fps, min_frames=1, max_frames=a.max_frames)
+            total, fps = video_info(path)
+            frames = sampling.count(total, fps)
+            load = lambda: load_video(path, sampling, size=size)  # noqa: E731
+            how = f"FrameSampling(fps={a.sample_fps:g}, max_frames={a.max_frames}), decoded to {size}x{size}"
+        except ImportError:  # an older swift_sophia.video: a frame count, full-size decoding
+            total, fps = shots_mod.video_info(path)
+            frames = max(1, min(a.max_frames, total, int(round(total / fps * a.sample_fps)) if fps else a.max_frames))
+            load = lambda: load_video(path, frames)  # noqa: E731
+            how = f"load_video(path, {frames}), full-size decoding"
         duration = total / fps if fps else 0.0
-        frames = max(1, min(a.max_frames, int(duration * a.sample_fps)))
-        res.update(total_frames=total, fps=fps, duration_s=duration, frames=frames)
-        print(f"video: {total} frames at {fps:.2f} fps ({duration / 60:.1f} min) -> {frames} frames "
-              f"(min({a.max_frames}, {a.sample_fps:g} fps))", flush=True)
+        res.update(total_frames=total, fps=fps, duration_s=duration, frames=frames, sampling=how,
+                   detector_device=str(a.detector_device))
+        print(f"video: {total} frames at {fps:.2f} fps ({duration / 60:.1f} min) -> {frames} frames ({how})",
+              flush=True)
 
         t0 = time.perf_counter()
-        clip = load_video(path, frames)
+        clip = load()
         stages["decode (load_video)"] = time.perf_counter() - t0
         res["frames"] = frames = len(clip.indices)
-        size = self.sophia_config.vision_config.image_size[0]
         t0 = time.perf_counter()
         chunks = [frames_to_pixel_values(clip.frames[i:i + 256], size).to(self.dtype)
                   for i in range(0, frames, 256)]
         pixels = torch.cat(chunks)
         del chunks
-        stages["resize + normalise (CPU)"] = time.perf_counter() - t0
+        stages["to pixel values (normalise, resize if needed; CPU)"] = time.perf_counter() - t0
         res["decoded_frame_shape"] = list(clip.frames.shape[1:])
+        clip.frames = None  # the uint8 frames are no longer needed
 
         # Shots: the uncached run gets a fresh SOPHIA_SHOT_CACHE, then the same call again hits the cache.
         old_cache = os.environ.get("SOPHIA_SHOT_CACHE")
@@ -931,9 +960,9 @@ def print_tables(results: dict):
     e = results.get("e2e")
     if e:
         print(f"\nEnd to end, {e['video']} ({e['duration_s'] / 60:.1f} min, {e['total_frames']} frames at "
-              f"{e['fps']:.2f} fps, {e.get('decoded_frame_shape')}) -> {e['frames']} frames, {e['shots']} shots, "
-              f"{e['variant']} ({e.get('kept', '-')} kept), first token {e.get('first_token', '-')}: "
-              f"{e.get('status')}\n")
+              f"{e['fps']:.2f} fps) -> {e['frames']} frames ({e.get('sampling')}), {e['shots']} shots (TransNetV2 "
+              f"on {e.get('detector_device')}), {e['variant']} ({e.get('kept', '-')} kept), first token "
+              f"{e.get('first_token', '-')}: {e.get('status')}\n")
         print("| stage | seconds |\n|---|---|")
         for k, v in e["stages"].items():
             print(f"| {k} | {fmt_s(v)} |")
@@ -948,6 +977,16 @@ def gib(x) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def setting(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="internvl2.5-8b",
@@ -968,12 +1007,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="timed prefill runs (median)")
     parser.add_argument("--train-repeats", type=int, default=2, help="timed training steps (median)")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "reference"])
+    parser.add_argument("--set", nargs="+", type=setting, metavar="KEY=VALUE",
+                        help="SophiaConfig fields for the Sophia model, e.g. --set hier_neighbours=3 "
+                             "(values are JSON, else strings)")
     parser.add_argument("--matmul-size", type=int, help="n of the n^3 matmul that sets the floor (default 8192)")
     parser.add_argument("--budget-s", type=float, help="skip cases that would start after this many seconds")
     parser.add_argument("--mem-trace", action="store_true", help="record allocations of each prefill warm-up")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--video", help="(c): the video file (or where --make-video writes it)")
-    parser.add_argument("--make-video", action="store_true", help="(c): write a synthetic video with PyAV first")
+    parser.add_argument("--make-video", action="store_true",
+                        help="(c): write a synthetic video with PyAV first (to --video PATH if given; an existing "
+                             "file there is reused)")
     parser.add_argument("--video-seconds", type=float, help="--make-video length (default 3600)")
     parser.add_argument("--video-size", type=int, nargs=2, help="--make-video width height (default 640 360)")
     parser.add_argument("--video-fps", type=int, help="--make-video frame rate (default 25)")
