@@ -241,24 +241,33 @@ class SophiaModel(InternVLModel):
         if sum(counts) != pixel_values_videos.shape[0]:
             raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
                              "were given")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        is_video = self.placeholder_mask(config.video_token_id, input_ids, inputs_embeds)
+        # Only the text needs token embeddings: at hour scale nearly every plain token is a video placeholder.
+        embeddings = self.get_input_embeddings()
+        if input_ids is not None:
+            is_video = input_ids == config.video_token_id
+            text = (~is_video).flatten().nonzero().squeeze(1)
+            text_ids = input_ids.flatten()[text]
+            text_embeds = embeddings(text_ids)
+        else:
+            is_video = self.placeholder_mask(config.video_token_id, None, inputs_embeds)
+            text = (~is_video).flatten().nonzero().squeeze(1)
+            text_embeds = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])[text]
         runs = find_video_runs(is_video, counts, m)
 
         # One pass of the vision tower over image tiles and video frames together.
         images = 0 if pixel_values is None else pixel_values.shape[0]
         pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
-        frames = self.video_frame_features(pixels).to(inputs_embeds.dtype)
+        frames = self.video_frame_features(pixels).to(text_embeds.dtype)
         del pixels
         if images:
-            mask = self.placeholder_mask(config.image_token_id, input_ids, inputs_embeds)
-            inputs_embeds = self._scatter_images(mask, inputs_embeds, frames[:images])
+            mask = (text_ids == config.image_token_id if input_ids is not None
+                    else self.placeholder_mask(config.image_token_id, None, text_embeds[None])[0])
+            text_embeds = self._scatter_images(mask, text_embeds, frames[:images])
             frames = frames[images:]
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
-        # [plain embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
-        table = self._embedding_table(inputs_embeds, frames, runs, video_frame_shots, video_query_ids,
+        # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
+        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, video_query_ids,
                                       video_query_mask)
         del frames
 
@@ -266,11 +275,18 @@ class SophiaModel(InternVLModel):
         plan = build_extended_plan(is_video, attention_mask, position_ids, runs, tokens_per_frame=m,
                                    arity=config.hier_arity, levels=config.hier_levels,
                                    neighbours=config.hier_neighbours)
-        batch, hidden = is_video.shape[0], inputs_embeds.shape[-1]
-        del inputs_embeds
-        source = torch.where(plan.source >= 0, plan.source, table.shape[0] - 1)
+        batch, hidden = is_video.shape[0], text_embeds.shape[-1]
+        del text_embeds
+        # plan.source indexes [plain tokens (B * N); bank]; the table holds only the text of the plain tokens.
+        plain_tokens = is_video.numel()
+        rank = torch.full((plain_tokens,), -1, dtype=torch.long, device=text.device)
+        rank[text] = torch.arange(text.numel(), device=text.device)
+        source = plan.source
+        source = torch.where(source < 0, table.shape[0] - 1,
+                             torch.where(source < plain_tokens, rank[source.clamp(0, plain_tokens - 1)],
+                                         source - plain_tokens + text.numel()))
         extended = table.index_select(0, source).view(batch, plan.length, hidden)
-        del table, source
+        del table, source, rank
         cache = cache_mask = None
         if use_cache:
             index, cache_mask = cache_index(plan.cache_keep, device=extended.device)
@@ -295,10 +311,10 @@ class SophiaModel(InternVLModel):
             out.next_position_ids = plan.next_position
         return out
 
-    def _embedding_table(self, inputs_embeds, frames, runs: List[VideoRun], frame_shots, query_ids, query_mask):
+    def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_ids, query_mask):
         """Prune every video (recording the kept frames on its run), aggregate the kept frames, and stack the
         rows that `ExtendedPlan.source` indexes."""
-        hidden = inputs_embeds.shape[-1]
+        hidden = text_embeds.shape[-1]
         kept, offset = [], 0
         for i, run in enumerate(runs):
             video = frames[offset:offset + run.frames]
@@ -306,11 +322,11 @@ class SophiaModel(InternVLModel):
             video, run.kept = self._prune(video, shots, self._query_embeds(query_ids, query_mask, i))
             offset += run.frames
             kept.append(video)
-        rows = [inputs_embeds.reshape(-1, hidden)]
+        rows = [text_embeds]
         for video, levels in zip(kept, self.aggregator(kept)):
             rows.append(video.reshape(-1, hidden))
             rows.extend(level.reshape(-1, hidden) for level in levels)
-        rows.append(inputs_embeds.new_zeros(1, hidden))
+        rows.append(text_embeds.new_zeros(1, hidden))
         return torch.cat(rows)
 
     # ------------------------------------------------------------------------------------------ pieces

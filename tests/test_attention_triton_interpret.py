@@ -99,6 +99,7 @@ def _worker() -> None:
         cfg = configs[cfg_name]
         plan = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, "cpu", cfg.dkdv_split_chunk, hkv, 4)
         res = {"n": n, "shape": [b, hq, hkv, n, d], "q_flat": plan.q_flat, "n_slots": plan.n_slots,
+               "out_in_q_layout": out.stride() == q.stride(),
                **_q_masks(plan, cfg.fwd_block_n), **_k_masks(plan, cfg.dkdv_block_m)}
         for tag, x, y in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
             x = x.detach().double()
@@ -123,6 +124,13 @@ def interp_results():
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS-JSON ")]
     assert proc.returncode == 0 and line, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(line[-1][len("RESULTS-JSON "):])
+
+
+def test_output_comes_in_the_layout_of_the_query(interp_results):
+    """A decoder's q is a [B, N, H, D] tensor seen as [B, H, N, D]: O is written in that layout, so that the
+    decoder's transpose(1, 2).contiguous() before o_proj copies nothing."""
+    assert interp_results["fp32_noncontiguous"]["out_in_q_layout"]
+    assert interp_results["fp32_basic"]["out_in_q_layout"]
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

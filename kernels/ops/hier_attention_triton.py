@@ -573,8 +573,14 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
     """O [B, Hq, N, D] and LSE [B, Hq, N] (float32, base 2); returns (o, lse, config that ran)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    o = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format) if poison else \
-        torch.empty((b, hq, n, d), dtype=q.dtype, device=q.device)
+    if q.stride(1) == d and q.stride(2) == hq * d and n * hq * d < 2**31:
+        # q comes in the decoder's [B, N, Hq, D] layout: write O in it too, so that the decoder's
+        # transpose(1, 2).contiguous() before o_proj is free (one [tokens x hidden] copy less per layer).
+        o = torch.empty((b, n, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        o = torch.empty((b, hq, n, d), dtype=q.dtype, device=q.device)
+    if poison:
+        o.fill_(float("nan"))
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
 
     def launch(c):
