@@ -52,7 +52,11 @@ import tempfile
 import time
 from typing import Dict, Optional
 
-import torch
+# Hour-scale runs allocate tensors of several GiB beside a KV cache that grows layer by layer: without expandable
+# segments the caching allocator fragments and fails allocations that would fit (seen at 2,048 frames).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 SHOT_EVERY = 8
 QUERY_TOKENS = 16
@@ -428,10 +432,12 @@ class Bench:
         rate = matmul_rate(self.device, a.matmul_size, self.dtype)
         free_memory()
         print(f"{name}; torch {torch.__version__}, triton {triton_version}, transformers {transformers.__version__}; "
-              f"{a.dtype} {a.matmul_size}^3 matmul: {rate / 1e12:.1f} TFLOP/s", flush=True)
+              f"{a.dtype} {a.matmul_size}^3 matmul: {rate / 1e12:.1f} TFLOP/s; "
+              f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}", flush=True)
         return dict(device=name, device_memory_gib=total, torch=torch.__version__, triton=triton_version,
                     transformers=transformers.__version__, python=platform.python_version(),
                     command=" ".join([os.path.basename(sys.executable)] + sys.argv), shape=self.shape,
+                    alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                     dtype=a.dtype, matmul_size=a.matmul_size, matmul_flops=rate, warmup=a.warmup,
                     repeats=a.repeats, train_repeats=a.train_repeats, train_logits=a.train_logits,
                     tokens_per_frame=self.sophia_config.tokens_per_frame,

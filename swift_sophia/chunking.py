@@ -12,6 +12,8 @@ ZeRO-3 chunking is off (one call per module, as without it).
 """
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Callable
 
 import torch
@@ -87,4 +89,46 @@ def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-__all__ = ["run_in_chunks", "chunk_positionwise_layers"]
+# Rotary embeddings: `(q * cos) + (rotate_half(q) * sin)` makes three temporaries the size of q. For long sequences
+# the decoder's own `apply_rotary_pos_emb` runs over chunks of the sequence into one output tensor instead (the same
+# elementwise arithmetic, so the same bits, for any model that calls it). The chunk size is process-wide, not
+# per call, because activation checkpointing recomputes the layer outside any context the forward ran in.
+_rotary_chunk_tokens = 0
+
+
+def chunk_rotary_embedding(language_model: nn.Module, tokens: int) -> bool:
+    """Wrap the module-level `apply_rotary_pos_emb` of the decoder's modeling file (it is looked up at call time)
+    so that sequences longer than `tokens` are rotated `tokens` at a time (0: never). Returns whether the decoder
+    has such a function."""
+    global _rotary_chunk_tokens
+    _rotary_chunk_tokens = int(tokens or 0)
+    layers = getattr(language_model, "layers", None)
+    attn = getattr(layers[0], "self_attn", None) if layers else None
+    module = sys.modules.get(type(attn).__module__) if attn is not None else None
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is None:
+        return False
+    if not getattr(original, "sophia_chunked", False):
+        module.apply_rotary_pos_emb = _chunked_rotary(original)
+    return True
+
+
+def _chunked_rotary(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        chunk, n = _rotary_chunk_tokens, q.shape[-2]
+        if chunk <= 0 or n <= chunk or args or kwargs or q.dim() != 4 or cos.dim() != 3 or k.shape[-2] != n:
+            return original(q, k, cos, sin, *args, **kwargs)
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            q_part, k_part = original(q[:, :, s:e], k[:, :, s:e], cos[:, s:e], sin[:, s:e])
+            q_out[:, :, s:e] = q_part
+            k_out[:, :, s:e] = k_part
+        return q_out, k_out
+
+    apply_rotary_pos_emb.sophia_chunked = True
+    return apply_rotary_pos_emb
+
+
+__all__ = ["run_in_chunks", "chunk_positionwise_layers", "chunk_rotary_embedding"]

@@ -29,7 +29,7 @@ from transformers.utils import can_return_tuple
 from sophia_kernels import level_counts
 
 from . import attention
-from .chunking import chunk_positionwise_layers
+from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, resolve_runtime_settings
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
 from .kv_cache import PrefillCache, cache_index
@@ -117,6 +117,7 @@ class SophiaModel(InternVLModel):
         self.pruner = FramePruner(hidden)
         attention.install(self.language_model.config)
         chunk_positionwise_layers(self.language_model, config)
+        chunk_rotary_embedding(self.language_model, config.decoder_chunk_tokens)
 
     def _init_weights(self, module):
         # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
@@ -205,6 +206,7 @@ class SophiaModel(InternVLModel):
     ) -> SophiaModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        chunk_rotary_embedding(self.language_model, self.config.decoder_chunk_tokens)  # the setting may have changed
         if pixel_values_videos is not None:
             return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
                                        position_ids, past_key_values, use_cache, video_frame_counts,
@@ -361,7 +363,10 @@ class SophiaModel(InternVLModel):
                              "ZeRO-3 would hang, the pruner runs once per video and videos per rank differ")
         tau = self.pruner.temperature(self.config) if self.training else None
         selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau)
-        return video[selection.keep] * selection.gate.to(video.dtype)[:, None, None], selection.keep.tolist()
+        kept = video[selection.keep]
+        if tau is not None:  # straight-through gates: exactly 1 forward, the pruner's gradient path backward
+            kept = kept * selection.gate.to(video.dtype)[:, None, None]
+        return kept, selection.keep.tolist()
 
 
 class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
@@ -480,9 +485,9 @@ def _to_plain(extended: torch.Tensor, plan: ExtendedPlan) -> torch.Tensor:
     """Extended-sequence hidden states [B, N_ext, D] -> plain-sequence ones [B, N, D] (zeros where a plain token
     has no extended position: padding, pruned frames)."""
     batch, hidden = extended.shape[0], extended.shape[-1]
-    flat = torch.cat([extended.reshape(-1, hidden), extended.new_zeros(1, hidden)])
-    index = torch.where(plan.plain_to_extended >= 0, plan.plain_to_extended, flat.shape[0] - 1)
-    return flat.index_select(0, index).view(batch, -1, hidden)
+    index = plan.plain_to_extended
+    plain = extended.reshape(-1, hidden).index_select(0, index.clamp(min=0))
+    return plain.masked_fill_((index < 0).unsqueeze(-1), 0).view(batch, -1, hidden)
 
 
 def shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int) -> List[Shot]:

@@ -163,6 +163,22 @@ def test_chunked_decoder_layers_run_one_chunk_at_a_time_and_keep_lora_targets(ti
     with torch.no_grad():
         model(**inputs)
     assert max(rows) == 16 and len(rows) > 1
+    # Rotary embeddings too: the decoder's own function runs on chunks inside Sophia's step.
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    lengths = []
+    original = qwen2.apply_rotary_pos_emb.__wrapped__
+    qwen2.apply_rotary_pos_emb.__wrapped__ = original  # (functools.wraps keeps the original reachable)
+    from swift_sophia import chunking
+
+    chunked = chunking._chunked_rotary(lambda q, k, cos, sin: lengths.append(q.shape[2]) or original(q, k, cos, sin))
+    real, qwen2.apply_rotary_pos_emb = qwen2.apply_rotary_pos_emb, chunked
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        qwen2.apply_rotary_pos_emb = real
+    assert lengths and max(lengths) == 16
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"]))
     lora.eval()
     with torch.no_grad():
