@@ -64,3 +64,35 @@ def test_gpu_check_float32_case():
     case = next(c for c in make_cases() if c[0] == "fp32_rand_M256_D128")
     res = check_case(case, seed=0)
     assert res["pass"], res
+
+
+@pytest.mark.parametrize("frames", [8, 2048])
+def test_int64_row_offsets_on_decoder_views_match_int32(monkeypatch, frames):
+    """bf16 decoder views [B, N, H, D] -> [B, H, N, D] (no copy), O and dQ/dK/dV in those layouts. 8 frames: int64 row
+    offsets forced (INT64_OFFSETS_FROM = 0) against the int32 kernels, bitwise. 2,048 frames (524,352 tokens, row
+    stride 4096: int64 chosen by itself) against the same inputs made contiguous [B, H, N, D] (int32 kernels)."""
+    from sophia_kernels import HierLayout, hierarchical_attention
+    from sophia_kernels.ops import hier_attention_triton as H
+
+    layout, n = HierLayout.from_segments([[[32, ("video", frames), 32]]], tokens_per_frame=256)
+    g = torch.Generator(device="cuda").manual_seed(frames)
+    q, k, v, do = (torch.randn(1, n, h, 128, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                   for h in (32, 8, 8, 32))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+    def run(q, k, v, do):
+        out = hierarchical_attention(q, k, v, layout)
+        return (out,) + torch.autograd.grad(out, (q, k, v), do)
+
+    if frames == 8:
+        want = run(q, k, v, do)
+        monkeypatch.setattr(H, "INT64_OFFSETS_FROM", 0)
+    else:
+        assert H._int64(n, q)
+        qc, kc, vc = (t.detach().contiguous().requires_grad_(True) for t in (q, k, v))
+        want = run(qc, kc, vc, do.contiguous())
+        del qc, kc, vc
+    got = run(q, k, v, do)
+    for x, y, like in zip(got, want, (q, q, k, v)):
+        assert x.stride() == like.stride()
+        assert torch.equal(x, y)

@@ -36,6 +36,10 @@ CASES = [
     ("fp16_split_key_tiles_pad", 7, "float16", 32, (2, 1), 3, "split"),
     ("fp32_misaligned_m5", 13, "float32", 16, (4, 2), 5, "split"),
     ("fp16_mixed_misaligned", 14, "float16", 32, (2, 1), 6, "mixed"),
+    # int64 row offsets forced (INT64_OFFSETS_FROM = 0; in production only when row stride x N >= 2**31) on the
+    # decoder's strided [B, N, H, D] -> [B, H, N, D] views of q, k, v, dO: no copy, O and dQ/dK/dV in those layouts
+    ("fp32_noncontiguous_int64", 15, "float32", 16, (4, 2), 4, "mixed"),
+    ("fp16_split_key_tiles_noncontiguous_int64", 12, "float16", 16, (4, 2), 16, "split"),
 ]
 
 
@@ -46,7 +50,8 @@ def _random_rows(rng: random.Random, case_name: str):
         return [[("pad", 2), [3, ("video", 2), 2, ("video", 1), ("video", 3), 4, ("video", 2), 1, ("video", 2), 3]]]
     if case_name == "fp32_four_videos_general_mixed":  # 4 videos: the text after them has 4 prefix segments
         return [[[5, ("video", 2), 7, ("video", 1), ("video", 3), 9, ("video", 2), 11]]]
-    if case_name == "fp32_split_key_tiles":  # long text after the video: early keys' later range > 128 tokens
+    if case_name.startswith(("fp32_split_key_tiles", "fp16_split_key_tiles_noncontiguous")):
+        # long text after the video: early keys' later range > 128 tokens
         return [[[20, ("video", 3), 150]]]
     if case_name == "fp16_split_key_tiles_pad":
         return [[("pad", 3), [37, ("video", 2), 140]], [[200], ("pad", 5)]]
@@ -59,6 +64,7 @@ def _worker() -> None:
     import torch
 
     from sophia_kernels import HierLayout, hierarchical_attention_reference
+    from sophia_kernels.ops import hier_attention_triton as H
     from sophia_kernels.ops.hier_attention_triton import HierAttnConfig, _k_masks, _q_masks, hier_attention_triton
     from sophia_kernels.ops.tile_plan import build_plan
 
@@ -76,7 +82,9 @@ def _worker() -> None:
                                              levels=rng.choice([2, 3, 4]), neighbours=rng.choice([0, 1, 2]))
         b = len(rows)
         dtype = getattr(torch, dtype_name)
-        if name == "fp32_noncontiguous":
+        strided = "noncontiguous" in name
+        H.INT64_OFFSETS_FROM = 0 if "int64" in name else 2**31
+        if strided:
             q = torch.randn(b, n, hq, d, dtype=dtype).transpose(1, 2)
             k = torch.randn(b, n, hkv, d, dtype=dtype).transpose(1, 2)
             v = torch.randn(b, n, hkv, d, dtype=dtype).transpose(1, 2)
@@ -87,9 +95,11 @@ def _worker() -> None:
         q.requires_grad_(True)
         k.requires_grad_(True)
         v.requires_grad_(True)
-        do = torch.randn(b, hq, n, d, dtype=dtype)
+        do = torch.randn(b, n, hq, d, dtype=dtype).transpose(1, 2) if strided else torch.randn(b, hq, n, d, dtype=dtype)
         out = hier_attention_triton(q, k, v, layout, config=configs[cfg_name], poison=True)
         grads = torch.autograd.grad(out, (q, k, v), do)
+        int64 = H._int64(n, q)
+        H.INT64_OFFSETS_FROM = 2**31
         q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
         ref = hierarchical_attention_reference(q64, k64, v64, layout)
         rgrads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
@@ -99,7 +109,8 @@ def _worker() -> None:
         cfg = configs[cfg_name]
         plan = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, "cpu", cfg.dkdv_split_chunk, hkv, 4)
         res = {"n": n, "shape": [b, hq, hkv, n, d], "q_flat": plan.q_flat, "n_slots": plan.n_slots,
-               "out_in_q_layout": out.stride() == q.stride(),
+               "out_in_q_layout": out.stride() == q.stride(), "int64": int64,
+               "grads_in_input_layouts": [g.stride() == x.stride() for g, x in zip(grads, (q, k, v))],
                **_q_masks(plan, cfg.fwd_block_n), **_k_masks(plan, cfg.dkdv_block_m)}
         for tag, x, y in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
             x = x.detach().double()
@@ -126,11 +137,30 @@ def interp_results():
     return json.loads(line[-1][len("RESULTS-JSON "):])
 
 
-def test_output_comes_in_the_layout_of_the_query(interp_results):
+@pytest.mark.parametrize("case", ["fp32_basic", "fp32_noncontiguous", "fp32_noncontiguous_int64",
+                                  "fp16_split_key_tiles_noncontiguous_int64"])
+def test_output_and_gradients_come_in_the_layouts_of_the_inputs(interp_results, case):
     """A decoder's q is a [B, N, H, D] tensor seen as [B, H, N, D]: O is written in that layout, so that the
-    decoder's transpose(1, 2).contiguous() before o_proj copies nothing."""
-    assert interp_results["fp32_noncontiguous"]["out_in_q_layout"]
-    assert interp_results["fp32_basic"]["out_in_q_layout"]
+    decoder's transpose(1, 2).contiguous() before o_proj copies nothing; dQ, dK, dV come in q's, k's, v's layouts.
+    With int64 row offsets too (long sequences): nothing is copied to contiguous."""
+    res = interp_results[case]
+    assert res["out_in_q_layout"] and all(res["grads_in_input_layouts"]), res
+    assert res["int64"] == case.endswith("int64")
+
+
+def test_long_strided_inputs_are_not_copied():
+    """A 32-head, D = 128 decoder view at 524,288 tokens (row stride 4096: 2**31 elements): kept as it is, int64 row
+    offsets chosen; at 2**31 - 1 elements or for a contiguous [B, H, N, D] tensor of the same size: int32."""
+    import torch
+
+    from sophia_kernels.ops import hier_attention_triton as H
+
+    n = 524_288
+    q = torch.empty(1, n, 32, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    assert H._prep(q, n) is q
+    assert H._int64(n, q) and not H._int64(n - 1, q[:, :, 1:])
+    assert not H._int64(n, torch.empty(1, 32, n, 128, device="meta"))
+    assert H._like(q).stride() == q.stride()
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])

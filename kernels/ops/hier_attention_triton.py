@@ -40,6 +40,10 @@ __all__ = ["hier_attention_triton", "HierAttnConfig", "build_plan", "choose_conf
 
 LOG2E = 1.4426950408889634
 
+# Row offsets (row * row stride) are int32 in the kernels unless some tensor's row stride * N reaches this; then the
+# kernels compile with INT64_OFFSETS (int64 row terms). Strided inputs are never copied for it. Tests set it to 0.
+INT64_OFFSETS_FROM = 2**31
+
 # descriptor columns as compile-time constants for the kernels (tile_plan.Col)
 D_COLS = tl.constexpr(Col.COUNT)
 D_KIND = tl.constexpr(Col.KIND)
@@ -68,15 +72,27 @@ R_COLS = tl.constexpr(RDESC_COLS)
 
 # ============================================================================================== shared helpers
 @triton.jit
-def _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END: tl.constexpr):
+def _rows(base, rows, stride, offs_d, INT64: tl.constexpr):
+    """Pointers to the rows ``rows`` of a [rows, D] matrix with row stride ``stride``. INT64: the row term in int64
+    (rows * stride reaches 2**31 for strided inputs of long sequences, e.g. a [B, N, H, D] tensor seen as
+    [B, H, N, D] has stride H * D per token: 4096 x 524,288 tokens); otherwise int32 (the host picks INT64 only when
+    some stride * N >= 2**31, so the common case compiles to the code it always had)."""
+    if INT64:
+        return base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    else:
+        return base + rows[:, None] * stride + offs_d[None, :]
+
+
+@triton.jit
+def _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END: tl.constexpr, INT64: tl.constexpr):
     """K and V rows ``offs_k`` (rows >= kend read as zero when MASK_END)."""
     if MASK_END:
         kmask = offs_k < kend
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k = tl.load(_rows(k_base, offs_k, skn, offs_d, INT64), mask=kmask[:, None], other=0.0)
+        v = tl.load(_rows(v_base, offs_k, svn, offs_d, INT64), mask=kmask[:, None], other=0.0)
     else:
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :])
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :])
+        k = tl.load(_rows(k_base, offs_k, skn, offs_d, INT64))
+        v = tl.load(_rows(v_base, offs_k, svn, offs_d, INT64))
     return k, v
 
 
@@ -157,10 +173,10 @@ def _hier_block(i, w0, w1, p0, p1, c0, c1, nw, nwp, BLOCK_N: tl.constexpr):
 # ============================================================================================== forward
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, kstart, kend, offs_m, offs_n, offs_d, qk_scale,
-               MASK_END: tl.constexpr, CAUSAL: tl.constexpr):
+               MASK_END: tl.constexpr, CAUSAL: tl.constexpr, INT64: tl.constexpr):
     """Online-softmax update of one query tile with the key block [kstart, kstart + BLOCK_N) (scores in base 2)."""
     offs_k = kstart + offs_n
-    k, v = _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END)
+    k, v = _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END, INT64)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     if MASK_END:
         qk = tl.where(offs_k[None, :] < kend, qk, float("-inf"))
@@ -179,7 +195,7 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
               Hq, N, qk_scale,
               G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, SPLIT_PRE: tl.constexpr):
+              RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, SPLIT_PRE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """O and LSE of one query tile and query head.
 
     FLAT: one loop over the blocks of six key ranges (<= 3 prefix segments, W, P, C) read from the descriptor;
@@ -202,12 +218,12 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
     h64 = h.to(tl.int64)
     hk64 = hk.to(tl.int64)
     row_stat = (b64 * Hq + h64) * N  # LSE is [B, Hq, N] float32
-    o_ptrs = O + b64 * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :]
+    o_ptrs = _rows(O + b64 * sob + h64 * soh, offs_m, son, offs_d, INT64_OFFSETS)
     if kind == T_PAD:
         tl.store(o_ptrs, tl.zeros([BLOCK_M, HEAD_D], dtype=o_ptrs.dtype.element_ty), mask=qmask[:, None])
     else:
         w0, w1, p0, p1, c0, c1, d0, d1 = _hier_ranges(desc)
-        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qmask[:, None],
+        q = tl.load(_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqn, offs_d, INT64_OFFSETS), mask=qmask[:, None],
                     other=0.0)
         k_base = K + b64 * skb + hk64 * skh
         v_base = V + b64 * svb + hk64 * svh
@@ -222,13 +238,13 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
                 for i in range(0, n3):
                     ks, kend = _prefix_block(i, a0, a1, e0, e1, f0, f1, n1, n2, BLOCK_N)
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m,
-                                               offs_n, offs_d, qk_scale, True, False)
+                                               offs_n, offs_d, qk_scale, True, False, INT64_OFFSETS)
                 n_lo = n3
             for i in range(n_lo, n6):
                 ks, kend = _flat_block(i, a0, a1, e0, e1, f0, f1, w0, w1, p0, p1, c0, c1, n1, n2, n3, n4, n5,
                                        BLOCK_N)
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                           offs_d, qk_scale, RANGE_MASK, False)
+                                           offs_d, qk_scale, RANGE_MASK, False, INT64_OFFSETS)
         else:
             # ---- general path, prefix: [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [., limit)
             seg_start = tl.load(desc + D_SEQ_START)
@@ -239,7 +255,7 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
                 seg_end, nxt = _prefix_segment(VID_L0END, VID_END, vid_lo, j, nprev, limit)
                 for ks in range(seg_start, seg_end, BLOCK_N):
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, seg_end, offs_m,
-                                               offs_n, offs_d, qk_scale, True, False)
+                                               offs_n, offs_d, qk_scale, True, False, INT64_OFFSETS)
                 seg_start = nxt
             # ---- general path, hierarchy W, P, C
             nw = tl.cdiv(w1 - w0, BLOCK_N)
@@ -248,11 +264,11 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
             for i in range(0, nwp + nc):
                 ks, kend = _hier_block(i, w0, w1, p0, p1, c0, c1, nw, nwp, BLOCK_N)
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                           offs_d, qk_scale, RANGE_MASK, False)
+                                           offs_d, qk_scale, RANGE_MASK, False, INT64_OFFSETS)
         # ---- diagonal of text tiles, causal (zero iterations for video tiles)
         for ks in range(d0, d1, BLOCK_N):
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n, offs_d,
-                                       qk_scale, True, True)
+                                       qk_scale, True, True, INT64_OFFSETS)
         out = acc / l_i[:, None]
         tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=qmask[:, None])
         tl.store(LSE + row_stat + offs_m, m_i + tl.math.log2(l_i), mask=qmask)
@@ -261,10 +277,10 @@ def _attn_fwd(Q, K, V, O, LSE, QDESC, VID_L0END, VID_END,
 # ============================================================================================== backward: dQ
 @triton.jit
 def _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, kstart, kend, offs_m, offs_n, offs_d, qk_scale,
-              MASK_END: tl.constexpr, CAUSAL: tl.constexpr):
+              MASK_END: tl.constexpr, CAUSAL: tl.constexpr, INT64: tl.constexpr):
     """dQ of one query tile += dS K over the key block [kstart, kstart + BLOCK_N) (P recomputed from LSE)."""
     offs_k = kstart + offs_n
-    k, v = _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END)
+    k, v = _load_kv(k_base, v_base, skn, svn, offs_k, offs_d, kend, MASK_END, INT64)
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])
     if MASK_END:
@@ -283,7 +299,7 @@ def _attn_bwd_dq(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                  sdob, sdoh, sdon, sdqb, sdqh, sdqn,
                  Hq, N, qk_scale, sm_scale,
                  G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, SPLIT_PRE: tl.constexpr):
+                 RANGE_MASK: tl.constexpr, FLAT: tl.constexpr, SPLIT_PRE: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """dQ of one query tile and query head, over the same key ranges as ``_attn_fwd``; also writes
     DELTA = rowsum(dO * O), which the dK/dV kernel reads."""
     pid = tl.program_id(0)
@@ -303,18 +319,18 @@ def _attn_bwd_dq(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
     h64 = h.to(tl.int64)
     hk64 = hk.to(tl.int64)
     row_stat = (b64 * Hq + h64) * N  # LSE / DELTA are [B, Hq, N] float32
-    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqn + offs_d[None, :]
+    dq_ptrs = _rows(DQ + b64 * sdqb + h64 * sdqh, offs_m, sdqn, offs_d, INT64_OFFSETS)
     if kind == T_PAD:
         tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_D], dtype=dq_ptrs.dtype.element_ty), mask=qmask[:, None])
     else:
         w0, w1, p0, p1, c0, c1, d0, d1 = _hier_ranges(desc)
-        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qmask[:, None],
+        q = tl.load(_rows(Q + b64 * sqb + h64 * sqh, offs_m, sqn, offs_d, INT64_OFFSETS), mask=qmask[:, None],
                     other=0.0)
         k_base = K + b64 * skb + hk64 * skh
         v_base = V + b64 * svb + hk64 * svh
-        do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdon + offs_d[None, :],
+        do = tl.load(_rows(DO + b64 * sdob + h64 * sdoh, offs_m, sdon, offs_d, INT64_OFFSETS),
                      mask=qmask[:, None], other=0.0)
-        o = tl.load(O + b64 * sob + h64 * soh + offs_m[:, None] * son + offs_d[None, :], mask=qmask[:, None],
+        o = tl.load(_rows(O + b64 * sob + h64 * soh, offs_m, son, offs_d, INT64_OFFSETS), mask=qmask[:, None],
                     other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(DELTA + row_stat + offs_m, delta, mask=qmask)
@@ -328,13 +344,13 @@ def _attn_bwd_dq(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                 for i in range(0, n3):
                     ks, kend = _prefix_block(i, a0, a1, e0, e1, f0, f1, n1, n2, BLOCK_N)
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n,
-                                   offs_d, qk_scale, True, False)
+                                   offs_d, qk_scale, True, False, INT64_OFFSETS)
                 n_lo = n3
             for i in range(n_lo, n6):
                 ks, kend = _flat_block(i, a0, a1, e0, e1, f0, f1, w0, w1, p0, p1, c0, c1, n1, n2, n3, n4, n5,
                                        BLOCK_N)
                 dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n, offs_d,
-                               qk_scale, RANGE_MASK, False)
+                               qk_scale, RANGE_MASK, False, INT64_OFFSETS)
         else:
             # ---- general path, prefix: [s0, l0_end(v1)), [end(v1), l0_end(v2)), ..., [., limit)
             seg_start = tl.load(desc + D_SEQ_START)
@@ -345,7 +361,7 @@ def _attn_bwd_dq(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
                 seg_end, nxt = _prefix_segment(VID_L0END, VID_END, vid_lo, j, nprev, limit)
                 for ks in range(seg_start, seg_end, BLOCK_N):
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, seg_end, offs_m, offs_n,
-                                   offs_d, qk_scale, True, False)
+                                   offs_d, qk_scale, True, False, INT64_OFFSETS)
                 seg_start = nxt
             # ---- general path, hierarchy W, P, C
             nw = tl.cdiv(w1 - w0, BLOCK_N)
@@ -354,30 +370,30 @@ def _attn_bwd_dq(Q, K, V, O, LSE, DO, DELTA, DQ, QDESC, VID_L0END, VID_END,
             for i in range(0, nwp + nc):
                 ks, kend = _hier_block(i, w0, w1, p0, p1, c0, c1, nw, nwp, BLOCK_N)
                 dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, kend, offs_m, offs_n, offs_d,
-                               qk_scale, RANGE_MASK, False)
+                               qk_scale, RANGE_MASK, False, INT64_OFFSETS)
         # ---- diagonal of text tiles, causal (zero iterations for video tiles)
         for ks in range(d0, d1, BLOCK_N):
             dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, skn, svn, ks, d1, offs_m, offs_n, offs_d,
-                           qk_scale, True, True)
+                           qk_scale, True, True, INT64_OFFSETS)
         tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptrs.dtype.element_ty), mask=qmask[:, None])
 
 
 # ============================================================================================== backward: dK, dV
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, qstart, qend, offs_kn, offs_m,
-                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+                offs_d, qk_scale, ROW_MASK: tl.constexpr, CAUSAL: tl.constexpr, INT64: tl.constexpr):
     """dK, dV of one key tile += the query block [qstart, qstart + BLOCK_M) of one head (transposed scores: k and v
     stay in registers as the A operands)."""
     offs_q = qstart + offs_m
     if ROW_MASK:
         qm = offs_q < qend
-        q = tl.load(q_base + offs_q[:, None] * sqn + offs_d[None, :], mask=qm[:, None], other=0.0)
-        do = tl.load(do_base + offs_q[:, None] * sdon + offs_d[None, :], mask=qm[:, None], other=0.0)
+        q = tl.load(_rows(q_base, offs_q, sqn, offs_d, INT64), mask=qm[:, None], other=0.0)
+        do = tl.load(_rows(do_base, offs_q, sdon, offs_d, INT64), mask=qm[:, None], other=0.0)
         lse = tl.load(lse_base + offs_q, mask=qm, other=float("inf"))
         delta = tl.load(delta_base + offs_q, mask=qm, other=0.0)
     else:
-        q = tl.load(q_base + offs_q[:, None] * sqn + offs_d[None, :])
-        do = tl.load(do_base + offs_q[:, None] * sdon + offs_d[None, :])
+        q = tl.load(_rows(q_base, offs_q, sqn, offs_d, INT64))
+        do = tl.load(_rows(do_base, offs_q, sdon, offs_d, INT64))
         lse = tl.load(lse_base + offs_q)
         delta = tl.load(delta_base + offs_q)
     qkT = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M]
@@ -393,7 +409,8 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqn, sdon, 
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N, r0, r1, offs_kn,
-                offs_m, offs_d, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+                offs_m, offs_d, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                INT64_OFFSETS: tl.constexpr):
     """The query blocks of one range [r0, r1) for each query head of the group, the range end masked."""
     nr = tl.cdiv(r1 - r0, BLOCK_M)
     for it in range(0, G * nr):
@@ -403,7 +420,7 @@ def _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob,
         row_stat = (b64 * Hq + h64) * N
         dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
                              LSE + row_stat, DELTA + row_stat, sqn, sdon, r0 + i * BLOCK_M, r1,
-                             offs_kn, offs_m, offs_d, qk_scale, True, CAUSAL)
+                             offs_kn, offs_m, offs_d, qk_scale, True, CAUSAL, INT64_OFFSETS)
     return dk, dv
 
 
@@ -413,7 +430,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
                    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                    Hq, Hkv, N, qk_scale, sm_scale,
                    G: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   RANGE_MASK: tl.constexpr, SPLIT_X: tl.constexpr):
+                   RANGE_MASK: tl.constexpr, SPLIT_X: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """dK, dV of one key tile and kv head: one flat loop over (query head of the group) x (query blocks of the
     ranges X (later tokens), W, P, C), then the causal diagonal of text key tiles. SPLIT_X: X in its own masked
     loop, before the flat loop over W, P, C (RANGE_MASK then refers to W, P, C only). A piece of a split key tile
@@ -432,8 +449,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
     kmask = offs_kn < k1
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + offs_kn[:, None] * sdkn + offs_d[None, :]
-    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + offs_kn[:, None] * sdvn + offs_d[None, :]
+    dk_ptrs = _rows(DK + b64 * sdkb + hk64 * sdkh, offs_kn, sdkn, offs_d, INT64_OFFSETS)
+    dv_ptrs = _rows(DV + b64 * sdvb + hk64 * sdvh, offs_kn, sdvn, offs_d, INT64_OFFSETS)
     if kind == T_PAD:
         tl.store(dk_ptrs, tl.zeros([BLOCK_N, HEAD_D], dtype=dk_ptrs.dtype.element_ty), mask=kmask[:, None])
         tl.store(dv_ptrs, tl.zeros([BLOCK_N, HEAD_D], dtype=dv_ptrs.dtype.element_ty), mask=kmask[:, None])
@@ -441,16 +458,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
         x0 = tl.load(desc + D_X0)
         x1 = tl.load(desc + D_X1)
         w0, w1, p0, p1, c0, c1, d0, d1 = _hier_ranges(desc)
-        k = tl.load(K + b64 * skb + hk64 * skh + offs_kn[:, None] * skn + offs_d[None, :], mask=kmask[:, None],
+        k = tl.load(_rows(K + b64 * skb + hk64 * skh, offs_kn, skn, offs_d, INT64_OFFSETS), mask=kmask[:, None],
                     other=0.0)
-        v = tl.load(V + b64 * svb + hk64 * svh + offs_kn[:, None] * svn + offs_d[None, :], mask=kmask[:, None],
+        v = tl.load(_rows(V + b64 * svb + hk64 * svh, offs_kn, svn, offs_d, INT64_OFFSETS), mask=kmask[:, None],
                     other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
         if SPLIT_X:
             # misaligned later-token range X (text lengths) but aligned hierarchy: mask only this loop
             dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N,
-                                 x0, x1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, False)
+                                 x0, x1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, False, INT64_OFFSETS)
             n1 = 0
         else:
             n1 = tl.cdiv(x1 - x0, BLOCK_M)
@@ -467,10 +484,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
             row_stat = (b64 * Hq + h64) * N
             dk, dv = _dkdv_block(dk, dv, k, v, Q + b64 * sqb + h64 * sqh, DO + b64 * sdob + h64 * sdoh,
                                  LSE + row_stat, DELTA + row_stat, sqn, sdon, base + i * BLOCK_M, qend,
-                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False)
+                                 offs_kn, offs_m, offs_d, qk_scale, RANGE_MASK, False, INT64_OFFSETS)
         # diagonal of text key tiles: queries [k0, k1) with q >= k
         dk, dv = _dkdv_range(dk, dv, k, v, Q, DO, LSE, DELTA, b64, hk64, sqb, sqh, sqn, sdob, sdoh, sdon, Hq, N,
-                             d0, d1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, True)
+                             d0, d1, offs_kn, offs_m, offs_d, qk_scale, G, BLOCK_M, True, INT64_OFFSETS)
         slot = tl.load(desc + D_SLOT)
         if slot >= 0:  # piece of a split key tile: fp32 partial sums into its workspace slot
             ws = ((slot.to(tl.int64) * Hkv + hk64) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * HEAD_D \
@@ -484,7 +501,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KDESC, WS_DK, WS_DV,
 
 @triton.jit
 def _split_reduce(WS_DK, WS_DV, DK, DV, RDESC, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, Hkv,
-                  HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """dK/dV of split key tiles: sum the pieces' workspace slots in a fixed order."""
     pid = tl.program_id(0)
     r = pid // Hkv
@@ -505,17 +522,33 @@ def _split_reduce(WS_DK, WS_DV, DK, DV, RDESC, sdkb, sdkh, sdkn, sdvb, sdvh, sdv
         acc_v += tl.load(WS_DV + ws)
     rows = k0 + offs
     m = (rows < k1)[:, None]
-    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + rows[:, None] * sdkn + offs_d[None, :]
-    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + rows[:, None] * sdvn + offs_d[None, :]
+    dk_ptrs = _rows(DK + b64 * sdkb + hk64 * sdkh, rows, sdkn, offs_d, INT64_OFFSETS)
+    dv_ptrs = _rows(DV + b64 * sdvb + hk64 * sdvh, rows, sdvn, offs_d, INT64_OFFSETS)
     tl.store(dk_ptrs, acc_k.to(dk_ptrs.dtype.element_ty), mask=m)
     tl.store(dv_ptrs, acc_v.to(dv_ptrs.dtype.element_ty), mask=m)
 
 
 # ============================================================================================== host wrappers
 def _prep(x: torch.Tensor, n: int) -> torch.Tensor:
-    if x.stride(-1) != 1 or x.stride(2) * n >= 2**31:
+    """The tensor as it comes (any strides) unless its head dim is strided; long sequences need no copy either (the
+    kernels switch to int64 row offsets, ``_int64``)."""
+    if x.stride(-1) != 1:
         x = x.contiguous()
     return x
+
+
+def _int64(n: int, *xs: torch.Tensor) -> bool:
+    """INT64_OFFSETS: some row stride x N reaches INT64_OFFSETS_FROM (int32 row offsets would overflow)."""
+    return max(x.stride(2) for x in xs) * n >= INT64_OFFSETS_FROM
+
+
+def _like(x: torch.Tensor, poison: bool = False) -> torch.Tensor:
+    """Uninitialised tensor of x's shape in x's memory layout (a [B, N, H, D] tensor seen as [B, H, N, D] gets the
+    same strides; empty_like falls back to contiguous for non-dense views). NaN-filled when ``poison``."""
+    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    if poison:
+        y.fill_(float("nan"))
+    return y
 
 
 def _n_sm(device) -> int:
@@ -573,7 +606,7 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
     """O [B, Hq, N, D] and LSE [B, Hq, N] (float32, base 2); returns (o, lse, config that ran)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    if q.stride(1) == d and q.stride(2) == hq * d and n * hq * d < 2**31:
+    if q.stride(1) == d and q.stride(2) == hq * d:
         # q comes in the decoder's [B, N, Hq, D] layout: write O in it too, so that the decoder's
         # transpose(1, 2).contiguous() before o_proj is free (one [tokens x hidden] copy less per layer).
         o = torch.empty((b, n, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -593,7 +626,7 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             hq, n, scale * LOG2E,
             G=hq // hkv, HEAD_D=d, BLOCK_M=c.fwd_block_m, BLOCK_N=c.fwd_block_n,
-            **_q_masks(plan, c.fwd_block_n), FLAT=plan.q_flat,
+            **_q_masks(plan, c.fwd_block_n), FLAT=plan.q_flat, INT64_OFFSETS=_int64(n, q, k, v, o),
             num_warps=c.fwd_warps, num_stages=c.fwd_stages)
 
     cfg = _with_fallback("fwd", cfg, chosen, launch)
@@ -615,7 +648,7 @@ def launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg: HierAttnConfig
             do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
             hq, n, scale * LOG2E, scale,
             G=hq // k.shape[1], HEAD_D=d, BLOCK_M=c.dq_block_m, BLOCK_N=c.dq_block_n,
-            **_q_masks(pq, c.dq_block_n), FLAT=pq.q_flat,
+            **_q_masks(pq, c.dq_block_n), FLAT=pq.q_flat, INT64_OFFSETS=_int64(n, q, k, v, o, do, dq),
             num_warps=c.dq_warps, num_stages=c.dq_stages)
 
     return _with_fallback("dq", cfg, chosen, launch)
@@ -640,12 +673,13 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
                 dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
                 hq, hkv, n, scale * LOG2E, scale,
                 G=hq // hkv, HEAD_D=d, BLOCK_M=c.dkdv_block_m, BLOCK_N=c.dkdv_block_n,
-                **_k_masks(pk, c.dkdv_block_m),
+                **_k_masks(pk, c.dkdv_block_m), INT64_OFFSETS=_int64(n, q, k, v, do, dk, dv),
                 num_warps=c.dkdv_warps, num_stages=c.dkdv_stages)
         if pk.n_slots:
             _split_reduce[(pk.rdesc.shape[0] * hkv,)](
                 ws_k, ws_v, dk, dv, pk.rdesc, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
-                dv.stride(1), dv.stride(2), hkv, HEAD_D=d, BLOCK_N=c.dkdv_block_n, num_warps=4)
+                dv.stride(1), dv.stride(2), hkv, HEAD_D=d, BLOCK_N=c.dkdv_block_n,
+                INT64_OFFSETS=_int64(n, dk, dv), num_warps=4)
 
     return _with_fallback("dkdv", cfg, chosen, launch)
 
@@ -653,13 +687,9 @@ def launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg: HierAttnCon
 def hier_attention_bwd(do, q, k, v, o, lse, layout, scale, cfg: HierAttnConfig, poison: bool = False, chosen=None):
     n = q.shape[2]
     do = _prep(do, n)
-
-    def alloc(x):
-        if poison:
-            return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-    dq, dk, dv = alloc(q), alloc(k), alloc(v)
+    # gradients in their inputs' layouts: the decoder's [B, N, H, D] views get [B, N, H, D] gradients (no copy when
+    # autograd hands them back through the transpose)
+    dq, dk, dv = _like(q, poison=poison), _like(k, poison=poison), _like(v, poison=poison)
     delta = torch.empty_like(lse)
     cfg = launch_dq(q, k, v, o, lse, do, delta, dq, layout, scale, cfg, chosen)
     launch_dkdv(q, k, v, do, lse, delta, dk, dv, layout, scale, cfg, chosen)
