@@ -6,11 +6,12 @@ Depends only on torch; triton is imported lazily by the "triton" implementation.
 """
 
 from .attention import hierarchical_attention, plain_token_mask, triton_available
-from .layout import HierLayout, VideoSpan, level_counts
+from .layout import HierLayout, VideoSpan, check_hierarchy, level_counts
 from .reference import hierarchical_attention_reference
 
 __all__ = [
     "HierLayout",
+    "check_hierarchy",
     "VideoSpan",
     "hierarchical_attention",
     "hierarchical_attention_reference",

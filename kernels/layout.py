@@ -20,6 +20,17 @@ import torch
 __all__ = ["HierLayout", "VideoSpan", "level_counts"]
 
 
+def check_hierarchy(arity: int, levels: int, neighbours: int = 0) -> None:
+    """The hierarchy's settings, checked in one place for the layout and the model config: A >= 2 (a parent of one
+    child would repeat it), L >= 1, E >= 0."""
+    if arity < 2:
+        raise ValueError(f"arity (hier_arity) must be >= 2, got {arity}")
+    if levels < 1:
+        raise ValueError(f"levels (hier_levels) must be >= 1, got {levels}")
+    if neighbours < 0:
+        raise ValueError(f"neighbours (hier_neighbours) must be >= 0, got {neighbours}")
+
+
 def level_counts(frames: int, arity: int, levels: int) -> list[int]:
     """Frames per level: ``count_0 = frames``, ``count_{l+1} = ceil(count_l / arity)`` for ``l + 1 < levels``,
     stopping early once a level has a single frame ("trapezoid").
@@ -30,10 +41,7 @@ def level_counts(frames: int, arity: int, levels: int) -> list[int]:
     frames, arity, levels = int(frames), int(arity), int(levels)
     if frames < 1:
         raise ValueError(f"a video needs at least one frame, got frames={frames}")
-    if arity < 1:
-        raise ValueError(f"arity must be >= 1, got {arity}")
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
+    check_hierarchy(arity, levels)
     counts = [frames]
     while len(counts) < levels and counts[-1] > 1:
         counts.append(-(-counts[-1] // arity))
@@ -93,12 +101,7 @@ class HierLayout:
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.tokens_per_frame < 1:
             raise ValueError(f"tokens_per_frame must be >= 1, got {self.tokens_per_frame}")
-        if self.arity < 1:
-            raise ValueError(f"arity must be >= 1, got {self.arity}")
-        if self.levels < 1:
-            raise ValueError(f"levels must be >= 1, got {self.levels}")
-        if self.neighbours < 0:
-            raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
+        check_hierarchy(self.arity, self.levels, self.neighbours)
 
     # ------------------------------------------------------------------ constructors
     @classmethod

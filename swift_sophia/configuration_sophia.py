@@ -10,6 +10,8 @@ import os
 
 from transformers import InternVLConfig
 
+from sophia_kernels import check_hierarchy
+
 # Settings a run may change without touching the checkpoint: `--model_kwargs '{"prune_alpha": 30}'` (ms-swift turns
 # it into PRUNE_ALPHA=30) or the environment variable itself. Read once, when the model or template is built.
 RUNTIME_SETTINGS = ("prune_alpha", "prune_beta", "vision_chunk_frames", "decoder_chunk_tokens")
@@ -57,12 +59,7 @@ class SophiaConfig(InternVLConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.hier_arity < 2:
-            raise ValueError(f"hier_arity must be >= 2, got {self.hier_arity}")
-        if self.hier_levels < 1:
-            raise ValueError(f"hier_levels must be >= 1, got {self.hier_levels}")
-        if self.hier_neighbours < 0:
-            raise ValueError(f"hier_neighbours must be >= 0, got {self.hier_neighbours}")
+        check_hierarchy(self.hier_arity, self.hier_levels, self.hier_neighbours)
         if self.vision_chunk_frames < 0 or self.decoder_chunk_tokens < 0:
             raise ValueError("vision_chunk_frames and decoder_chunk_tokens must be >= 0 (0: no chunking)")
         if self.attention_backend not in ("auto", "triton", "reference"):

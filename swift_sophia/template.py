@@ -112,16 +112,22 @@ class SophiaTemplate(Template):
         return encoded
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
-        """Per video, the token ids of the user text of the turn that holds it (the pruning query)."""
-        tokenizer = self.tokenizer
+        """Per video, in tag order (system prompt first, then the messages), the token ids of its pruning query:
+        the text of the first user message at or after the one that holds the video (the question asked about
+        it), else the holding message's own text. Content given as a list of parts counts its video parts."""
+        turns = ([{"role": "system", "content": inputs.system}] if inputs.system else []) + list(inputs.messages)
+        texts, videos = zip(*[_text_and_videos(turn.get("content")) for turn in turns]) if turns else ((), ())
         queries = []
-        for message in inputs.messages:
-            content = message.get("content")
-            if not isinstance(content, str):
+        for i, (turn, count) in enumerate(zip(turns, videos)):
+            if not count:
                 continue
-            text = _TAG.sub("", content).strip()
-            ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-            queries.extend([ids] * content.count("<video>"))
+            asked = next((texts[j] for j in range(i, len(turns)) if turns[j].get("role") == "user" and texts[j]),
+                         texts[i])
+            ids = self.tokenizer.encode(asked, add_special_tokens=False) if asked else []
+            queries.extend([ids] * count)
+        if len(queries) != len(inputs.videos):
+            raise ValueError(f"found {len(queries)} video tags or parts for {len(inputs.videos)} videos "
+                             f"[{', '.join(describe(v) for v in inputs.videos[:4])}]")
         return queries
 
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
@@ -162,6 +168,24 @@ class SophiaTemplate(Template):
                 mask[i, :len(q)] = 1
             res["video_query_ids"], res["video_query_mask"] = ids, mask
         return res
+
+
+def _text_and_videos(content) -> tuple:
+    """(text without media tags, number of videos) of a message's content: a string with <video> tags, or a list of
+    OpenAI-style parts."""
+    if isinstance(content, str):
+        return _TAG.sub("", content).strip(), content.count("<video>")
+    if isinstance(content, (list, tuple)):
+        text, videos = [], 0
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("video", "video_url"):
+                videos += 1
+            elif kind == "text":
+                text.append(_TAG.sub("", str(part.get("text", ""))))
+                videos += str(part.get("text", "")).count("<video>")
+        return " ".join(t.strip() for t in text if t.strip()), videos
+    return "", 0
 
 
 register_template(ChatmlTemplateMeta(SOPHIA_TEMPLATE, template_cls=SophiaTemplate, auto_add_bos=False))

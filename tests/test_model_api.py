@@ -166,3 +166,18 @@ def test_saved_pruner_and_schedule_survive_reloading(tiny_model_dir, tmp_path):
     again = SophiaForConditionalGeneration.from_pretrained(tmp_path)
     assert int(again.model.pruner.gumbel.step) == 1234
     torch.testing.assert_close(again.model.pruner.query_mlp[2].weight, model.model.pruner.query_mlp[2].weight)
+
+
+@pytest.mark.parametrize("arity", [0, 1])
+def test_config_and_layout_agree_on_the_arity(arity):
+    """The config rejected hier_arity < 2 while the kernel's layout took 1: both reject it now, with one message."""
+    from sophia_kernels import HierLayout, level_counts
+
+    from swift_sophia.configuration_sophia import SophiaConfig
+
+    with pytest.raises(ValueError, match="must be >= 2"):
+        SophiaConfig(hier_arity=arity)
+    with pytest.raises(ValueError, match="must be >= 2"):
+        HierLayout.from_lists([(0, 0, 8)], [(0, 0, 2)], 4, arity, 2, 1)
+    with pytest.raises(ValueError, match="must be >= 2"):
+        level_counts(4, arity, 3)

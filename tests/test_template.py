@@ -207,3 +207,28 @@ def test_padding_free_batch_trains_like_a_padded_batch(tiny_model_dir, synthetic
         with torch.no_grad():
             losses[padding_free] = model(**batch).loss.item()
     assert abs(losses[True] - losses[False]) < 1e-4 * max(1.0, abs(losses[False])), losses
+
+
+def test_each_video_gets_the_question_asked_about_it(template, sample):
+    """A <video> in the system prompt takes the first user question; later videos keep their own turn's question
+    (the queries were matched by position, so one tag outside the user text shifted every later video's)."""
+    video = sample["videos"][0]
+    row = {"messages": [{"role": "system", "content": "<video>You watch this clip first."},
+                        {"role": "user", "content": "Which shape is it?"},
+                        {"role": "assistant", "content": "circle"},
+                        {"role": "user", "content": "<video>What color is the background?"},
+                        {"role": "assistant", "content": "red"}],
+           "videos": [video, video]}
+    enc = template.encode(row)
+    decode = template.tokenizer.decode
+    assert [decode(q).strip() for q in enc["video_query_ids"]] == ["Which shape is it?",
+                                                                  "What color is the background?"]
+
+
+def test_queries_from_content_parts():
+    from swift_sophia.template import _text_and_videos
+
+    parts = [{"type": "video", "video": "a.mp4"}, {"type": "text", "text": "What happens?"},
+             {"type": "video_url", "video_url": {"url": "b.mp4"}}]
+    assert _text_and_videos(parts) == ("What happens?", 2)
+    assert _text_and_videos("<video>Why <image>here?") == ("Why here?", 1)
