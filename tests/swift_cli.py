@@ -15,17 +15,18 @@ CPU_TRAIN = ["--fp16", "false", "--bf16", "false", "--check_model", "false", "--
              "--add_version", "false", "--save_only_model", "true"]
 
 
-def env():
+def env(**extra):
     e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             PYTHONUNBUFFERED="1")
+             PYTHONUNBUFFERED="1", **extra)
     e.pop("CUDA_VISIBLE_DEVICES", None)
     return e
 
 
-def swift(*args, timeout=600, cwd=None, input=None):
+def swift(*args, timeout=600, cwd=None, input=None, extra_env=None):
     """Run `swift <args>`; fail with the tail of its output if it fails."""
     cmd = [SWIFT, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd, input=input)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(**(extra_env or {})),
+                          cwd=cwd, input=input)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

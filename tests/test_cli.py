@@ -212,9 +212,14 @@ def test_stage3_trains_only_the_pruner(stage2, synthetic_data, tmp_path):
 
 
 def test_infer_with_pruning(stage2, synthetic_data, tmp_path):
+    """--model_kwargs pruning settings reach the run: shots are detected (and cached) for every video only then."""
     _, ckpt = stage2
-    result = tmp_path / "pruned.jsonl"
-    swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
-          "--max_new_tokens", "3", "--result_path", result, "--model_kwargs",
-          json.dumps({"prune_alpha": 30, "prune_beta": 30}))
-    assert len(open(result).readlines()) == 4
+    for pruning in (False, True):
+        result, cache = tmp_path / f"answers-{pruning}.jsonl", tmp_path / f"shots-{pruning}"
+        extra = ["--model_kwargs", json.dumps({"prune_alpha": 30, "prune_beta": 30})] if pruning else []
+        swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
+              "--max_new_tokens", "3", "--result_path", result, *extra, extra_env={"SOPHIA_SHOT_CACHE": str(cache)})
+        rows = [json.loads(line) for line in open(result)]
+        assert len(rows) == 4 and all(isinstance(r["response"], str) for r in rows)
+        cached = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
+        assert bool(cached) == pruning, (pruning, cached)

@@ -27,8 +27,16 @@ def test_init_from_internvl_keeps_weights_and_adds_tokens(tmp_path):
                     "--num-frames", "4"], check=True, capture_output=True)
     model = SophiaForConditionalGeneration.from_pretrained(out)
     assert model.config.num_frames == 4
-    original = source.state_dict()
-    for name, value in model.state_dict().items():
-        if name in original:
-            torch.testing.assert_close(value, original[name], msg=name)
-    assert any(name.startswith("model.aggregator.") for name in model.state_dict())
+    original, converted = source.state_dict(), model.state_dict()
+    # Every InternVL weight is in the Sophia checkpoint, unchanged; the only new ones are Sophia's modules.
+    assert set(original) <= set(converted), sorted(set(original) - set(converted))[:5]
+    for name, value in original.items():
+        torch.testing.assert_close(converted[name], value, msg=name)
+    new = set(converted) - set(original)
+    assert new and all(n.startswith(("model.aggregator.", "model.pruner.")) for n in new), sorted(new)
+    # ... with their documented start: the aggregator averages the children, the pruner's query map is the identity.
+    agg = model.model.aggregator
+    expected = torch.eye(agg.weight.shape[1])[None, :, :, None].expand_as(agg.weight) / agg.arity
+    torch.testing.assert_close(agg.weight.detach(), expected)
+    q = torch.randn(3, agg.weight.shape[1])
+    torch.testing.assert_close(model.model.pruner.map_query(q), q)

@@ -97,16 +97,26 @@ def test_text_never_reads_aggregated_tokens(tiny_model_dir):
 def test_one_frame_video_and_text_only_and_images(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with torch.no_grad():
-        one = model.generate(**_batch(tokenizer, model, frames=(1,)), max_new_tokens=3, do_sample=False)
-        assert one.shape[1] > 0
+        # A one-frame video (a trapezoid of one level): cached generation equals full recomputation.
+        one = _batch(tokenizer, model, frames=(1,))
+        cached = model.generate(**one, max_new_tokens=4, do_sample=False)
+        assert torch.equal(cached, model.generate(**one, max_new_tokens=4, do_sample=False, use_cache=False))
+        # Text only: exactly the bare decoder and LM head.
         text = tokenizer("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")
-        out = model.generate(**text, max_new_tokens=3, do_sample=False)
-        assert out.shape[1] == text["input_ids"].shape[1] + 3 or out[0, -1] == tokenizer.eos_token_id
+        bare = model.lm_head(model.model.language_model(input_ids=text["input_ids"]).last_hidden_state)
+        torch.testing.assert_close(model(**text).logits, bare, rtol=0, atol=0)
+        # An image: its features replace the placeholder embeddings, then plain causal attention.
         img = tokenizer.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
         ids = torch.tensor([[img[0]] + [img[1]] * model.config.tokens_per_frame + [img[2]]
                             + tokenizer.encode("shape?")])
-        logits = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits
-        assert torch.isfinite(logits).all()
+        pixels = torch.randn(1, 3, 56, 56)
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+        embeds = model.get_input_embeddings()(ids)
+        embeds[ids == img[1]] = model.model.video_frame_features(pixels).reshape(-1, embeds.shape[-1])
+        manual = model.lm_head(model.model.language_model(inputs_embeds=embeds).last_hidden_state)
+        torch.testing.assert_close(logits, manual, rtol=1e-5, atol=1e-5)
+        other = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56)).logits
+        assert not torch.allclose(other[0, -1], logits[0, -1])
 
 
 def test_llama_decoder(tmp_path):
