@@ -101,14 +101,14 @@ class SophiaTemplate(Template):
         encoded = super()._encode(inputs)
         if clips:
             encoded["pixel_values_videos"] = torch.cat(
-                [frames_to_pixel_values(c.frames, size) for c in clips]).to(self.model_info.torch_dtype)
+                [frames_to_pixel_values(c.frames, size, self.model_info.torch_dtype) for c in clips])
             encoded["video_frame_counts"] = torch.tensor([len(c.indices) for c in clips], dtype=torch.long)
             encoded["video_query_ids"] = self._video_queries(inputs)
             shots = self._video_shots(clips)
             if shots is not None:
                 encoded["video_frame_shots"] = shots
         if inputs.images:
-            encoded["pixel_values"] = frames_to_pixel_values(inputs.images, size).to(self.model_info.torch_dtype)
+            encoded["pixel_values"] = frames_to_pixel_values(inputs.images, size, self.model_info.torch_dtype)
         return encoded
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:

@@ -115,3 +115,18 @@ def test_sources_resolve_in_one_place(clip, tmp_path, monkeypatch):
     bad.write_bytes(b"not a video" * 100)
     with pytest.raises(VideoDecodeError, match="cannot decode video .*bad.mp4"):
         V.load_video(str(bad), 4)
+
+
+def test_pixel_values_are_converted_in_chunks_to_the_model_dtype():
+    """Frame by frame the same values as one conversion in float32, but never a float32 copy of every frame."""
+    import torch
+
+    from swift_sophia.video import frames_to_pixel_values
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(7, 40, 56, 3), dtype=np.uint8)
+    whole = frames_to_pixel_values(frames, 28, chunk=7)
+    chunked = frames_to_pixel_values(frames, 28, chunk=3)
+    assert torch.equal(chunked, whole)
+    half = frames_to_pixel_values(frames, 28, torch.bfloat16, chunk=2)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, whole.to(torch.bfloat16))
