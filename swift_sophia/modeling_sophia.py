@@ -61,6 +61,10 @@ class SophiaAggregator(nn.Module):
         self.weight.copy_(eye[None, :, :, None].expand_as(self.weight) / self.arity)
         self.bias.zero_()
 
+    def touch(self) -> torch.Tensor:
+        """A zero that depends on every parameter, for batches whose videos reach no level (one-frame videos)."""
+        return (self.weight.sum() + self.bias.sum()) * 0.0
+
     def forward(self, videos: List[torch.Tensor]) -> List[List[torch.Tensor]]:
         """videos: level-0 frames [F, M, D] of each video. Returns each video's aggregated levels, [count_l, M, D]."""
         out = []
@@ -218,7 +222,7 @@ class SophiaModel(InternVLModel):
             features = self.video_frame_features(pixel_values).to(inputs_embeds.dtype)
             mask = self.placeholder_mask(self.config.image_token_id, input_ids, inputs_embeds)
             inputs_embeds = self._scatter_images(mask, inputs_embeds, features)
-        if self.training and is_deepspeed_zero3_enabled():
+        if self._distributed_training():
             inputs_embeds = inputs_embeds + self._dummy_visual_pass(inputs_embeds, features)
         outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, past_key_values=past_key_values,
@@ -243,17 +247,26 @@ class SophiaModel(InternVLModel):
         if sum(counts) != pixel_values_videos.shape[0]:
             raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
                              "were given")
-        # Only the text needs token embeddings: at hour scale nearly every plain token is a video placeholder.
-        embeddings = self.get_input_embeddings()
+        # Only the text needs token embeddings: at hour scale nearly every plain token is a video placeholder. The
+        # pruning queries (when pruning is on) are embedded in the same call: one call of every module per step.
+        queries = self._query_ids(video_query_ids, video_query_mask, len(counts)) if self._pruning() else []
+        query_ids = torch.cat(queries) if queries else None
         if input_ids is not None:
             is_video = input_ids == config.video_token_id
             text = (~is_video).flatten().nonzero().squeeze(1)
             text_ids = input_ids.flatten()[text]
-            text_embeds = embeddings(text_ids)
+            ids = text_ids if query_ids is None else torch.cat([text_ids, query_ids.to(text_ids.device)])
+            text_embeds = self.get_input_embeddings()(ids)
         else:
             is_video = self.placeholder_mask(config.video_token_id, None, inputs_embeds)
             text = (~is_video).flatten().nonzero().squeeze(1)
             text_embeds = inputs_embeds.reshape(-1, inputs_embeds.shape[-1])[text]
+            if query_ids is not None:
+                text_embeds = torch.cat([text_embeds, self.get_input_embeddings()(query_ids.to(text.device))])
+        query_embeds = None
+        if query_ids is not None:
+            text_embeds, query_embeds = text_embeds[:text.numel()], text_embeds[text.numel():]
+            query_embeds = list(query_embeds.split([q.numel() for q in queries]))
         runs = find_video_runs(is_video, counts, m)
 
         # One pass of the vision tower over image tiles and video frames together.
@@ -269,8 +282,7 @@ class SophiaModel(InternVLModel):
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
         # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
-        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, video_query_ids,
-                                      video_query_mask)
+        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, query_embeds)
         del frames
 
         # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
@@ -313,56 +325,94 @@ class SophiaModel(InternVLModel):
             out.next_position_ids = plan.next_position
         return out
 
-    def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_ids, query_mask):
+    def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_embeds):
         """Prune every video (recording the kept frames on its run), aggregate the kept frames, and stack the
-        rows that `ExtendedPlan.source` indexes."""
+        rows that `ExtendedPlan.source` indexes. The pruner's query MLP and the aggregator run once for the whole
+        batch, and in training every trainable parameter of theirs takes part (a zero-weighted term where the batch
+        would not reach it: a one-frame video has no level to aggregate), so that all ranks of a distributed run
+        make the same calls and reduce the same gradients."""
         hidden = text_embeds.shape[-1]
+        mapped, unused = self._map_queries(query_embeds, text_embeds)
         kept, offset = [], 0
         for i, run in enumerate(runs):
             video = frames[offset:offset + run.frames]
             shots = shots_of(frame_shots, offset, run.frames)
-            video, run.kept = self._prune(video, shots, self._query_embeds(query_ids, query_mask, i))
+            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None)
             offset += run.frames
             kept.append(video)
-        rows = [text_embeds]
-        for video, levels in zip(kept, self.aggregator(kept)):
+        levels_of_videos = self.aggregator(kept)
+        if self.training:
+            unused = unused + self.aggregator.touch()
+        rows = [text_embeds + unused.to(text_embeds.dtype) if self.training else text_embeds]
+        for video, levels in zip(kept, levels_of_videos):
             rows.append(video.reshape(-1, hidden))
             rows.extend(level.reshape(-1, hidden) for level in levels)
         rows.append(text_embeds.new_zeros(1, hidden))
         return torch.cat(rows)
 
-    # ------------------------------------------------------------------------------------------ pieces
+    def _pruning(self) -> bool:
+        return self.config.prune_alpha > 0 or self.config.prune_beta > 0
+
+    def _distributed_training(self) -> bool:
+        """Training in several processes (DDP, DeepSpeed): every rank must call the same modules per step."""
+        if not self.training:
+            return False
+        if is_deepspeed_zero3_enabled():
+            return True
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @staticmethod
+    def _query_ids(query_ids, query_mask, videos: int) -> List[torch.Tensor]:
+        """Token ids of every video's pruning query (the user text of the turn that holds it; may be empty)."""
+        out = []
+        for video in range(videos):
+            if query_ids is None or video >= query_ids.shape[0]:
+                out.append(torch.zeros(0, dtype=torch.long))
+                continue
+            ids = query_ids[video]
+            out.append(ids[query_mask[video].bool()] if query_mask is not None else ids)
+        return out
+
+    def _map_queries(self, query_embeds: Optional[List[torch.Tensor]], like: torch.Tensor):
+        """The pruner's query MLP over all videos' queries in one call (None when pruning is off). In training
+        one zero token rides along, so that the MLP runs, and reaches its gradients, even when no video of the
+        batch has a query; returns (mapped queries per video, the zero-weighted term to add)."""
+        unused = like.new_zeros(())
+        if query_embeds is None:
+            return None, unused
+        lengths = [q.shape[0] for q in query_embeds]
+        parts = list(query_embeds) + ([like.new_zeros(1, like.shape[-1])] if self.training else [])
+        mapped = self.pruner.map_query(torch.cat(parts)) if sum(p.shape[0] for p in parts) else None
+        if mapped is None:
+            return [None] * len(lengths), unused
+        if self.training:
+            unused = mapped[-1].sum() * 0.0
+            mapped = mapped[:-1]
+        return [m if m.shape[0] else None for m in mapped.split(lengths)], unused
+
     def _dummy_visual_pass(self, embeds, features=None):
-        """ZeRO-3 gathers a module's weights when it is called, so every rank must call the same modules the same
-        number of times per step: a batch without video still runs the vision tower (unless images did), the
-        aggregation CNN, on a blank frame, and adds nothing. (The pruner is called a varying number of times per
-        step, once per video, so pruning is trained with ZeRO-2 or without DeepSpeed; see `_prune`.)"""
+        """A training batch without video in a multi-process run still calls the vision tower (unless images
+        did), the pruner's query MLP (when pruning is on) and the aggregation CNN, on blank input, and adds
+        nothing: every rank makes the same module calls (ZeRO-3 gathers weights per call) and reduces the same
+        gradients (DDP, ZeRO-2)."""
         if features is None:
             size = self.config.vision_config.image_size
             pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
             features = self.video_frame_features(pixels).to(embeds.dtype)
         video = features[:1]
         levels = self.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
-        return (video.sum() + sum(level.sum() for level in levels)) * 0.0
-
-    def _query_embeds(self, query_ids, query_mask, video: int) -> Optional[torch.Tensor]:
-        """The pruning query of a video: the user text of the turn that holds it (None if absent or empty)."""
-        if query_ids is None or video >= query_ids.shape[0]:
-            return None
-        ids = query_ids[video][query_mask[video].bool()] if query_mask is not None else query_ids[video]
-        if ids.numel() == 0:
-            return None
-        return self.get_input_embeddings()(ids)
+        total = video.sum() + sum(level.sum() for level in levels) + self.aggregator.touch()
+        if self._pruning():
+            total = total + self._map_queries([], embeds.reshape(-1, embeds.shape[-1]))[1]
+        return total * 0.0
 
     def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query):
         alpha, beta = self.config.prune_alpha, self.config.prune_beta
         if alpha <= 0 and beta <= 0:
             return video, list(range(video.shape[0]))
-        if self.training and is_deepspeed_zero3_enabled():
-            raise ValueError("training with frame pruning on (stage 3) needs --deepspeed zero2 or no DeepSpeed: "
-                             "ZeRO-3 would hang, the pruner runs once per video and videos per rank differ")
         tau = self.pruner.temperature(self.config) if self.training else None
-        selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau)
+        selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau, query_mapped=True)
         kept = video[selection.keep]
         if tau is not None:  # straight-through gates: exactly 1 forward, the pruner's gradient path backward
             kept = kept * selection.gate.to(video.dtype)[:, None, None]

@@ -239,9 +239,10 @@ class FramePruner(nn.Module):
         return torch.cat(parts) if parts else frame_feats.new_zeros((0, d), dtype=torch.float32)
 
     def shot_scores(self, frame_feats: torch.Tensor, g: torch.Tensor, reps: torch.Tensor,
-                    query: torch.Tensor) -> torch.Tensor:
-        """Inter-shot scores ``[S]`` (pooled ``M x N_T`` cosine matrices of representative frames)."""
-        qn = F.normalize(self.map_query(query).float(), dim=-1)  # [N_T, D]
+                    query: torch.Tensor, query_mapped: bool = False) -> torch.Tensor:
+        """Inter-shot scores ``[S]`` (pooled ``M x N_T`` cosine matrices of representative frames); ``query``
+        goes through the query MLP unless ``query_mapped``."""
+        qn = F.normalize((query if query_mapped else self.map_query(query)).float(), dim=-1)  # [N_T, D]
         if self.pooling == 'mean':
             return g[reps] @ qn.mean(dim=0)
         m, d = frame_feats.shape[1:]
@@ -255,10 +256,12 @@ class FramePruner(nn.Module):
     # ------------------------------------------------------------------------------------------------ select
     def select(self, frame_feats: torch.Tensor, shots: Optional[Sequence[Shot]],
                query_embeds: Optional[torch.Tensor], *, alpha: float, beta: float,
-               tau: Optional[float] = None, generator: Optional[torch.Generator] = None) -> FrameSelection:
+               tau: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               query_mapped: bool = False) -> FrameSelection:
         """Choose the frames of one video. ``frame_feats`` ``[F, M, D]``, ``shots`` tiling ``0..F`` (None or
-        empty: one shot), ``query_embeds`` ``[N_T, D]`` or None, ``alpha``/``beta`` in percent, ``tau`` the
-        Gumbel temperature (used only in training mode)."""
+        empty: one shot), ``query_embeds`` ``[N_T, D]`` or None (already through the query MLP when
+        ``query_mapped``: the model maps all videos' queries in one call), ``alpha``/``beta`` in percent, ``tau``
+        the Gumbel temperature (used only in training mode)."""
         if frame_feats.ndim != 3:
             raise ValueError(f'frame_feats must be [F, M, D], got {tuple(frame_feats.shape)}')
         nf = frame_feats.shape[0]
@@ -281,7 +284,7 @@ class FramePruner(nn.Module):
         if alpha <= 0 and beta <= 0:  # exactly the unpruned model: no scores needed, no gradient path
             with torch.no_grad():
                 g = self.frame_descriptors(frame_feats)
-                sc = self.shot_scores(frame_feats, g, reps.to(device), query_embeds) if has_query \
+                sc = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
                     else torch.full((ns,), float('nan'))
                 fs = self._intra_scores(g, shots)
             return FrameSelection(torch.arange(nf, device=device), frame_feats.new_ones(nf), shots, sc.detach().cpu(),
@@ -293,7 +296,7 @@ class FramePruner(nn.Module):
         need_grad = stochastic and n_drop > 0 and torch.is_grad_enabled()
         with torch.set_grad_enabled(need_grad):
             g = self.frame_descriptors(frame_feats)
-            scores = self.shot_scores(frame_feats, g, reps.to(device), query_embeds) if has_query \
+            scores = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
                 else torch.full((ns,), float('nan'), device=device)
         with torch.no_grad():
             frame_scores = self._intra_scores(g.detach(), shots)

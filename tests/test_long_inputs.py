@@ -228,3 +228,40 @@ def test_the_hierarchy_is_never_replaced_by_a_plain_mask(tiny_model_dir, tokeniz
     fn = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
     with attention.hierarchical_step():
         assert fn(batch_size=1, cache_position=torch.arange(4), kv_length=4) is None
+
+
+@pytest.mark.parametrize("pruning", [False, True])
+def test_every_batch_kind_calls_each_module_once_and_reaches_every_gradient(tiny_model_dir, tokenizer, pruning,
+                                                                            monkeypatch):
+    """What a multi-process run (DDP, ZeRO-2/3) needs of a step: whatever a rank's batch holds (videos of different
+    lengths, a one-frame video, text only), the embedding, the vision tower, the pruner's query MLP (pruning on),
+    the aggregator and the decoder run once each, and every trainable parameter gets a gradient."""
+    model = _model(tiny_model_dir, prune_alpha=30.0 * pruning, prune_beta=30.0 * pruning).train()
+    monkeypatch.setattr(type(model.model), "_distributed_training", lambda self: self.training)
+    m = model.config.tokens_per_frame
+    modules = {"embed": model.get_input_embeddings(), "vision": model.model.vision_tower,
+               "query_mlp": model.model.pruner.query_mlp, "aggregator": model.model.aggregator,
+               "decoder": model.model.language_model}
+    trainable = [n for n, p in model.named_parameters()
+                 if n.startswith(("model.aggregator.", "model.multi_modal_projector.", "model.pruner."))]
+    for frames in ((6, 3), (1,), ()):
+        if frames:
+            inputs = _batch(model, tokenizer, frames=frames)
+            query = torch.tensor([tokenizer.encode("What color?")] * len(frames))
+            inputs.update(video_frame_shots=torch.cat([torch.arange(f) // 2 for f in frames]),
+                          video_query_ids=query, video_query_mask=torch.ones_like(query))
+        else:
+            inputs = dict(input_ids=torch.tensor([tokenizer.encode("hello there, how are you?")]))
+        calls = {name: 0 for name in modules}
+        handles = [mod.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+                   for name, mod in modules.items()]
+        model.zero_grad()
+        model(**inputs, labels=_labels(inputs)).loss.backward()
+        for h in handles:
+            h.remove()
+        expected = dict(embed=1, vision=1, query_mlp=int(pruning), aggregator=1, decoder=1)
+        assert calls == expected, (frames, calls)
+        missing = [n for n in trainable if dict(model.named_parameters())[n].grad is None
+                   and (pruning or not n.startswith("model.pruner."))]
+        assert not missing, (frames, missing)
+    del m
