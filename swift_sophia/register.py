@@ -7,6 +7,7 @@ from __future__ import annotations
 from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
 from transformers import AutoModelForImageTextToText
 
+from . import batch_infer  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
 from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
 from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
 from .shots_preprocessor import register_shot_dataset_preprocessor
