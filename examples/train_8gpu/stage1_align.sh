@@ -2,6 +2,9 @@
 # Stage 1 (alignment) on one node of 8 GPUs: train the new modules (projector + aggregation CNN) from scratch,
 # vision tower and LLM frozen; lr 3e-4, constant. Global batch 128 = 8 GPUs x 2 x 8 accumulation.
 #   MODEL=/path/to/sophia-8b DATA_DIR=/path/to/data bash examples/train_8gpu/stage1_align.sh
+# A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
+# (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
+# and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.
 set -euo pipefail
 MODEL="${MODEL:?a Sophia checkpoint, e.g. made by: sophia init-from-internvl OpenGVLab/InternVL2-8B ...}"
 DATA_DIR="${DATA_DIR:?folder with the ms-swift jsonl files of the data mix}"
@@ -17,4 +20,5 @@ swift sft \
     --max_length 65536 --gradient_checkpointing true \
     --deepspeed zero2 --dataloader_num_workers 8 --dataset_num_proc 16 \
     --model_kwargs '{"prune_alpha": 0, "prune_beta": 0}' \
+    --ddp_timeout "${DDP_TIMEOUT:-1800}" \
     --save_steps 500 --save_total_limit 2 --logging_steps 10 --output_dir "$OUT"

@@ -3,6 +3,9 @@
 # cosine, warmup 0.03; ZeRO-3 because the LLM's optimizer states now dominate. The data mix of the paper.
 #   MODEL=output/sophia-stage1/vX-.../checkpoint-N DATA_DIR=... bash examples/train_8gpu/stage2_finetune.sh
 # LoRA instead of full fine-tuning: add  --tuner_type lora --target_modules all-linear  (and use zero2).
+# A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
+# (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
+# and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.
 set -euo pipefail
 MODEL="${MODEL:?the stage 1 checkpoint}"
 DATA_DIR="${DATA_DIR:?folder with the ms-swift jsonl files of the data mix}"
@@ -19,4 +22,5 @@ swift sft \
     --max_length 65536 --gradient_checkpointing true \
     --deepspeed zero3 --dataloader_num_workers 8 --dataset_num_proc 16 \
     --model_kwargs '{"prune_alpha": 0, "prune_beta": 0}' \
+    --ddp_timeout "${DDP_TIMEOUT:-1800}" \
     --save_steps 500 --save_total_limit 2 --logging_steps 10 --output_dir "$OUT"

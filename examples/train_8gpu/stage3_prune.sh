@@ -2,6 +2,9 @@
 # Stage 3 (pruning) on 8 GPUs: train only the frame pruner's query MLP with Gumbel-Softmax (temperature
 # annealed), everything else frozen; lr 1e-4. Shots are read from the on-disk cache: precompute them first,
 #   python -m swift_sophia.precompute_shots "$DATA_DIR"/*.jsonl --num-frames 128 --workers 32
+# A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
+# (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
+# and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.
 set -euo pipefail
 MODEL="${MODEL:?the stage 2 checkpoint}"
 DATA_DIR="${DATA_DIR:?folder with the ms-swift jsonl files of the data mix}"
@@ -17,4 +20,5 @@ swift sft \
     --max_length 65536 --gradient_checkpointing true \
     --deepspeed zero2 --dataloader_num_workers 8 \
     --model_kwargs '{"prune_alpha": 30, "prune_beta": 30}' \
+    --ddp_timeout "${DDP_TIMEOUT:-1800}" \
     --save_steps 500 --save_total_limit 2 --logging_steps 10 --output_dir "$OUT"
