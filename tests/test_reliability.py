@@ -3,7 +3,6 @@ Batch mode (`--val_dataset`): bad rows are recorded, good rows answered, an inte
 
 Every test runs the real `swift infer` on the tiny model (no training needed)."""
 import json
-import shutil
 import subprocess
 from types import SimpleNamespace
 
