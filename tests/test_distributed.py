@@ -332,7 +332,7 @@ def test_zero3_checkpoint_answers_in_swift_infer(zero3_stage2, mixed, tmp_path):
                  timeout=RUN_TIMEOUT)
     rows = [json.loads(line) for line in open(result)]
     assert len(rows) == 3, proc.stdout[-2000:]
-    assert all(isinstance(r["response"], str) for r in rows)
+    assert all(isinstance(r["response"], str) and not r.get("error") for r in rows), rows
     assert [len(r.get("videos") or []) for r in rows] == [1, 0, 2]
 
 
