@@ -61,24 +61,39 @@ class SophiaAggregator(nn.Module):
         self.weight.copy_(eye[None, :, :, None].expand_as(self.weight) / self.arity)
         self.bias.zero_()
 
-    def touch(self) -> torch.Tensor:
-        """A zero that depends on every parameter, for batches whose videos reach no level (one-frame videos)."""
-        return (self.weight.sum() + self.bias.sum()) * 0.0
+    def forward(self, videos: List[torch.Tensor]) -> torch.Tensor:
+        """videos: level-0 frames [F, M, D] of each video. Returns the aggregated frames of all videos in one
+        tensor [sum of counts_1.., M, D], video after video, level 1 first (`level_counts` gives the split).
 
-    def forward(self, videos: List[torch.Tensor]) -> List[List[torch.Tensor]]:
-        """videos: level-0 frames [F, M, D] of each video. Returns each video's aggregated levels, [count_l, M, D]."""
+        One output tensor and, in training, a zero-weighted term of every parameter (a one-frame video reaches no
+        level): DeepSpeed ZeRO-3 hooks every output tensor of a module in backward, so ranks whose videos reach
+        different numbers of levels must still see the same outputs and gradients."""
         out = []
         for frames in videos:
             counts = level_counts(frames.shape[0], self.arity, self.levels)
-            levels, current = [], frames
+            current = frames
             for level, count in enumerate(counts[1:]):
                 x = current.permute(1, 2, 0)  # [M, D, F]: one sequence of frames per token position
                 x = nn.functional.pad(x, (0, count * self.arity - current.shape[0]))
                 x = nn.functional.conv1d(x, self.weight[level].to(x.dtype), self.bias[level].to(x.dtype),
                                          stride=self.arity)
                 current = x.permute(2, 0, 1)  # [count, M, D]
-                levels.append(current)
-            out.append(levels)
+                out.append(current)
+        first = videos[0]
+        levels = torch.cat(out) if out else first.new_zeros((0,) + tuple(first.shape[1:]))
+        if self.training:
+            levels = levels + ((self.weight.sum() + self.bias.sum()) * 0.0).to(levels.dtype)
+        return levels
+
+    def split(self, levels: torch.Tensor, kept_frames: Sequence[int]) -> List[List[torch.Tensor]]:
+        """The output of `forward` per video and level."""
+        out, offset = [], 0
+        for frames in kept_frames:
+            per_video = []
+            for count in level_counts(frames, self.arity, self.levels)[1:]:
+                per_video.append(levels[offset:offset + count])
+                offset += count
+            out.append(per_video)
         return out
 
 
@@ -340,13 +355,14 @@ class SophiaModel(InternVLModel):
             video, run.kept = self._prune(video, shots, mapped[i] if mapped else None)
             offset += run.frames
             kept.append(video)
-        levels_of_videos = self.aggregator(kept)
-        if self.training:
-            unused = unused + self.aggregator.touch()
+        aggregated = self.aggregator(kept)
+        if self.training:  # connected to the loss even when no video reaches a level (one-frame videos)
+            unused = unused + aggregated.sum() * 0.0
+        levels = self.aggregator.split(aggregated, [video.shape[0] for video in kept])
         rows = [text_embeds + unused.to(text_embeds.dtype) if self.training else text_embeds]
-        for video, levels in zip(kept, levels_of_videos):
+        for video, video_levels in zip(kept, levels):
             rows.append(video.reshape(-1, hidden))
-            rows.extend(level.reshape(-1, hidden) for level in levels)
+            rows.extend(level.reshape(-1, hidden) for level in video_levels)
         rows.append(text_embeds.new_zeros(1, hidden))
         return torch.cat(rows)
 
@@ -375,37 +391,35 @@ class SophiaModel(InternVLModel):
         return out
 
     def _map_queries(self, query_embeds: Optional[List[torch.Tensor]], like: torch.Tensor):
-        """The pruner's query MLP over all videos' queries in one call (None when pruning is off). In training
-        one zero token rides along, so that the MLP runs, and reaches its gradients, even when no video of the
-        batch has a query; returns (mapped queries per video, the zero-weighted term to add)."""
+        """The pruner's query MLP over all videos' queries in one call (`query_embeds` None: pruning is off).
+        In training one zero token rides along, so that the MLP runs once per step and reaches its gradients
+        whatever the batch holds, pruning on or off (ranks of a distributed run must make the same calls and
+        reduce the same gradients); returns (mapped queries per video or None, the zero-weighted term to add)."""
         unused = like.new_zeros(())
-        if query_embeds is None:
-            return None, unused
-        lengths = [q.shape[0] for q in query_embeds]
-        parts = list(query_embeds) + ([like.new_zeros(1, like.shape[-1])] if self.training else [])
-        mapped = self.pruner.map_query(torch.cat(parts)) if sum(p.shape[0] for p in parts) else None
-        if mapped is None:
-            return [None] * len(lengths), unused
+        parts = list(query_embeds or []) + ([like.new_zeros(1, like.shape[-1])] if self.training else [])
+        if not sum(p.shape[0] for p in parts):
+            return (None if query_embeds is None else [None] * len(query_embeds)), unused
+        mapped = self.pruner.map_query(torch.cat(parts))
         if self.training:
             unused = mapped[-1].sum() * 0.0
             mapped = mapped[:-1]
-        return [m if m.shape[0] else None for m in mapped.split(lengths)], unused
+        if query_embeds is None:
+            return None, unused
+        return [m if m.shape[0] else None for m in mapped.split([q.shape[0] for q in query_embeds])], unused
 
     def _dummy_visual_pass(self, embeds, features=None):
-        """A training batch without video in a multi-process run still calls the vision tower (unless images
-        did), the pruner's query MLP (when pruning is on) and the aggregation CNN, on blank input, and adds
-        nothing: every rank makes the same module calls (ZeRO-3 gathers weights per call) and reduces the same
-        gradients (DDP, ZeRO-2)."""
+        """A training batch without video in a multi-process run still calls, in the order a video batch does,
+        the vision tower (unless images did), the pruner's query MLP and the aggregation CNN, on blank input, and
+        adds nothing: every rank makes the same module calls (ZeRO-3 gathers weights per call) and reduces the
+        same gradients (DDP, ZeRO-2)."""
         if features is None:
             size = self.config.vision_config.image_size
             pixels = torch.zeros(1, 3, size[0], size[1], device=embeds.device, dtype=embeds.dtype)
             features = self.video_frame_features(pixels).to(embeds.dtype)
         video = features[:1]
-        levels = self.aggregator([video.expand(self.config.hier_arity, -1, -1)])[0]
-        total = video.sum() + sum(level.sum() for level in levels) + self.aggregator.touch()
-        if self._pruning():
-            total = total + self._map_queries([], embeds.reshape(-1, embeds.shape[-1]))[1]
-        return total * 0.0
+        unused = self._map_queries([] if self._pruning() else None, embeds.reshape(-1, embeds.shape[-1]))[1]
+        levels = self.aggregator([video.expand(self.config.hier_arity, -1, -1)])
+        return (video.sum() + levels.sum() + unused) * 0.0
 
     def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query):
         alpha, beta = self.config.prune_alpha, self.config.prune_beta

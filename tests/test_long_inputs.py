@@ -235,7 +235,8 @@ def test_every_batch_kind_calls_each_module_once_and_reaches_every_gradient(tiny
                                                                             monkeypatch):
     """What a multi-process run (DDP, ZeRO-2/3) needs of a step: whatever a rank's batch holds (videos of different
     lengths, a one-frame video, text only), the embedding, the vision tower, the pruner's query MLP (pruning on),
-    the aggregator and the decoder run once each, and every trainable parameter gets a gradient."""
+    the aggregator and the decoder run once each, and every trainable parameter gets a gradient (the query MLP
+    runs on a zero token when pruning is off, so that DDP sees its gradients on every rank)."""
     model = _model(tiny_model_dir, prune_alpha=30.0 * pruning, prune_beta=30.0 * pruning).train()
     monkeypatch.setattr(type(model.model), "_distributed_training", lambda self: self.training)
     m = model.config.tokens_per_frame
@@ -259,9 +260,8 @@ def test_every_batch_kind_calls_each_module_once_and_reaches_every_gradient(tiny
         model(**inputs, labels=_labels(inputs)).loss.backward()
         for h in handles:
             h.remove()
-        expected = dict(embed=1, vision=1, query_mlp=int(pruning), aggregator=1, decoder=1)
+        expected = dict(embed=1, vision=1, query_mlp=1, aggregator=1, decoder=1)
         assert calls == expected, (frames, calls)
-        missing = [n for n in trainable if dict(model.named_parameters())[n].grad is None
-                   and (pruning or not n.startswith("model.pruner."))]
+        missing = [n for n in trainable if dict(model.named_parameters())[n].grad is None]
         assert not missing, (frames, missing)
     del m
