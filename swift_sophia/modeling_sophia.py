@@ -355,6 +355,8 @@ class SophiaModel(InternVLModel):
             video, run.kept = self._prune(video, shots, mapped[i] if mapped else None)
             offset += run.frames
             kept.append(video)
+        if self.training and is_deepspeed_zero3_enabled():
+            kept = [video + unused.to(video.dtype) for video in kept]  # (see _dummy_visual_pass)
         aggregated = self.aggregator(kept)
         if self.training:  # connected to the loss even when no video reaches a level (one-frame videos)
             unused = unused + aggregated.sum() * 0.0
@@ -418,7 +420,13 @@ class SophiaModel(InternVLModel):
             features = self.video_frame_features(pixels).to(embeds.dtype)
         video = features[:1]
         unused = self._map_queries([] if self._pruning() else None, embeds.reshape(-1, embeds.shape[-1]))[1]
-        levels = self.aggregator([video.expand(self.config.hier_arity, -1, -1)])
+        frames = video.expand(self.config.hier_arity, -1, -1)
+        if is_deepspeed_zero3_enabled():
+            # ZeRO-3 gathers a module's weights again for its backward, so the aggregator's backward must run on
+            # every rank or on none: its input depends on the query MLP here as it does on a rank whose videos
+            # are pruned with gradients (stage 3), and in the video path (above) on every rank.
+            frames = frames + unused.to(frames.dtype)
+        levels = self.aggregator([frames])
         return (video.sum() + levels.sum() + unused) * 0.0
 
     def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query):
