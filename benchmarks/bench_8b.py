@@ -903,6 +903,16 @@ def cell(row: dict) -> str:
     return f"{fmt_s(row['seconds'])}{mem}{kept}"
 
 
+def _print_by_frames(rows, column, cell) -> None:
+    """A markdown table: one row per frame count, one column per `column(row)`, `cell(row)` in each."""
+    columns = list(dict.fromkeys(column(r) for r in rows))
+    print("| frames | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for f in dict.fromkeys(r["frames"] for r in rows):
+        cells = [next((cell(r) for r in rows if r["frames"] == f and column(r) == c), "-") for c in columns]
+        print(f"| {f} | " + " | ".join(cells) + " |")
+
+
 def print_tables(results: dict):
     meta = results["meta"]
     rate = meta["matmul_flops"] / 1e12
@@ -913,13 +923,7 @@ def print_tables(results: dict):
     if rows:
         print(head + "\n\nPrefill from pixels (KV cache on, last-token logits); peak = GPU memory beyond weights "
               "and inputs\n")
-        variants = list(dict.fromkeys(r["variant"] for r in rows))
-        frames = list(dict.fromkeys(r["frames"] for r in rows))
-        print("| frames | " + " | ".join(variants) + " |")
-        print("|---" * (len(variants) + 1) + "|")
-        for f in frames:
-            cells = [next((cell(r) for r in rows if r["frames"] == f and r["variant"] == v), "-") for v in variants]
-            print(f"| {f} | " + " | ".join(cells) + " |")
+        _print_by_frames(rows, lambda r: r["variant"], cell)
         print("\n| frames | variant | kept | plain tokens | decoder tokens | time | floor | time / floor | vision | "
               "prune + agg | decoder | head | peak GiB | reserved peak GiB |")
         print("|---" * 14 + "|")
@@ -944,14 +948,7 @@ def print_tables(results: dict):
         print(f"\nTraining step (gradient checkpointing, AdamW, labels on the last {ANSWER_TOKENS} tokens, logits "
               f"{meta['train_logits']}); s / step, median of {meta['train_repeats']} after {meta['warmup']} "
               "warm-up; peak = GPU memory beyond weights and inputs\n")
-        cols = list(dict.fromkeys((r["variant"], r["mode"]) for r in rows))
-        frames = list(dict.fromkeys(r["frames"] for r in rows))
-        print("| frames | " + " | ".join(f"{v} {m}" for v, m in cols) + " |")
-        print("|---" * (len(cols) + 1) + "|")
-        for f in frames:
-            cells = [next((cell(r) for r in rows if r["frames"] == f and (r["variant"], r["mode"]) == c), "-")
-                     for c in cols]
-            print(f"| {f} | " + " | ".join(cells) + " |")
+        _print_by_frames(rows, lambda r: f"{r['variant']} {r['mode']}", cell)
         print("\n| frames | variant | mode | kept | s / step | forward | backward | optimizer | floor | "
               "time / floor | peak GiB | trainable |")
         print("|---" * 12 + "|")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,16 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from swift_sophia.video import (DecordReader, FrameSampling, PyAVReader, load_video,  # noqa: E402
                                 sample_frame_indices)
 
-
-def cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'CPU'
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_shots import cpu_name  # noqa: E402  (the machine's name, as the shot benchmark prints it)
 
 
 def generate(path: str, minutes: float, height: int, fps: int, gop_seconds: float) -> float:
