@@ -37,25 +37,41 @@ def _triton_supports(q: torch.Tensor) -> bool:
 
 
 def hierarchical_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout, *,
-                           scale: float | None = None, implementation: str = "auto") -> torch.Tensor:
+                           scale: float | None = None, implementation: str = "auto",
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Hierarchical attention over packed sequences with videos.
 
     q: [B, Hq, N, D]; k, v: [B, Hkv, N, D] with Hq % Hkv == 0 (GQA). Returns [B, Hq, N, D] in q's dtype.
     ``implementation``: "auto" (Triton on CUDA when available and the shape is supported, else the reference),
     "reference" (plain PyTorch) or "triton". Padding query positions output exactly 0 and get zero gradients;
     nothing attends to padding or across packed sequences. Default scale is D ** -0.5; softmax in float32.
+    ``out``: write the result into this [B, Hq, N, D] tensor of q's dtype and return it; it may be ``q`` itself
+    (every query tile is read before its output is written), which saves a q-sized tensor when q is not needed
+    afterwards. Not differentiable: nothing may require grad.
     """
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
     check_inputs(q, k, v, layout)
+    if out is not None:
+        _check_out(out, q)
     if implementation == "auto":
         use_triton = q.is_cuda and triton_available(q.device) and _triton_supports(q)
         implementation = "triton" if use_triton else "reference"
     if implementation == "reference":
-        return hierarchical_attention_reference(q, k, v, layout, scale=scale)
+        result = hierarchical_attention_reference(q, k, v, layout, scale=scale)
+        return result if out is None else out.copy_(result)
     from .ops.hier_attention_triton import hier_attention_triton
 
-    return hier_attention_triton(q, k, v, layout, scale=scale)
+    return hier_attention_triton(q, k, v, layout, scale=scale, out=out)
+
+
+def _check_out(out: torch.Tensor, q: torch.Tensor) -> None:
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must match q ({tuple(q.shape)}, {q.dtype}, {q.device}); got {tuple(out.shape)}, "
+                         f"{out.dtype}, {out.device}")
+    if torch.is_grad_enabled() and (out.requires_grad or q.requires_grad):
+        raise ValueError("out= is for inference: the output written in place has no gradient; call without out= "
+                         "(or under torch.no_grad())")
 
 
 def plain_token_mask(layout: HierLayout, batch_size: int, seq_len: int, device=None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import sys
 
+import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.models.llama import modeling_llama
@@ -40,8 +41,11 @@ def _attention_router(original):
             return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         if dropout and module.training:
             raise ValueError("hierarchical attention has no attention dropout; set attention_dropout=0")
+        # Without autograd the output overwrites the query, which the decoder does not read again: one
+        # [tokens x hidden] tensor less at the peak of every layer.
+        in_place = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
         out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
-                                     implementation=sophia_attention_backend)
+                                     implementation=sophia_attention_backend, out=query if in_place else None)
         return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights
 
     sophia_attention_forward.sophia_router = True

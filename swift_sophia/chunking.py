@@ -78,6 +78,7 @@ def chunk_positionwise_layers(language_model: nn.Module, config) -> int:
     norm = getattr(language_model, "norm", None)
     if norm is not None:
         targets.append(norm)
+    targets = [m for m in targets if not (_is_norm(m) and is_liger(m.forward))]  # one pass, nothing to bound
     for module in targets:
         if not isinstance(module.__dict__.get("forward"), _ChunkedForward):
             module.forward = _ChunkedForward(module, config)
@@ -87,6 +88,12 @@ def chunk_positionwise_layers(language_model: nn.Module, config) -> int:
 
 def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def is_liger(fn) -> bool:
+    """Whether a (bound) forward or a function comes from Liger-Kernel (swift_sophia.liger)."""
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__module__", "").startswith("liger_kernel")
 
 
 # Rotary embeddings: `(q * cos) + (rotate_half(q) * sin)` makes three temporaries the size of q. For long sequences
@@ -108,7 +115,7 @@ def chunk_rotary_embedding(language_model: nn.Module, tokens: int) -> bool:
     original = getattr(module, "apply_rotary_pos_emb", None)
     if original is None:
         return False
-    if not getattr(original, "sophia_chunked", False):
+    if not getattr(original, "sophia_chunked", False) and not is_liger(original):  # Liger's rotates in place
         module.apply_rotary_pos_emb = _chunked_rotary(original)
     return True
 
@@ -131,4 +138,4 @@ def _chunked_rotary(original):
     return apply_rotary_pos_emb
 
 
-__all__ = ["run_in_chunks", "chunk_positionwise_layers", "chunk_rotary_embedding"]
+__all__ = ["run_in_chunks", "chunk_positionwise_layers", "chunk_rotary_embedding", "is_liger"]

@@ -12,9 +12,19 @@ from transformers import InternVLConfig
 
 from sophia_kernels import check_hierarchy
 
-# Settings a run may change without touching the checkpoint: `--model_kwargs '{"prune_alpha": 30}'` (ms-swift turns
-# it into PRUNE_ALPHA=30) or the environment variable itself. Read once, when the model or template is built.
-RUNTIME_SETTINGS = ("prune_alpha", "prune_beta", "vision_chunk_frames", "decoder_chunk_tokens")
+# Settings a run may change without touching the checkpoint, by config field and environment variable:
+# `--model_kwargs '{"prune_alpha": 30}'` (ms-swift turns it into PRUNE_ALPHA=30) or the variable itself. Read once,
+# when the model or template is built.
+RUNTIME_SETTINGS = {
+    "prune_alpha": "PRUNE_ALPHA",
+    "prune_beta": "PRUNE_BETA",
+    "hier_neighbours": "HIER_NEIGHBOURS",
+    "use_hierarchy": "SOPHIA_HIERARCHY",
+    "vision_chunk_frames": "VISION_CHUNK_FRAMES",
+    "decoder_chunk_tokens": "DECODER_CHUNK_TOKENS",
+    "liger_kernel": "SOPHIA_LIGER_KERNEL",
+}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class SophiaConfig(InternVLConfig):
@@ -39,6 +49,11 @@ class SophiaConfig(InternVLConfig):
     decoder_chunk_tokens (`int`, defaults to 16384): tokens the decoder's position-wise layers (MLP, norms) take at
         once for long inputs (0: all at once), so that no [tokens x MLP width] tensor exists at 100K+ tokens; the
         result is the same. In training each chunk is recomputed in backward.
+    use_hierarchy (`bool`, defaults to True): hierarchical attention over the kept frames and their aggregated
+        levels. False is the "without hierarchical attention" ablation, for evaluation: the same weights, plain
+        causal attention over the kept frames, no aggregated tokens.
+    liger_kernel (`bool`, defaults to False): Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the decoder (CUDA;
+        `swift sft --use_liger_kernel true` does the same for training). Faster and leaner; not bit-identical.
     """
 
     model_type = "sophia"
@@ -56,6 +71,8 @@ class SophiaConfig(InternVLConfig):
     gumbel_anneal_rate: float = 1e-3
     vision_chunk_frames: int = 64
     decoder_chunk_tokens: int = 16384
+    use_hierarchy: bool = True
+    liger_kernel: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -80,19 +97,27 @@ class SophiaConfig(InternVLConfig):
 
 def resolve_runtime_settings(config: SophiaConfig) -> SophiaConfig:
     """Apply the environment's overrides of `RUNTIME_SETTINGS` (e.g. PRUNE_ALPHA=30) to `config`, once."""
-    for name in RUNTIME_SETTINGS:
-        raw = os.environ.get(name.upper())
+    for name, variable in RUNTIME_SETTINGS.items():
+        raw = os.environ.get(variable)
         if raw in (None, ""):
             continue
-        kind = type(getattr(SophiaConfig, name))
-        try:
-            value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
-        except ValueError:
-            raise ValueError(f"{name.upper()}={raw!r} is not a valid {kind.__name__} for the setting {name}") from None
-        if value < 0:
-            raise ValueError(f"{name.upper()}={raw!r} must be >= 0")
-        setattr(config, name, value)
+        setattr(config, name, _parse_setting(variable, raw, type(getattr(SophiaConfig, name)), name))
+    check_hierarchy(config.hier_arity, config.hier_levels, config.hier_neighbours)
     return config
+
+
+def _parse_setting(variable: str, raw: str, kind: type, name: str):
+    if kind is bool:
+        if raw.strip().lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{variable}={raw!r} is not a valid boolean for the setting {name} (use 1 or 0)")
+        return raw.strip().lower() in _TRUE
+    try:
+        value = kind(float(raw)) if kind is int and float(raw).is_integer() else kind(raw)
+    except ValueError:
+        raise ValueError(f"{variable}={raw!r} is not a valid {kind.__name__} for the setting {name}") from None
+    if value < 0:
+        raise ValueError(f"{variable}={raw!r} must be >= 0")
+    return value
 
 
 __all__ = ["SophiaConfig", "RUNTIME_SETTINGS", "resolve_runtime_settings"]

@@ -12,6 +12,7 @@ Reads top to bottom like transformers' InternVL (docs/architecture.md has the pi
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -24,16 +25,18 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.internvl.modeling_internvl import (InternVLForConditionalGeneration, InternVLModel,
                                                             InternVLPreTrainedModel)
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from sophia_kernels import level_counts
 
-from . import attention
+from . import attention, liger
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, resolve_runtime_settings
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
 from .kv_cache import PrefillCache, cache_index
 from .pruning import FramePruner
+
+logger = logging.get_logger(__name__)
 
 Shot = Tuple[int, int]
 
@@ -137,6 +140,11 @@ class SophiaModel(InternVLModel):
         attention.install(self.language_model.config)
         chunk_positionwise_layers(self.language_model, config)
         chunk_rotary_embedding(self.language_model, config.decoder_chunk_tokens)
+        if config.liger_kernel:
+            if torch.cuda.is_available():
+                liger.apply_liger_kernel_to_sophia(self)
+            else:
+                logger.warning("liger_kernel is set but there is no CUDA device: Liger's kernels stay off")
 
     def _init_weights(self, module):
         # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
@@ -302,7 +310,7 @@ class SophiaModel(InternVLModel):
 
         # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
         plan = build_extended_plan(is_video, attention_mask, position_ids, runs, tokens_per_frame=m,
-                                   arity=config.hier_arity, levels=config.hier_levels,
+                                   arity=config.hier_arity, levels=config.hier_levels if config.use_hierarchy else 1,
                                    neighbours=config.hier_neighbours)
         batch, hidden = is_video.shape[0], text_embeds.shape[-1]
         del text_embeds
@@ -321,12 +329,22 @@ class SophiaModel(InternVLModel):
             index, cache_mask = cache_index(plan.cache_keep, device=extended.device)
             cache = PrefillCache(index, config=config.text_config)
         attention.install(self.language_model.config)  # whatever set the implementation since loading
-        with attention.hierarchical_step():
-            outputs = self.language_model(inputs_embeds=extended, attention_mask=None,
-                                          position_ids=plan.position_ids, past_key_values=cache,
-                                          use_cache=bool(use_cache), hier_layout=plan.layout,
-                                          sophia_attention_backend=config.attention_backend, return_dict=True,
-                                          **kwargs)
+        release = None
+        if not torch.is_grad_enabled() and not kwargs.get("output_hidden_states", config.output_hidden_states):
+            release = _release_after_first_layer(self.language_model, extended)
+        if config.use_hierarchy:
+            step, attend = attention.hierarchical_step(), dict(attention_mask=None, hier_layout=plan.layout,
+                                                               sophia_attention_backend=config.attention_backend)
+        else:  # the ablation: the decoder's own causal attention over text and kept frames
+            step, attend = contextlib.nullcontext(), dict(attention_mask=_plain_causal_mask(plan, batch))
+        try:
+            with step:
+                outputs = self.language_model(inputs_embeds=extended, position_ids=plan.position_ids,
+                                              past_key_values=cache, use_cache=bool(use_cache), return_dict=True,
+                                              **attend, **kwargs)
+        finally:
+            if release is not None:
+                release.remove()
         del extended
 
         # 4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids.
@@ -357,6 +375,12 @@ class SophiaModel(InternVLModel):
             kept.append(video)
         if self.training and is_deepspeed_zero3_enabled():
             kept = [video + unused.to(video.dtype) for video in kept]  # (see _dummy_visual_pass)
+        if not self.config.use_hierarchy:  # the ablation: kept frames only, no aggregated levels
+            if self.training:
+                raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) is an evaluation ablation; train with "
+                                 "the hierarchy on")
+            return torch.cat([text_embeds] + [video.reshape(-1, hidden) for video in kept]
+                             + [text_embeds.new_zeros(1, hidden)])
         aggregated = self.aggregator(kept)
         if self.training:  # connected to the loss even when no video reaches a level (one-frame videos)
             unused = unused + aggregated.sum() * 0.0
@@ -545,6 +569,25 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         elif model_kwargs.get("sophia_next_position") is not None:
             model_kwargs["sophia_next_position"] = model_kwargs["sophia_next_position"] + num_new_tokens
         return model_kwargs
+
+
+def _plain_causal_mask(plan: ExtendedPlan, batch: int) -> torch.Tensor:
+    """[B, N_ext] padding mask of the extended rows (valid tokens first), for the decoder's causal attention."""
+    if len(plan.layout.seq_list()) > batch:
+        raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) does not take packed rows (padding_free/packing)")
+    return (plan.source.view(batch, plan.length) >= 0).long()
+
+
+def _release_after_first_layer(decoder: nn.Module, embeddings: torch.Tensor):
+    """Inference: the decoder's input embeddings are read by its first layer only, but the decoder's forward holds
+    them until it returns. Free their memory once the first layer has run (one [tokens x hidden] tensor less
+    through all later layers); anything reading them afterwards fails loudly instead of reading stale values."""
+    def free(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is embeddings:
+            embeddings.untyped_storage().resize_(0)
+
+    return decoder.layers[0].register_forward_hook(free, with_kwargs=True)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:

@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText
 
 from . import batch_infer  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
 from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
+from . import liger
 from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
 from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE
@@ -51,6 +52,9 @@ register_model(
     ),
     exist_ok=True,
 )
+
+# `--use_liger_kernel true`: transformers' Trainer finds `sophia` in Liger's table (when Liger is installed).
+liger.register()
 
 # Datasets named in $SOPHIA_SHOT_DATASETS get the shot-caching preprocessor (docs/pruning.md).
 register_shot_dataset_preprocessor()

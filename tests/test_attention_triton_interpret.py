@@ -98,6 +98,10 @@ def _worker() -> None:
         do = torch.randn(b, n, hq, d, dtype=dtype).transpose(1, 2) if strided else torch.randn(b, hq, n, d, dtype=dtype)
         out = hier_attention_triton(q, k, v, layout, config=configs[cfg_name], poison=True)
         grads = torch.autograd.grad(out, (q, k, v), do)
+        with torch.no_grad():  # inference writing O over q itself (programs run one after another here, so a tile
+            q_over = q.detach().clone()  # that read another tile's already overwritten rows would show)
+            q_over_ptr = q_over.data_ptr()
+            over = hier_attention_triton(q_over, k.detach(), v.detach(), layout, config=configs[cfg_name], out=q_over)
         int64 = H._int64(n, q)
         H.INT64_OFFSETS_FROM = 2**31
         q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
@@ -110,6 +114,7 @@ def _worker() -> None:
         plan = build_plan(layout, b, n, cfg.fwd_block_m, cfg.dkdv_block_n, "cpu", cfg.dkdv_split_chunk, hkv, 4)
         res = {"n": n, "shape": [b, hq, hkv, n, d], "q_flat": plan.q_flat, "n_slots": plan.n_slots,
                "out_in_q_layout": out.stride() == q.stride(), "int64": int64,
+               "over_q_equal": bool(torch.equal(over, out.detach())), "over_q_in_place": over.data_ptr() == q_over_ptr,
                "grads_in_input_layouts": [g.stride() == x.stride() for g, x in zip(grads, (q, k, v))],
                **_q_masks(plan, cfg.fwd_block_n), **_k_masks(plan, cfg.dkdv_block_m)}
         for tag, x, y in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, rgrads)):
@@ -146,6 +151,34 @@ def test_output_and_gradients_come_in_the_layouts_of_the_inputs(interp_results, 
     res = interp_results[case]
     assert res["out_in_q_layout"] and all(res["grads_in_input_layouts"]), res
     assert res["int64"] == case.endswith("int64")
+
+
+@pytest.mark.parametrize("case", ["fp32_basic", "fp32_noncontiguous_int64", "fp32_many_videos_general",
+                                  "fp16_split_key_tiles_pad", "fp32_packed_padded"])
+def test_inference_output_written_over_q_is_exact(interp_results, case):
+    """out=q (inference): O overwrites q in place and equals the separately allocated output bit for bit, on the
+    flat and the general path, with padding and packed sequences."""
+    res = interp_results[case]
+    assert res["over_q_in_place"] and res["over_q_equal"], res
+
+
+def test_out_needs_no_grad_and_matching_shape():
+    import torch
+
+    from sophia_kernels import HierLayout, hierarchical_attention
+
+    layout, n = HierLayout.from_segments([[[3, ("video", 2), 2]]], tokens_per_frame=2, arity=2, levels=2,
+                                         neighbours=1)
+    q, k, v = torch.randn(1, 2, n, 8, requires_grad=True), torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8)
+    with pytest.raises(ValueError, match="inference"):
+        hierarchical_attention(q, k, v, layout, out=q)
+    with pytest.raises(ValueError, match="out must match q"):
+        hierarchical_attention(q.detach(), k, v, layout, out=torch.empty(1, 2, n, 4))
+    with torch.no_grad():
+        expected = hierarchical_attention(q, k, v, layout, implementation="reference")
+        q_over = q.detach().clone()
+        assert hierarchical_attention(q_over, k, v, layout, implementation="reference", out=q_over) is q_over
+    assert torch.equal(q_over, expected)
 
 
 def test_long_strided_inputs_are_not_copied():

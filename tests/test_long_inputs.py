@@ -100,6 +100,39 @@ def test_generation_from_the_prefill_cache_equals_full_recomputation(tiny_model_
     assert torch.equal(cached, full)
 
 
+def test_inference_frees_the_decoder_input_after_the_first_layer_and_writes_attention_over_q(tiny_model_dir,
+                                                                                              tokenizer, monkeypatch):
+    """At inference the extended embeddings are freed once layer 0 has read them and each layer's attention output
+    overwrites its query tensor (two [tokens x hidden] tensors less at the peak); with autograd both stay as they
+    are. The logits are the same either way."""
+    model = _model(tiny_model_dir).eval()
+    inputs = _batch(model, tokenizer, frames=(6, 3))
+    layers = model.model.language_model.layers
+    seen, over_q = {}, []
+    layers[0].register_forward_pre_hook(lambda m, args, kwargs: seen.update(
+        input=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    layers[1].register_forward_pre_hook(lambda m, args, kwargs: seen.update(
+        input_bytes_in_layer_1=seen["input"].untyped_storage().nbytes()), with_kwargs=True)
+    kernel = attention.hierarchical_attention
+
+    def recording(q, k, v, layout, out=None, **kw):
+        over_q.append(out is q)
+        return kernel(q, k, v, layout, out=out, **kw)
+
+    monkeypatch.setattr(attention, "hierarchical_attention", recording)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert seen["input_bytes_in_layer_1"] == 0
+    assert over_q == [True] * len(layers)
+
+    seen.clear(), over_q.clear()
+    with torch.enable_grad():
+        logits_with_autograd = model(**inputs).logits
+    assert seen["input_bytes_in_layer_1"] > 0
+    assert over_q == [False] * len(layers)
+    torch.testing.assert_close(logits_with_autograd.detach(), logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("freeze_vit", [True, False])
 def test_chunked_vision_tower_is_exact(tiny_model_dir, tokenizer, freeze_vit):
     inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(7, 3))

@@ -602,17 +602,20 @@ def _with_fallback(kernel: str, cfg: HierAttnConfig, chosen, launch) -> HierAttn
             remember_config(*chosen, cfg)
 
 
-def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False, chosen=None):
-    """O [B, Hq, N, D] and LSE [B, Hq, N] (float32, base 2); returns (o, lse, config that ran)."""
+def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool = False, chosen=None, out=None):
+    """O [B, Hq, N, D] and LSE [B, Hq, N] (float32, base 2); returns (o, lse, config that ran). O goes into ``out``
+    when given (it may be q: each program reads its query tile before it writes the same rows of O)."""
     b, hq, n, d = q.shape
     hkv = k.shape[1]
-    if q.stride(1) == d and q.stride(2) == hq * d:
+    if out is not None:
+        o = out if out.stride(-1) == 1 else out.contiguous()
+    elif q.stride(1) == d and q.stride(2) == hq * d:
         # q comes in the decoder's [B, N, Hq, D] layout: write O in it too, so that the decoder's
         # transpose(1, 2).contiguous() before o_proj is free (one [tokens x hidden] copy less per layer).
         o = torch.empty((b, n, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     else:
         o = torch.empty((b, hq, n, d), dtype=q.dtype, device=q.device)
-    if poison:
+    if poison and out is None:  # an out= that is q must keep q's values until each tile has read them
         o.fill_(float("nan"))
     lse = torch.empty((b, hq, n), dtype=torch.float32, device=q.device)
 
@@ -630,6 +633,9 @@ def hier_attention_fwd(q, k, v, layout, scale, cfg: HierAttnConfig, poison: bool
             num_warps=c.fwd_warps, num_stages=c.fwd_stages)
 
     cfg = _with_fallback("fwd", cfg, chosen, launch)
+    if out is not None and o is not out:
+        out.copy_(o)
+        o = out
     return o, lse, cfg
 
 
@@ -714,11 +720,11 @@ class _HierAttnFn(torch.autograd.Function):
 
 def hier_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: HierLayout, *,
                           scale: float | None = None, config: HierAttnConfig | None = None,
-                          poison: bool = False) -> torch.Tensor:
+                          poison: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton hierarchical attention with autograd. ``config``: None picks ``choose_config(dtype, D, device)``
     (fitted to the device's shared memory, shrunk further at launch if Triton still runs out of resources); an
     explicit config runs as given. ``poison`` fills outputs and gradients with NaN before the kernels run (tests:
-    every element must be written)."""
+    every element must be written). ``out``: inference only, the output is written there (may be q itself)."""
     b, hq, hkv, n, d = check_inputs(q, k, v, layout)
     if d not in (16, 32, 64, 128):
         raise ValueError(f"the Triton kernel supports head dims 16, 32, 64, 128; got {d}")
@@ -733,4 +739,8 @@ def hier_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         chosen = (q.dtype, d, q.device)
         config = choose_config(*chosen)
     q, k, v = _prep(q, n), _prep(k, n), _prep(v, n)
+    if out is not None:
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, out)):
+            raise ValueError("out= is for inference: the output written in place has no gradient")
+        return hier_attention_fwd(q, k, v, layout, float(scale), config, poison, chosen, out=out)[0]
     return _HierAttnFn.apply(q, k, v, layout, float(scale), config, poison, chosen)
