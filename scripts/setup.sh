@@ -4,10 +4,10 @@
 # package with its dependencies.
 #   bash scripts/setup.sh            # creates ./.venv
 #   SOPHIA_VENV=/path/env bash scripts/setup.sh
-#   EXTRAS=test,deepspeed,triton,liger bash scripts/setup.sh
+#   EXTRAS=test,deepspeed,triton,liger,eval bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${EXTRAS:-test,deepspeed,triton,liger}"
+extras="${EXTRAS:-test,deepspeed,triton,liger,eval}"
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   venv="${SOPHIA_VENV:-.venv}"
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

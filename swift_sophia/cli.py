@@ -5,6 +5,8 @@
     sophia build-random --shape NAME DIR   a random-weight checkpoint of a real shape (internvl2.5-8b, ...)
     sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
     sophia init-from-internvl SRC DIR  start a Sophia checkpoint from a transformers-native InternVL one
+    sophia convert-benchmark NAME ROOT OUT   a benchmark's published files -> a local set for `swift eval`
+    sophia niah --model CKPT --output-dir DIR   video needle-in-a-haystack: set, evaluation, heatmap
 """
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ def main(argv=None) -> int:
     conv.add_argument("source", help="local folder of a transformers-native InternVL checkpoint")
     conv.add_argument("output_dir")
     conv.add_argument("--num-frames", type=int, default=32)
+    from .evaluation import convert_cli, niah
+
+    convert_cli.add_arguments(sub.add_parser(
+        "convert-benchmark", help="turn a benchmark's published files into a local video MCQ set for swift eval"))
+    niah.add_arguments(sub.add_parser(
+        "niah", help="video needle-in-a-haystack: build the set, evaluate a checkpoint, draw the heatmap",
+        description=niah.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
 
     if args.command == "plugin-path":
@@ -76,6 +85,10 @@ def main(argv=None) -> int:
         from .convert import init_from_internvl
 
         print(f"Sophia checkpoint written to {init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)}")
+    elif args.command == "convert-benchmark":
+        return convert_cli.run(args)
+    elif args.command == "niah":
+        return niah.run(args)
     return 0
 
 

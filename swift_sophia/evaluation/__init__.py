@@ -1,0 +1,11 @@
+"""Evaluation of Sophia checkpoints with `swift eval` (EvalScope's native backend, `general_vmcq` sets).
+
+    patches          what ms-swift 4.6 / EvalScope need for `swift eval` on video sets (imported by the plugin)
+    vmcq             writing a local video MCQ set in EvalScope's `general_vmcq` layout, one file per subset
+    benchmarks/      converters from each benchmark's published files (Video-MME, MLVU, LongVideoBench,
+                     EgoSchema, LVBench) to such a set, with the benchmark's own breakdown as subsets
+    report           reading EvalScope's report of a run (score per subset)
+    niah_*, heatmap  the video needle-in-a-haystack set, its evaluation and its heatmap (`sophia niah`)
+
+docs/evaluation.md gives the commands.
+"""
