@@ -23,8 +23,8 @@ def draw(path: str, frames: Sequence[int], depths: Sequence[int], accuracy: np.n
     accuracy = np.asarray(accuracy, dtype=float)
     beyond = np.asarray(beyond, dtype=bool)
     shown = np.where(beyond, np.nan, accuracy)
-    cmap = LinearSegmentedColormap.from_list("niah", ["#d7301f", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"])
-    cmap.set_bad("white")
+    cmap = LinearSegmentedColormap.from_list(
+        "niah", ["#d7301f", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"]).with_extremes(bad="white")
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(frames), 1.2 + 0.55 * len(depths)))
     image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(len(depths)):
