@@ -18,7 +18,7 @@ WORK="${1:-output/cpu_mp}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CPU=(--fp16 false --bf16 false --check_model false --dataloader_num_workers 0 --report_to none
-     --split_dataset_ratio 0 --add_version false --save_only_model true)
+     --split_dataset_ratio 0 --add_version false --save_only_model false)
 
 case "$MODE" in
     ddp) PARALLEL=(--use_cpu true) ;;

@@ -7,7 +7,7 @@ WORK="${1:-output/quickstart}"
 PLUGIN="$(sophia plugin-path)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 CPU=(--fp16 false --bf16 false --check_model false --dataloader_num_workers 0 --report_to none
-     --split_dataset_ratio 0 --gradient_checkpointing false --add_version false --save_only_model true)
+     --split_dataset_ratio 0 --gradient_checkpointing false --add_version false --save_only_model false)
 start=$SECONDS
 step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - start))" "$*"; }
 

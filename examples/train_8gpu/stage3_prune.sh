@@ -5,6 +5,9 @@
 # A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
 # (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
 # and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.
+# Checkpoints keep the optimizer, scheduler and RNG state (--save_only_model false; ZeRO adds about 12 bytes per
+# trained parameter). To resume a stopped run, add --resume_from_checkpoint "$OUT/checkpoint-N" to the
+# command below.
 set -euo pipefail
 MODEL="${MODEL:?the stage 2 checkpoint}"
 DATA_DIR="${DATA_DIR:?folder with the ms-swift jsonl files of the data mix}"
@@ -21,4 +24,4 @@ swift sft \
     --deepspeed zero2 --dataloader_num_workers 8 \
     --model_kwargs '{"prune_alpha": 30, "prune_beta": 30}' \
     --ddp_timeout "${DDP_TIMEOUT:-1800}" \
-    --save_steps 500 --save_total_limit 2 --logging_steps 10 --output_dir "$OUT"
+    --save_steps 500 --save_total_limit 2 --save_only_model false --logging_steps 10 --output_dir "$OUT"
