@@ -96,3 +96,21 @@ def test_int64_row_offsets_on_decoder_views_match_int32(monkeypatch, frames):
     for x, y, like in zip(got, want, (q, q, k, v)):
         assert x.stride() == like.stride()
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("frames", [8, 512])
+def test_inference_output_over_q_equals_the_allocated_output(frames):
+    """out=q on the GPU, where tiles run concurrently: the same bits as a separate output, on the decoder's
+    [B, N, H, D] views (512 frames: 131K tokens, every tile in flight at once somewhere)."""
+    from sophia_kernels import HierLayout, hierarchical_attention
+
+    layout, n = HierLayout.from_segments([[[64, ("video", frames), 64]]], tokens_per_frame=256)
+    torch.manual_seed(frames)
+    q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    with torch.no_grad():
+        expected = hierarchical_attention(q, k, v, layout)
+        out = hierarchical_attention(q, k, v, layout, out=q)
+    assert out.data_ptr() == q.data_ptr()
+    assert torch.equal(out, expected)

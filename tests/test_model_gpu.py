@@ -79,3 +79,42 @@ def test_generate_on_gpu_with_cache_equals_recomputation(tiny):
         cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         full = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, full)
+
+
+def test_liger_kernels_agree_with_the_plain_decoder_in_inference_and_training(tiny):
+    """Liger's RMSNorm, SwiGLU and RoPE (config liger_kernel, or `--use_liger_kernel true`) inside Sophia's
+    chunked decoder, bf16 with the Triton attention kernel: logits, loss and gradients as without them, within
+    bf16 rounding; generation with the cache still equals recomputation."""
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    saved = {n: getattr(modeling_qwen2, n) for n in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}
+    results = {}
+    try:
+        for liger in (False, True):
+            model = SophiaForConditionalGeneration.from_pretrained(tiny, dtype=torch.bfloat16, liger_kernel=liger,
+                                                                   decoder_chunk_tokens=32).cuda()
+            inputs = _inputs(tokenizer, model)
+            labels = inputs["input_ids"].clone()
+            labels[:, :-4] = -100
+            with torch.no_grad():  # logits where there are tokens (padding positions carry no prediction)
+                logits = model.eval()(**inputs).logits.float()[inputs["attention_mask"].bool()]
+                cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+                full = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+            assert torch.equal(cached, full), f"liger={liger}"
+            model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            grad = model.model.language_model.layers[0].mlp.gate_proj.weight.grad.float()
+            results[liger] = (logits, loss.detach().float(), grad)
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen2, name, value)
+    (l0, loss0, g0), (l1, loss1, g1) = results[False], results[True]
+    assert (l1 - l0).norm() / l0.norm() < 2e-2
+    assert abs(float(loss1 - loss0)) < 2e-2 * abs(float(loss0))
+    assert (g1 - g0).norm() / g0.norm() < 5e-2
