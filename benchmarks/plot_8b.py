@@ -14,7 +14,8 @@ import json
 import re
 import sys
 
-COLOURS = {"dense": "tab:red", "sophia-0": "tab:blue", "sophia-30": "tab:green"}
+COLOURS = {"dense": "tab:red", "sophia-0": "tab:blue", "sophia-30": "tab:green",
+           "sophia-0 + liger_kernel": "tab:cyan", "sophia-30 + liger_kernel": "tab:olive"}
 MODES = {"stage1": "-", "lora": "--"}
 
 
@@ -24,9 +25,14 @@ def load(paths):
         with open(path) as f:
             data = json.load(f)
         meta = meta or data.get("meta")
+        # runs with Sophia settings (e.g. --set liger_kernel=true) are series of their own
+        settings = (data.get("meta") or {}).get("sophia_settings") or {}
+        suffix = "".join(f" + {k}={v}" if v is not True else f" + {k}" for k, v in sorted(settings.items()))
         for r in data.get("prefill") or []:
+            r["variant"] += suffix if r["variant"] != "dense" else ""
             prefill[(r["variant"], r["frames"])] = r
         for r in data.get("train") or []:
+            r["variant"] += suffix if r["variant"] != "dense" else ""
             train[(r["variant"], r["mode"], r["frames"])] = r
     return meta or {}, list(prefill.values()), list(train.values())
 
