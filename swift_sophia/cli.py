@@ -6,6 +6,7 @@
     sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
     sophia init-from-internvl SRC DIR  start a Sophia checkpoint from a transformers-native InternVL one
     sophia convert-benchmark NAME ROOT OUT   a benchmark's published files -> a local set for `swift eval`
+    sophia eval-breakdown SET EVAL_OUT  accuracy of a `swift eval` run by the set's categories (overlapping too)
     sophia niah --model CKPT --output-dir DIR   video needle-in-a-haystack: set, evaluation, heatmap
 """
 from __future__ import annotations
@@ -48,10 +49,13 @@ def main(argv=None) -> int:
     conv.add_argument("source", help="local folder of a transformers-native InternVL checkpoint")
     conv.add_argument("output_dir")
     conv.add_argument("--num-frames", type=int, default=32)
-    from .evaluation import convert_cli, niah
+    from .evaluation import breakdown, convert_cli, niah
 
     convert_cli.add_arguments(sub.add_parser(
         "convert-benchmark", help="turn a benchmark's published files into a local video MCQ set for swift eval"))
+    breakdown.add_arguments(sub.add_parser(
+        "eval-breakdown", help="accuracy of a swift eval run by any field of the set's questions",
+        description=breakdown.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     niah.add_arguments(sub.add_parser(
         "niah", help="video needle-in-a-haystack: build the set, evaluate a checkpoint, draw the heatmap",
         description=niah.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
         print(f"Sophia checkpoint written to {init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)}")
     elif args.command == "convert-benchmark":
         return convert_cli.run(args)
+    elif args.command == "eval-breakdown":
+        return breakdown.run(args)
     elif args.command == "niah":
         return niah.run(args)
     return 0
