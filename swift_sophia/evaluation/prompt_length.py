@@ -27,6 +27,9 @@ class PromptLength:
 
         self.processor = get_processor(model_dir, model_type="sophia")
         self.template = get_template(self.processor, template_type="sophia")
+        # pruning happens in the model, after the prompt is built, and changes no token count here; off, it spares
+        # shot detection on the one-frame video (this template only counts tokens)
+        self.template.config.prune_alpha = self.template.config.prune_beta = 0
         self.max_model_len = self.processor.model_info.max_model_len
         self.tokens_per_frame = int(self.template.config.tokens_per_frame)
         self.size = int(self.template.config.vision_config.image_size[0])
