@@ -10,10 +10,10 @@ Decoding (:func:`open_reader`, :func:`decode_frames`): PyAV, with frame threadin
 a sampled frame only when that skips decoding (``benchmarks/bench_video_decode.py`` measured it against decord);
 decord when PyAV cannot open the file. Frame ``i`` is the ``i``-th frame in presentation order for both (the
 same numbering as decord's ``VideoReader``, which the shot cache and older releases use; tested equal). The
-template decodes straight to the vision tower's square input size (swscale, bicubic), which keeps 4,096
-frames of a 720p video at 2.5 GB instead of 11 GB of full-size RGB. The pixels differ slightly from the earlier
-path (full-size decode, then torch's antialiased bicubic): mean 1.2, max 57 grey levels on a 720p clip of sharp
-blocks (max at hard edges), i.e. within what two resampling filters differ by.
+template asks for the vision tower's square input size: frames are decoded at full size a chunk at a time and
+resized with torch's antialiased bicubic on uint8 (:func:`decode_resized`), which keeps 4,096 frames of a 720p
+video at 2.5 GB instead of 11 GB of full-size RGB and, unlike swscale's single-threaded bicubic, is vectorised
+and uses every core.
 """
 from __future__ import annotations
 
@@ -246,11 +246,34 @@ class DecordReader:
         return frames
 
 
-def resize_frames(frames: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """uint8 ``[F, H, W, 3]`` -> uint8 ``[F, size[1], size[0], 3]`` (area filter)."""
-    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode='area')
+def resize_frames(frames: np.ndarray, size: Tuple[int, int], mode: str = 'area') -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` -> uint8 ``[F, size[1], size[0], 3]``: ``mode`` 'area' (the shot detector's small
+    frames) or 'bicubic' (antialiased, on uint8 in channels-last layout: torch's vectorised path, which uses every
+    core; the vision tower's input)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # channels-last view
+    if mode == 'bicubic':
+        t = torch.nn.functional.interpolate(t, size=(size[1], size[0]), mode='bicubic', align_corners=False,
+                                            antialias=True)
+        return t.permute(0, 2, 3, 1).contiguous().numpy()
+    t = torch.nn.functional.interpolate(t.float(), size=(size[1], size[0]), mode=mode)
     return t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+RESIZE_CHUNK_FRAMES = 64
+
+
+def decode_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
+                   src: Optional[VideoSource] = None) -> np.ndarray:
+    """The frames at ``size``: decoded at full size ``RESIZE_CHUNK_FRAMES`` at a time and resized with torch's
+    antialiased bicubic. Memory stays that of the output plus one chunk. (Decoding straight to the size with
+    swscale's bicubic runs on one core: 17.7 of 31.4 s for 3,600 frames of an hour of 360p on 16 cores, more than
+    the decoding itself; docs/benchmarks.md.)"""
+    out = np.empty((len(indices), size[1], size[0], 3), np.uint8)
+    for start in range(0, len(indices), RESIZE_CHUNK_FRAMES):
+        part = decode_frames(reader, indices[start:start + RESIZE_CHUNK_FRAMES], None, src=src)
+        same = tuple(part.shape[1:3]) == (size[1], size[0])
+        out[start:start + len(part)] = part if same else resize_frames(part, size, mode='bicubic')
+    return out
 
 
 def open_reader(src: VideoSource, *, backend: str = 'auto', num_threads: int = 0):
@@ -313,8 +336,8 @@ class VideoClip:
 def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None,
                num_threads: int = 0) -> VideoClip:
     """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
-    or a :class:`FrameSampling`. ``size``: decode straight to ``size x size`` (the vision tower's input;
-    swscale bicubic), else full size. Raises :class:`VideoError` naming the video on any problem."""
+    or a :class:`FrameSampling`. ``size``: frames at ``size x size`` (the vision tower's input; decoded a chunk
+    at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises :class:`VideoError` naming the video on any problem."""
     if not isinstance(sampling, FrameSampling):
         sampling = FrameSampling(num_frames=int(sampling))
     source, name = resolve_video_source(video)
@@ -329,7 +352,8 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
     total = len(reader)
     indices = sample_frame_indices(total, sampling.count(total, reader.fps))
     try:
-        frames = decode_frames(reader, indices, None if size is None else (int(size), int(size)), src=source)
+        frames = (decode_frames(reader, indices, None, src=source) if size is None
+                  else decode_resized(reader, indices, (int(size), int(size)), src=source))
     except Exception as exc:  # noqa: BLE001
         raise VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
                                f'{_first_line(exc)}') from exc
@@ -361,4 +385,4 @@ def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int,
 
 __all__ = ["VideoClip", "VideoError", "VideoNotFoundError", "VideoDecodeError", "FrameSampling",
            "sample_frame_indices", "open_reader", "decode_frames", "video_info", "load_video",
-           "frames_to_pixel_values", "describe", "resize_frames", "PyAVReader", "DecordReader"]
+           "frames_to_pixel_values", "describe", "resize_frames", "decode_resized", "PyAVReader", "DecordReader"]

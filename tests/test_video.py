@@ -80,6 +80,18 @@ def test_load_video_by_rate(clip):
     assert np.abs(c.frames[0].reshape(-1, 3).mean(0) - PALETTE[0]).max() < 12
 
 
+def test_frames_at_the_vision_size_are_resized_a_chunk_at_a_time(clip, monkeypatch):
+    """load_video(size=S): full-size frames resized with torch's antialiased bicubic, chunk by chunk (bounded
+    memory), the same bits as resizing all frames at once, and the same whichever decoder read the file."""
+    whole = V.load_video(clip, 9)
+    expected = V.resize_frames(whole.frames, (32, 32), mode="bicubic")
+    monkeypatch.setattr(V, "RESIZE_CHUNK_FRAMES", 4)
+    chunked = V.load_video(clip, 9, size=32)
+    np.testing.assert_array_equal(chunked.frames, expected)
+    decord = V.decode_resized(V.open_reader(clip, backend="decord"), whole.indices, (32, 32))
+    np.testing.assert_array_equal(decord, expected)
+
+
 def test_pyav_frames_equal_decord_frames(clip):
     """The two decoders number and decode frames identically (the shot cache and older releases used decord)."""
     pyav, decord = V.open_reader(clip, backend="pyav"), V.open_reader(clip, backend="decord")
