@@ -92,10 +92,10 @@ def egoschema(root):
 
 
 def lvbench(root):
-    """data/video_info.meta.jsonl; one video as <key>.mp4, one in video2dataset's layout (00000/00000001.mp4 with
-    its .json naming the url)."""
+    """data/video_info.meta.jsonl; one video as <key>.mp4, two in video2dataset's layout (00000/00000001.mp4 with
+    its .json naming the url; 00000/00000002.mp4 named only in the shard's 00000.parquet)."""
     metas = []
-    for k, key in enumerate(["KeyOne_abc", "KeyTwo-xyz"]):
+    for k, key in enumerate(["KeyOne_abc", "KeyTwo-xyz", "Key3"]):
         qa = [{"uid": 100 * k + i, "question": f"What is shown {i}?\n(A) cat\n(B) dog\n(C) bird\n(D) fish",
                "answer": "ABCD"[(k + i) % 4], "question_type": ["entity recognition", "reasoning"][: 1 + i],
                "time_reference": "00:01-00:02"} for i in range(2)]
@@ -104,6 +104,10 @@ def lvbench(root):
     _clip(os.path.join(root, "videos", "00000", "00000001.mp4"), 41)
     with open(os.path.join(root, "videos", "00000", "00000001.json"), "w") as f:
         json.dump({"url": "https://www.youtube.com/watch?v=KeyTwo-xyz", "key": "00000001", "status": "success"}, f)
+    _clip(os.path.join(root, "videos", "00000", "00000002.mp4"), 42)
+    pd.DataFrame({"key": ["00000001", "00000002"], "status": ["success"] * 2,
+                  "url": ["https://www.youtube.com/watch?v=KeyTwo-xyz", "https://www.youtube.com/watch?v=Key3"]}
+                 ).to_parquet(os.path.join(root, "videos", "00000.parquet"))
     os.makedirs(os.path.join(root, "data"))
     with open(os.path.join(root, "data", "video_info.meta.jsonl"), "w") as f:
         f.write("".join(json.dumps(m) + "\n" for m in metas))
@@ -135,7 +139,7 @@ EXPECTED = {  # subset: [(id, answer, options)] in file order
     "egoschema": {"subset": [("001934bb-81bd-4cd8-a574-0472ef3f6678", "D", [f"option text {j}" for j in range(5)]),
                              ("0074f737-11cb-497d", "A", None)]},
     "lvbench": {"all": [("0", "A", ["cat", "dog", "bird", "fish"]), ("1", "B", None), ("100", "B", None),
-                        ("101", "C", None)]},
+                        ("101", "C", None), ("200", "C", None), ("201", "D", None)]},
 }
 
 
@@ -159,8 +163,9 @@ def test_converter_reads_the_published_layout(name, tmp_path):
                 assert row["options"] == options
     if name == "mlvu":
         assert summary["left_out_tasks"] == ["8_sub_scene"]
-    if name == "lvbench":  # the video2dataset file was found through its sidecar's url
+    if name == "lvbench":  # the video2dataset files were found through the sidecar's and the parquet's urls
         assert _rows(out, "all")[2]["video_1"].endswith(os.path.join("00000", "00000001.mp4"))
+        assert _rows(out, "all")[4]["video_1"].endswith(os.path.join("00000", "00000002.mp4"))
         assert _rows(out, "all")[1]["question_type"] == ["entity recognition", "reasoning"]
 
 
@@ -260,13 +265,14 @@ def test_breakdown_counts_overlapping_categories_and_unscored_questions(tmp_path
     reviews = tmp_path / "eval" / "native" / "20260101_000000" / "reviews" / "m"
     reviews.mkdir(parents=True)
     (reviews.parent.parent / "reports").mkdir()
-    scored = {0: 1.0, 1: 0.0, 3: 1.0}  # the third question (uid 100) was not scored
+    scored = {0: 1.0, 1: 0.0, 3: 1.0, 4: 0.0, 5: 1.0}  # the third question (uid 100) was not scored
     reviews.joinpath("general_vmcq_all.jsonl").write_text("".join(
         json.dumps({"index": i, "sample_score": {"score": {"value": {"acc": a}}}}) + "\n" for i, a in scored.items()))
     result = breakdown(str(set_dir), str(tmp_path / "eval"))
-    assert result["unscored"] == ["100"] and result["scored"] == 3
-    assert result["by"]["question_type"] == {"entity recognition": {"accuracy": 2 / 3, "num": 3},
-                                             "reasoning": {"accuracy": 0.5, "num": 2}}
+    assert result["unscored"] == ["100"] and result["scored"] == 5
+    # entity recognition: uids 0, 1, 101, 200, 201 -> 1, 0, 1, 0, 1; reasoning: uids 1, 101, 201 -> 0, 1, 1
+    assert result["by"]["question_type"] == {"entity recognition": {"accuracy": 3 / 5, "num": 5},
+                                             "reasoning": {"accuracy": 2 / 3, "num": 3}}
 
 
 def test_local_server_gets_video_paths_remote_gets_data_urls(tmp_path):

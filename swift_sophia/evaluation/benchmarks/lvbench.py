@@ -1,7 +1,7 @@
 """LVBench as published: `video_info.meta.jsonl` (one line per video: {"key": YouTube id, "qa": [{"uid",
 "question" with its options as "\\n(A) ...", "answer" a letter, "question_type" [labels], "time_reference"}]})
 and the videos under `videos/`: `<key>.mp4`, or the authors' download script's video2dataset layout
-(`videos/00000/00000000.mp4` next to `00000000.json`, whose "url" names the key).
+(`videos/00000/00000000.mp4`, its url in `00000000.json` next to it or in the shard's `00000.parquet`).
 """
 from __future__ import annotations
 
@@ -24,19 +24,35 @@ def split_question(text: str, qid: str):
     return question.strip(), options
 
 
+def _youtube_id(url: str):
+    m = re.search(r"(?:v=|youtu\.be/)([\w-]+)", url or "")
+    return m.group(1) if m else None
+
+
 def video_index(videos: str) -> dict:
-    """{key: path} from `<key>.mp4` files and from video2dataset sidecars (`<n>.json` with the video's url)."""
+    """{key: path} from `<key>.mp4` files and from video2dataset's records of the videos' urls: its per-video
+    `<n>.json` sidecars and its per-shard `<shard>.parquet` (columns `key`, `url`)."""
+    import pandas as pd
+
     index = {}
+    for table in glob.glob(os.path.join(videos, "**", "*.parquet"), recursive=True):
+        rows = pd.read_parquet(table)
+        if {"key", "url"} <= set(rows.columns):
+            for key, url in zip(rows["key"], rows["url"]):
+                path = os.path.join(os.path.dirname(table), os.path.splitext(os.path.basename(table))[0],
+                                    f"{key}.mp4")
+                path = path if os.path.isfile(path) else os.path.join(os.path.dirname(table), f"{key}.mp4")
+                if _youtube_id(url) and os.path.isfile(path):
+                    index[_youtube_id(url)] = path
     for path in glob.glob(os.path.join(videos, "**", "*.mp4"), recursive=True):
         stem = os.path.splitext(path)[0]
         index.setdefault(os.path.basename(stem), path)
         sidecar = stem + ".json"
         if os.path.isfile(sidecar):
             with open(sidecar, encoding="utf-8") as f:
-                url = json.load(f).get("url") or ""
-            m = re.search(r"(?:v=|youtu\.be/)([\w-]+)", url)
-            if m:
-                index[m.group(1)] = path
+                key = _youtube_id(json.load(f).get("url"))
+            if key:
+                index[key] = path
     return index
 
 
