@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText
 
 from . import batch_infer  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
 from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
+from .evaluation import patches  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
 from . import resume_check  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)
 from . import liger
 from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
