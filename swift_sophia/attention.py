@@ -9,6 +9,9 @@ step over an extended sequence passes one): that runs the hierarchical kernel. I
 function returns None: over an extended sequence the mask is a rule the kernel applies, never an N x N tensor.
 `install` is idempotent and the model calls it again before every step over videos, so a later
 `set_attn_implementation` (or another library replacing the registered function) cannot remove the hierarchy.
+Under ms-swift's sequence parallelism the decoder holds a shard of the extended sequence: the hierarchical branch
+then runs the kernel on this rank's heads over the whole sequence (`sequence_parallel.py`), in front of the
+all-to-all ms-swift puts around sdpa / flash_attention_2, which only the other calls go through.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from transformers.models.llama import modeling_llama
 
 from sophia_kernels import hierarchical_attention
+
+from . import sequence_parallel
 
 _LEGACY_PREFIX = "sophia_"  # implementations were renamed "sophia_<base>" before the router kept the name
 _hierarchical_step = contextvars.ContextVar("sophia_hierarchical_step", default=False)
@@ -44,8 +49,14 @@ def _attention_router(original):
         # Without autograd the output overwrites the query, which the decoder does not read again: one
         # [tokens x hidden] tensor less at the peak of every layer.
         in_place = not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
-                                     implementation=sophia_attention_backend, out=query if in_place else None)
+        group = sequence_parallel.active_group()  # ms-swift's --sequence_parallel_size: q, k, v are sequence shards
+        if group is not None:
+            out = sequence_parallel.sharded_hierarchical_attention(
+                query, key, value, hier_layout, group, in_place=in_place, scale=scaling,
+                implementation=sophia_attention_backend)
+        else:
+            out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
+                                         implementation=sophia_attention_backend, out=query if in_place else None)
         return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights
 
     sophia_attention_forward.sophia_router = True
@@ -69,18 +80,30 @@ def install(text_config) -> str:
         name = name[len(_LEGACY_PREFIX):]
     if text_config._attn_implementation != name:
         text_config._attn_implementation_internal = name
-    current = ALL_ATTENTION_FUNCTIONS._global_mapping.get(name)
+    current = _attention_function(name)
     if not getattr(current, "sophia_router", False):
-        AttentionInterface.register(name, _attention_router(current))
+        if name in ALL_ATTENTION_FUNCTIONS._local_mapping:
+            # Set on the shared instance, which decoders read first (ms-swift's sequence parallelism puts its
+            # all-to-all there): the router goes in front of it, so hierarchical calls never pass through it.
+            ALL_ATTENTION_FUNCTIONS[name] = _attention_router(current)
+        else:
+            AttentionInterface.register(name, _attention_router(current))
     mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
     if not getattr(mask, "sophia_router", False):
         AttentionMaskInterface.register(name, _mask_router(mask))
+    sequence_parallel.patch_swift_prepare()
     return name
+
+
+def _attention_function(name):
+    """What a decoder calls for `name`: the shared instance's own entry first, then the class-wide one."""
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    return local[name] if name in local else ALL_ATTENTION_FUNCTIONS._global_mapping.get(name)
 
 
 def is_installed(text_config) -> bool:
     name = text_config._attn_implementation or "sdpa"
-    return getattr(ALL_ATTENTION_FUNCTIONS._global_mapping.get(name), "sophia_router", False)
+    return getattr(_attention_function(name), "sophia_router", False)
 
 
 @contextlib.contextmanager
