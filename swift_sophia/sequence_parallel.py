@@ -14,7 +14,10 @@ already splits the extended sequence; what Sophia adds here:
   (`per_token_loss_func_sp`: local logits against local labels, then gathered) sees what it sees for any model.
 
 Every rank builds the same extended sequence (vision tower, pruning, aggregation run on the full batch on every
-rank of a group); the decoder, where the tokens x hidden activations are, runs on 1/P of the tokens.
+rank of a group); the decoder, where the tokens x hidden activations are, runs on 1/P of the tokens. Not lean
+yet: under sequence parallelism ms-swift's trainer takes the labels out of the model's inputs and computes the
+loss from logits over the rank's whole plain slice ([B, N/P, vocab], video positions included), so Sophia's
+label-position loss does not run there.
 """
 from __future__ import annotations
 
