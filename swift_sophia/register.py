@@ -8,6 +8,7 @@ from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, regi
 from transformers import AutoModelForImageTextToText
 
 from . import batch_infer  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
+from . import deploy_errors  # noqa: F401  (`swift deploy`: bad requests get a 4xx naming the problem; out of memory)
 from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
 from .evaluation import patches  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
 from . import resume_check  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)

@@ -1,0 +1,185 @@
+"""`swift deploy`: a bad request gets a 4xx naming the problem and the video as the client gave it, a request that
+runs out of memory gets a 503, and the server keeps serving.
+
+What changes in ms-swift's server (``SwiftDeploy``), for every model it serves with this plugin loaded:
+
+* a video given as a local path stays a path (ms-swift inlines the file as a data URL when it validates the
+  request: a missing file was a 422 "value: <path>", and every later error named "<data URL, N chars>"); images
+  are inlined as before;
+* :func:`swift_sophia.request_check.check_request` runs before the engine (in a thread, the event loop goes on):
+  messages, tags, readable videos, ``REQUEST_MAX_FRAMES``, ``--max_length``; a failure is a 400;
+* errors the engine raises later name the videos as the client gave them (a URL, not the server's downloaded
+  copy); an out-of-memory error is a 503 (:mod:`swift_sophia.out_of_memory` frees the memory); a stream
+  whose prefill fails gets its status before the first byte (ms-swift sent a 200 and cut the stream);
+* a request body that does not validate is a 400 with the reason (FastAPI's default is a 422);
+* the transformers engine answers each request of a batch with its own error (ms-swift's deploy puts the engine in
+  strict mode, where one request that cannot be encoded fails every request batched with it).
+"""
+import asyncio
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, List, Optional
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from swift.infer_engine import TransformersEngine
+from swift.infer_engine.protocol import ChatCompletionRequest
+from swift.pipelines.infer.deploy import SwiftDeploy
+from swift.template.base import MaxLengthError
+from swift.utils import get_logger
+
+from .out_of_memory import guard_engine, is_out_of_memory
+from .request_check import (MAX_FRAMES_ENV, RequestLimits, RequestRejected, VideoPlan, check_messages,
+                            check_request, request_videos, summary)
+from .template import SophiaTemplate
+from .video_source import describe
+
+logger = get_logger()
+
+OUT_OF_MEMORY_STATUS = int(HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+def _is_video_path(part: Any) -> bool:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in ("video", "video_url"):
+        return False
+    value = part.get(kind)
+    value = value.get("url") if isinstance(value, dict) else value
+    return isinstance(value, str) and not value.strip().lower().startswith(("data:", "http://", "https://"))
+
+
+@dataclass
+class SophiaChatCompletionRequest(ChatCompletionRequest):
+    """ms-swift's chat request, with local video paths kept as given and its messages checked."""
+
+    def __post_init__(self):
+        check_messages(self.messages)
+        videos = [self.videos] if isinstance(self.videos, str) else list(self.videos or [])
+        self.videos = []  # ms-swift would read each local file into a base64 string
+        super().__post_init__()
+        self.videos = videos
+
+    def convert_to_base64(self):
+        # ms-swift's conversion, on the messages without their local video parts (the parts are the same dicts,
+        # so whatever it converts in place stays converted)
+        messages = self.messages
+        self.messages = [dict(m, content=[p for p in m["content"] if not _is_video_path(p)])
+                         if isinstance(m.get("content"), list) else m for m in messages]
+        try:
+            super().convert_to_base64()
+        finally:
+            self.messages = messages
+
+
+@dataclass
+class _Answering:
+    """One request while the server answers it."""
+    videos: List[Any]  # as the client gave them
+    plans: List[VideoPlan] = field(default_factory=list)
+    status: Optional[int] = None
+    message: Optional[str] = None
+
+    def rejection(self, exc: BaseException, served: List[Any]) -> RequestRejected:
+        """The error to answer with: a 4xx/5xx whose message names the videos as the client gave them."""
+        if isinstance(exc, RequestRejected):
+            return exc
+        if is_out_of_memory(exc):
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            videos = summary(self.plans)
+            if len(self.plans) > 1:
+                videos = f"{sum(p.frames for p in self.plans)} frames: {videos}"
+            return RequestRejected(
+                f"out of memory while answering this request ({videos or 'no video'}): {reason}. The server freed "
+                f"the memory and keeps serving: retry later, or send a shorter video or fewer videos (its operator "
+                f"can reject such requests before they run with {MAX_FRAMES_ENV})", OUT_OF_MEMORY_STATUS)
+        if isinstance(exc, MaxLengthError):
+            return RequestRejected(f"the request is longer than this server's --max_length ({exc}; its videos: "
+                                   f"{summary(self.plans) or 'none'}): send a shorter text or video")
+        text = str(exc).strip() or type(exc).__name__
+        for server, given in zip(served, self.videos):  # a URL's video is named by the URL, not its download
+            if isinstance(server, str) and describe(server) != describe(given):
+                text = text.replace(describe(server), describe(given))
+        return RequestRejected(text)
+
+
+_answering: ContextVar[Optional[_Answering]] = ContextVar("sophia_answering", default=None)
+_ms_create_chat_completion = SwiftDeploy.create_chat_completion
+_ms_register_app = SwiftDeploy._register_app
+
+
+async def create_chat_completion(self, request: SophiaChatCompletionRequest, raw_request: Request, *,
+                                 return_cmpl_response: bool = False):
+    answering = _Answering(request_videos(request.messages, request.videos))
+    token = _answering.set(answering)
+    try:
+        response = await _ms_create_chat_completion(self, request, raw_request,
+                                                    return_cmpl_response=return_cmpl_response)
+    finally:
+        _answering.reset(token)
+    if answering.status not in (None, 400):  # ms-swift answers every failure with a 400
+        return self.create_error_response(answering.status, answering.message)
+    return response
+
+
+async def infer_async(self, infer_request, request_config=None, **kwargs):
+    answering = _answering.get() or _Answering(request_videos(infer_request.messages, infer_request.videos))
+    served = request_videos(infer_request.messages, infer_request.videos)
+    try:
+        if getattr(self, "_sophia_limits", None) is not None:
+            answering.plans = await asyncio.to_thread(check_request, infer_request, answering.videos,
+                                                      self._sophia_limits)
+        result = await self.infer_engine.infer_async(infer_request, request_config, **kwargs)
+        if request_config is not None and request_config.stream:
+            result = await _started(result)
+        return result
+    except Exception as exc:  # noqa: BLE001  (ms-swift's handler answers it; the status is set below)
+        rejected = answering.rejection(exc, served)
+    answering.status, answering.message = rejected.status, str(rejected)
+    raise rejected
+
+
+async def _started(stream):
+    """The stream, its first chunk already there: an error before it (encoding, prefill) gets an HTTP status."""
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def chunks():
+        if first is None:
+            return
+        yield first
+        async for chunk in stream:
+            yield chunk
+
+    return chunks()
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    reasons = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())[1:])
+        msg = str(error.get("msg", "")).removeprefix("Value error, ")
+        reasons.append(f"{where}: {msg}" if where else msg)
+    return SwiftDeploy.create_error_response(HTTPStatus.BAD_REQUEST, "; ".join(reasons) or str(exc))
+
+
+def _register_app(self):
+    self._sophia_limits = None  # another model's template: no video checks
+    if isinstance(self.template, SophiaTemplate):
+        self._sophia_limits = RequestLimits.from_template(self.template,
+                                                          getattr(self.infer_engine, "max_model_len", None))
+        logger.info(f"[sophia] requests are checked before the model runs: {self._sophia_limits.describe()}")
+    if isinstance(self.infer_engine, TransformersEngine):
+        self.infer_engine.strict = False  # each request of a batch gets its own error
+        guard_engine(self.infer_engine)
+    self.app.add_exception_handler(RequestValidationError, _validation_error)
+    _ms_register_app(self)
+
+
+SwiftDeploy.create_chat_completion = create_chat_completion
+SwiftDeploy.infer_async = infer_async
+SwiftDeploy._register_app = _register_app
+
+__all__ = ["OUT_OF_MEMORY_STATUS", "SophiaChatCompletionRequest"]

@@ -1,0 +1,202 @@
+"""What `swift deploy` checks in a chat request before the model runs: its messages, its `<video>` tags, that each
+video can be read, and that its frames and tokens fit the server's limits.
+
+Each video is opened (its packet index is read, nothing is decoded) to count the frames the template will sample
+from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.FrameSampling`). A request is rejected with
+:class:`RequestRejected` (HTTP 400), naming the video as the client gave it, when:
+
+* it has no messages, or its `<video>` / `<image>` tags do not match its videos / images (a tag with no video at
+  all included);
+* a video is missing, empty, not a readable video, or has no frames;
+* its videos give more than ``REQUEST_MAX_FRAMES`` frames together (``--model_kwargs '{"request_max_frames": N}'``
+  works too; unset: no frame limit);
+* its video and image tokens alone exceed ``--max_length`` (ms-swift's default: the model's ``max_model_len``), or
+  leave no room for one new token in ``max_model_len``. A request whose text pushes it over is stopped by
+  ms-swift's own length check once it is encoded, still before the model runs.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from copy import deepcopy
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+from swift.template.template_inputs import StdTemplateInputs
+from swift.utils import SafeMediaPath
+
+from .video import FrameSampling, VideoDecodeError, _env_int, open_reader
+from .video_source import describe, resolve_video_source
+
+MAX_FRAMES_ENV = "REQUEST_MAX_FRAMES"
+_DATA_URL = re.compile(r"data:[^,]*?;base64,(.*)", re.S)
+_SHOWN = 4  # videos listed in a message
+
+
+class RequestRejected(ValueError):
+    """A request the server does not answer; ``status`` is its HTTP status, the message says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def check_messages(messages: Any) -> None:
+    """The shape of a chat request's messages (raises ``ValueError``): ms-swift would fail later on them with
+    errors such as "list index out of range"."""
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") != "system"
+                                                  for m in messages):
+        raise ValueError('the request has no messages: send at least one {"role": "user", "content": ...} message')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f'message {i} of the request needs a "role" and a "content"')
+        if isinstance(m["content"], list):
+            for j, part in enumerate(m["content"]):
+                if not isinstance(part, dict) or part.get("type") not in part:
+                    raise ValueError(f'part {j} of message {i} needs a "type" and a value under that key, e.g. '
+                                     f'{{"type": "video", "video": "/path/clip.mp4"}}')
+
+
+def request_videos(messages: list, videos: Sequence[Any] = ()) -> List[Any]:
+    """The request's videos in the template's order: the video parts of the messages, else its ``videos`` field."""
+    found = StdTemplateInputs.remove_messages_media(deepcopy(messages))["videos"]
+    return found or list(videos or [])
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    name: str  # the video as the client gave it
+    frames: int  # frames the template will sample
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    sampling: FrameSampling
+    tokens_per_frame: int
+    max_frames: Optional[int]  # REQUEST_MAX_FRAMES, None: no frame limit
+    max_length: Optional[int]  # the template's --max_length
+    max_model_len: Optional[int]
+
+    @classmethod
+    def from_template(cls, template, max_model_len: Optional[int]) -> "RequestLimits":
+        return cls(sampling=template.frame_sampling, tokens_per_frame=int(template.config.tokens_per_frame),
+                   max_frames=_env_int(MAX_FRAMES_ENV.lower(), None), max_length=template.max_length,
+                   max_model_len=max_model_len)
+
+    def describe(self) -> str:
+        frames = f"{MAX_FRAMES_ENV}={self.max_frames}" if self.max_frames else f"no {MAX_FRAMES_ENV}"
+        return (f"{self.sampling.describe()}, {frames}, --max_length {self.max_length}, "
+                f"max_model_len {self.max_model_len}")
+
+
+def summary(plans: Sequence[VideoPlan]) -> str:
+    """``video 0 /a.mp4: 120 frames, video 1 ...`` (the first few)."""
+    text = ", ".join(f"video {i} {p.name}: {p.frames} frames" for i, p in enumerate(plans[:_SHOWN]))
+    return text + (f", ... ({len(plans)} videos)" if len(plans) > _SHOWN else "")
+
+
+def check_request(infer_request, client_videos: Sequence[Any], limits: RequestLimits) -> List[VideoPlan]:
+    """Check an ms-swift ``InferRequest`` (its media already fetched by the server) before the model runs.
+    ``client_videos``: the request's videos as the client sent them, in the same order (for names). Returns each
+    video's plan; raises :class:`RequestRejected`."""
+    try:
+        inputs = StdTemplateInputs.from_dict({"messages": infer_request.messages, "videos": infer_request.videos,
+                                              "images": infer_request.images})
+    except AssertionError:  # ms-swift's rule: media either as message parts or in the top-level fields
+        raise RequestRejected('give the videos and images either as message parts or in the "videos" / "images" '
+                              'fields of the request, not both') from None
+    client = list(client_videos) if len(client_videos) == len(inputs.videos) else list(inputs.videos)
+    names = [describe(v) for v in client]
+    _check_tags(inputs, names)
+    plans = [VideoPlan(name, _probe(i, server, given, name, limits.sampling))
+             for i, (server, given, name) in enumerate(zip(inputs.videos, client, names))]
+    _check_limits(plans, len(inputs.images), limits)
+    return plans
+
+
+def _check_tags(inputs: StdTemplateInputs, names: List[str]) -> None:
+    texts = [m["content"] for m in inputs.messages if isinstance(m.get("content"), str)]
+    texts += [inputs.system] if inputs.system else []
+    for media, tag, shown in ((inputs.videos, "<video>", names), (inputs.images, "<image>", None)):
+        tags = sum(t.count(tag) for t in texts)
+        kind = tag[1:-1]
+        if tags and not media:
+            raise RequestRejected(f'the request has {tags} {tag} tag(s) but no {kind}: give each {kind} as a '
+                                  f'{{"type": "{kind}", "{kind}": ...}} part (or in "{kind}s"), or remove the tag')
+        if tags and tags != len(media):
+            listed = ", ".join((shown or [describe(m) for m in media])[:_SHOWN])
+            raise RequestRejected(f"the request has {tags} {tag} tag(s) but {len(media)} {kind}(s) [{listed}]; "
+                                  f"give exactly one tag per {kind}, or no tags at all")
+
+
+def _probe(index: int, server: Any, given: Any, name: str, sampling: FrameSampling) -> int:
+    """Frames the template will sample from one video; raises :class:`RequestRejected` naming it."""
+    try:
+        return _count_frames(server, given, name, sampling)
+    except ValueError as exc:  # VideoError, SafeMediaPath's refusal, the checks below
+        raise RequestRejected(f"video {index} of the request: {_renamed(exc, server, name)}") from None
+
+
+def _count_frames(server: Any, given: Any, name: str, sampling: FrameSampling) -> int:
+    if isinstance(given, str) and given.strip().startswith("data:"):
+        match = _DATA_URL.match(given.strip())
+        if match is None:
+            raise ValueError(f"{name} is not a base64 data URL (data:video/mp4;base64,...)")
+        if not match.group(1).strip():
+            raise ValueError(f"video {name} is empty (its data URL holds no data)")
+    if isinstance(given, str) and given == server and not given.strip().startswith(("data:", "http://", "https://")):
+        SafeMediaPath.check(given)  # before looking at the file, as ms-swift does (SWIFT_MEDIA_ALLOWED_DIRS)
+    source, _ = resolve_video_source(server)
+    if _size(source) == 0:
+        raise ValueError(f"video {name} is empty (0 bytes)")
+    try:
+        reader = open_reader(source)
+    except VideoDecodeError as exc:
+        if "zero frames" in str(exc):
+            raise ValueError(f"video {name} has zero frames") from None
+        raise ValueError(f"cannot decode video {name}: not a readable video file ({exc})") from None
+    return min(sampling.count(len(reader), reader.fps), len(reader))  # as sample_frame_indices takes them
+
+
+def _renamed(exc: BaseException, server: Any, name: str) -> str:
+    """The error's message with the server's name for the video (a downloaded copy of a URL) replaced by the
+    client's."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(server, str) and describe(server) != name:
+        text = text.replace(describe(server), name)
+    return text
+
+
+def _size(source) -> Optional[int]:
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    if isinstance(source, io.BytesIO):
+        return source.getbuffer().nbytes
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    return None
+
+
+def _check_limits(plans: List[VideoPlan], images: int, limits: RequestLimits) -> None:
+    frames = sum(p.frames for p in plans)
+    if limits.max_frames and frames > limits.max_frames:
+        raise RequestRejected(f"the request's videos give {frames} frames ({summary(plans)}), more than "
+                              f"{MAX_FRAMES_ENV}={limits.max_frames}, the most this server takes in one request: "
+                              f"send a shorter video or fewer videos")
+    m = limits.tokens_per_frame
+    tokens = sum(p.frames * m + 2 for p in plans) + images * (m + 2)  # <vid> + frames x M + </vid>, per video
+    bounds = []
+    if limits.max_length:
+        bounds.append((limits.max_length, f"this server's --max_length {limits.max_length}"))
+    if limits.max_model_len:
+        bounds.append((limits.max_model_len - 1, f"what the model's context (max_model_len {limits.max_model_len}) "
+                                                 f"leaves for a prompt"))
+    for bound, what in sorted(bounds):
+        if tokens > bound:
+            raise RequestRejected(f"the request's videos alone give {tokens} tokens ({summary(plans)}; {m} tokens "
+                                  f"per frame), more than {what}: send a shorter video or fewer videos")
+
+
+__all__ = ["MAX_FRAMES_ENV", "RequestRejected", "RequestLimits", "VideoPlan", "check_messages", "check_request",
+           "request_videos", "summary"]

@@ -1,0 +1,300 @@
+"""`swift deploy` on bad requests, requests over the server's limits and out-of-memory errors: the real server, asked
+with the official `openai` client.
+
+One server for the module, on sophia-tiny with a decoder MLP 32,768 wide (`wide_model`): a prompt of a few thousand
+tokens then needs a real allocation of hundreds of MB in the MLP, while a short request needs a few MB. The
+out-of-memory test caps the server process's address space (RLIMIT_AS, as `ulimit -v` does) a little above what
+it uses: the large request's allocation really fails, inside the model, as a GPU's does when a video does not fit.
+"""
+import http.server
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from swift_cli import SWIFT, env
+from swift_sophia.cli import plugin_path
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+MAX_FRAMES, MAX_LENGTH = 1000, 3000  # the server's REQUEST_MAX_FRAMES and --max_length
+OOM_FRAMES = 600  # 600 frames x 4 tokens: one 592 MB tensor in the MLP, within both limits
+HEADROOM = 300 << 20  # address space the server may take beyond what it holds when the limit is set
+QUESTION = {"type": "text", "text": "What color is the background?"}
+
+
+def _clip(path, frames, size=32):
+    from swift_sophia.synthetic import write_mp4
+
+    pixels = np.zeros((frames, size, size, 3), np.uint8)
+    pixels[..., 0] = (np.arange(frames) * 7 % 256)[:, None, None]
+    write_mp4(str(path), pixels, fps=25)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "garbage.mp4").write_text("not a video")
+    return {"good": _clip(d / "good.mp4", 16), "other": _clip(d / "other.mp4", 12), "busy": _clip(d / "busy.mp4", 200),
+            "over_frames": _clip(d / "over_frames.mp4", MAX_FRAMES + 100),
+            "over_tokens": _clip(d / "over_tokens.mp4", MAX_LENGTH // 4 + 50),
+            "oom": _clip(d / "oom.mp4", OOM_FRAMES),
+            "missing": str(d / "missing.mp4"), "empty": str(d / "empty.mp4"), "garbage": str(d / "garbage.mp4"),
+            "dir": str(d)}
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    from transformers import GenerationConfig
+
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.tiny import build_tokenizer, tiny_config
+
+    out = str(tmp_path_factory.mktemp("sophia-wide"))
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    config = tiny_config(tokenizer)
+    config.text_config.intermediate_size = 32768
+    model = SophiaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def media_url(media):
+    """http://127.0.0.1:PORT/ serving the media folder."""
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=media["dir"])  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc, port, log_path):
+        self.proc, self.log_path = proc, log_path
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                    timeout=60)
+
+    @property
+    def pid(self):
+        """The server process (`swift deploy` runs it as a child)."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            return int(f.read().split()[0])
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def ask(self, *content, messages=None, stream=False, **kwargs):
+        """(HTTP status, the answer or the error's message); `content`: the parts of one user message."""
+        messages = [{"role": "user", "content": list(content)}] if messages is None else messages
+        try:
+            reply = self.client.chat.completions.create(model="sophia", messages=messages, max_tokens=2,
+                                                        temperature=0, stream=stream, **kwargs)
+            text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream else \
+                reply.choices[0].message.content
+            return 200, text
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            return exc.status_code, str(body.get("message", exc.body))
+
+    def answers(self, video):
+        status, text = self.ask({"type": "video", "video": video}, QUESTION)
+        assert status == 200 and text, (status, text, self.log()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(wide_model, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("deploy") / "deploy.log"
+    extra = {"VIDEO_SEGMENTS": "100000",  # every frame of every test video
+             "REQUEST_MAX_FRAMES": str(MAX_FRAMES),
+             "SWIFT_ALLOW_INTERNAL_URL": "1",  # the media server is on 127.0.0.1
+             "MALLOC_ARENA_MAX": "2"}  # glibc's per-thread arenas are address space too: keep them out of HEADROOM
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([SWIFT, "deploy", "--model", wide_model, "--model_type", "sophia",
+                                 "--external_plugins", plugin_path(), "--infer_backend", "transformers",
+                                 "--torch_dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+                                 "--served_model_name", "sophia", "--max_new_tokens", "2",
+                                 "--max_length", str(MAX_LENGTH), "--max_batch_size", "2"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
+    srv = Server(proc, port, log_path)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                srv.client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, srv.log()[-3000:]
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(1)
+        yield srv
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _video(path):
+    return {"type": "video", "video": path}
+
+
+BAD = {  # case: (parts of the user message, what the 400's message must say); "{name}" is filled from `media`
+    "missing path": ([_video("{missing}")], ["video 0 of the request: video file not found: {missing}"]),
+    "missing path as video_url": ([{"type": "video_url", "video_url": {"url": "{missing}"}}],
+                                  ["video file not found: {missing}"]),
+    "zero-byte file": ([_video("{empty}")], ["video 0 of the request: video {empty} is empty (0 bytes)"]),
+    "not a video": ([_video("{garbage}")], ["cannot decode video {garbage}: not a readable video file ("]),
+    "empty data URL": ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"}}],
+                       ["video <data URL, 22 chars> is empty (its data URL holds no data)"]),
+    "URL of a non-video": ([{"type": "video_url", "video_url": {"url": "{url}/garbage.mp4"}}],
+                           ["cannot decode video {url}/garbage.mp4: not a readable video file ("]),
+    "no messages": (None, ["the request has no messages"]),
+    "tag without a video": ([{"type": "text", "text": "<video>What color is the background?"}],
+                            ["the request has 1 <video> tag(s) but no video"]),
+    "two tags, one video": ([_video("{good}"), {"type": "text", "text": "<video>What color?"}],
+                            ["the request has 2 <video> tag(s) but 1 video(s) [{good}]"]),
+}
+
+
+def _fill(value, names):
+    if isinstance(value, str):
+        return re.sub(r"\{(\w+)\}", lambda m: names[m.group(1)], value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fill(v, names) for v in value)
+    if isinstance(value, dict):
+        return {k: _fill(v, names) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_a_400_naming_the_video_and_the_reason(server, media, media_url, case):
+    content, expected = _fill(BAD[case], dict(media, url=media_url))
+    assert "{" not in str(expected)
+    status, message = server.ask(messages=[]) if content is None else server.ask(*content, QUESTION)
+    assert status == 400, (status, message)
+    for text in expected:
+        assert text in message, message
+    assert "swift-media" not in message  # not the server's downloaded copy
+    server.answers(media["good"])  # the server keeps serving
+
+
+def test_too_many_frames_are_refused_with_the_limit_named(server, media):
+    status, message = server.ask(_video(media["over_frames"]), QUESTION)
+    assert status == 400
+    assert message.startswith(f"the request's videos give {MAX_FRAMES + 100} frames (video 0 {media['over_frames']}: "
+                              f"{MAX_FRAMES + 100} frames), more than REQUEST_MAX_FRAMES={MAX_FRAMES}"), message
+    # the limit is per request: two videos within it alone, over it together
+    status, message = server.ask(_video(media["oom"]), _video(media["oom"]), QUESTION)
+    assert status == 400 and f"give {2 * OOM_FRAMES} frames" in message and "REQUEST_MAX_FRAMES" in message, message
+    server.answers(media["good"])
+
+
+def test_too_many_tokens_are_refused_with_max_length_named(server, media):
+    frames = MAX_LENGTH // 4 + 50
+    status, message = server.ask(_video(media["over_tokens"]), QUESTION)
+    assert status == 400
+    assert message.startswith(f"the request's videos alone give {frames * 4 + 2} tokens (video 0 "
+                              f"{media['over_tokens']}: {frames} frames; 4 tokens per frame), more than this "
+                              f"server's --max_length {MAX_LENGTH}"), message
+    server.answers(media["good"])
+
+
+def _concurrently(server, *requests, delay=0.5):
+    """Ask the first request, then after `delay` seconds the others at once; returns the answers in order."""
+    results = [None] * len(requests)
+
+    def ask(i):
+        results[i] = server.ask(*requests[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    threads[0].start()
+    time.sleep(delay)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    return results
+
+
+def test_a_bad_request_does_not_fail_the_requests_batched_with_it(server, media):
+    """While a longer request runs, a request whose text is over --max_length (found once it is encoded: ms-swift's
+    own check) and a good one wait and are batched together (--max_batch_size 2)."""
+    too_long = (_video(media["good"]), {"type": "text", "text": "red " * 1600})
+    busy, bad, good = _concurrently(server, (_video(media["busy"]), QUESTION), too_long,
+                                    (_video(media["other"]), QUESTION))
+    assert busy[0] == 200 and good[0] == 200 and good[1], (busy, good)
+    assert bad[0] == 400
+    assert bad[1].startswith("the request is longer than this server's --max_length (Current length of row("), bad
+    assert f"its videos: video 0 {media['good']}: 16 frames" in bad[1], bad
+
+
+def test_a_stream_whose_generation_fails_is_answered_and_the_server_keeps_serving(server, media):
+    """ms-swift runs `generate` of a stream in a thread of its own; when it raised, the stream waited forever and
+    so did the engine's one worker: no later request was answered."""
+    status, message = server.ask(_video(media["good"]), QUESTION, stream=True,
+                                 extra_body={"repetition_penalty": -1.0})
+    assert status == 400 and "penalty" in message, (status, message)
+    status, text = server.ask(_video(media["good"]), QUESTION, stream=True)
+    assert status == 200 and text
+    server.answers(media["other"])
+
+
+def _vm_size(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmSize:\s+(\d+) kB", f.read()).group(1)) << 10
+
+
+def test_out_of_memory_gets_a_503_and_the_server_keeps_serving(server, media):
+    server.answers(media["good"])
+    pid = server.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+    resource.prlimit(pid, resource.RLIMIT_AS, (_vm_size(pid) + HEADROOM, hard))
+    try:
+        server.answers(media["good"])  # short requests fit under the limit
+        expected = f"out of memory while answering this request (video 0 {media['oom']}: {OOM_FRAMES} frames): "
+        for stream in (False, True):
+            status, message = server.ask(_video(media["oom"]), QUESTION, stream=stream)
+            assert status == 503, (stream, status, message)
+            assert message.startswith(expected) and "can't allocate memory" in message, message
+            assert "The server freed the memory and keeps serving" in message
+            server.answers(media["good"])
+
+        # requests in flight: while the first large request runs, a second one and a short one wait and are
+        # batched together (--max_batch_size 2); the batch runs out of memory and its requests are answered alone
+        first, second, short = _concurrently(server, (_video(media["oom"]), QUESTION),
+                                             (_video(media["oom"]), QUESTION), (_video(media["good"]), QUESTION),
+                                             delay=1.0)
+        assert first[0] == 503 and second[0] == 503, (first, second)
+        assert short[0] == 200 and short[1], short
+        assert "[sophia] a batch of 2 requests ran out of memory" in server.log()
+        server.answers(media["other"])
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+    server.answers(media["good"])
