@@ -94,8 +94,8 @@ class _Answering:
                 f"the memory and keeps serving: retry later, or send a shorter video or fewer videos (its operator "
                 f"can reject such requests before they run with {MAX_FRAMES_ENV})", OUT_OF_MEMORY_STATUS)
         if isinstance(exc, MaxLengthError):
-            return RequestRejected(f"the request is longer than this server's --max_length ({exc}; its videos: "
-                                   f"{summary(self.plans) or 'none'}): send a shorter text or video")
+            return RequestRejected(f"the request is longer than this server's --max_length ({str(exc).rstrip('.')}; "
+                                   f"its videos: {summary(self.plans) or 'none'}): send a shorter text or video")
         text = str(exc).strip() or type(exc).__name__
         for server, given in zip(served, self.videos):  # a URL's video is named by the URL, not its download
             if isinstance(server, str) and describe(server) != describe(given):
