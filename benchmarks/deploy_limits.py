@@ -193,12 +193,19 @@ def main() -> int:
             t.join()
         ask("short (after)", "short", SHORT)
         alive = proc.poll() is None
-    finally:
+    finally:  # SIGTERM to `swift deploy` and its server; SIGKILL to what is left after 60 s
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            proc.poll()  # reaps `swift deploy` itself, so that only the server keeps the group alive
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
 
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(f"\n{model} on {device}: REQUEST_MAX_FRAMES={args.max_frames}\n")
