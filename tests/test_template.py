@@ -44,6 +44,17 @@ def test_video_becomes_contiguous_frame_tokens(template, sample):
     assert template.tokenizer.decode(labels).startswith(sample["messages"][1]["content"])
 
 
+def test_decoded_frames_are_not_kept_after_encoding(template, sample, monkeypatch):
+    """At hour scale the uint8 frames are gigabytes: once converted to pixel values no clip holds them."""
+    import swift_sophia.template as T
+
+    clips, load = [], T.load_video
+    monkeypatch.setattr(T, "load_video", lambda *a, **k: clips.append(load(*a, **k)) or clips[-1])
+    enc = template.encode(_row([sample["videos"][0]] * 2, "<video><video>What color?"))
+    assert len(clips) == 2 and all(c.frames is None for c in clips)
+    assert enc["pixel_values_videos"].shape[0] == 2 * template.config.num_frames
+
+
 def test_frame_count_follows_video_segments(template, sample, monkeypatch):
     monkeypatch.setenv("VIDEO_SEGMENTS", "3")
     template.init_env_args()
