@@ -61,6 +61,11 @@ class SophiaTemplate(Template):
     def _add_default_tags(inputs: StdTemplateInputs):
         """ms-swift's fallback (a row with media but no tags gets them in front of its first message), made
         strict: a row with some tags must have exactly one tag per video and per image."""
+        SophiaTemplate._check_tags(inputs)
+        Template._add_default_tags(inputs)
+
+    @staticmethod
+    def _check_tags(inputs: StdTemplateInputs):
         texts = [m["content"] for m in inputs.messages if isinstance(m.get("content"), str)]
         if inputs.system:
             texts.append(inputs.system)
@@ -71,7 +76,6 @@ class SophiaTemplate(Template):
                 raise ValueError(f"the sample has {tags} {tag} tag(s) but {len(media)} {tag[1:-1]}(s) "
                                  f"[{names}]; give exactly one tag per {tag[1:-1]}, or no tags at all "
                                  f"(then they are put before the first message)")
-        Template._add_default_tags(inputs)
 
     def replace_tag(self, media_type: Literal["image", "video", "audio"], index: int,
                     inputs: StdTemplateInputs) -> List[Context]:
@@ -90,6 +94,8 @@ class SophiaTemplate(Template):
     def _encode(self, inputs: StdTemplateInputs) -> Dict[str, Any]:
         if inputs.audios:
             raise ValueError("the sophia template does not take audio inputs")
+        if not inputs.is_multimodal:  # ms-swift checks tags only for rows with media: a tag without one is an error
+            self._check_tags(inputs)
         size = self.config.vision_config.image_size[0]
         clips = []
         for i, video in enumerate(inputs.videos):

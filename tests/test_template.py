@@ -176,6 +176,8 @@ def test_tag_and_video_count_mismatch(template, sample):
         template.encode(_row(sample["videos"], "<video><video>What color?"))
     with pytest.raises(ValueError, match="1 <video> tag\\(s\\) but 2 video"):
         template.encode(_row(sample["videos"] * 2, "<video>What color?"))
+    with pytest.raises(ValueError, match="1 <video> tag\\(s\\) but 0 video\\(s\\) \\[none\\]"):
+        template.encode(_row([], "<video>What color?"))
 
 
 def test_untagged_videos_get_default_tags(template, sample):
