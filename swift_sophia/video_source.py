@@ -73,10 +73,13 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
     name = describe(v)
     if v.startswith(_INLINE_PREFIXES) or (len(v) > 1024 and not os.path.exists(v[:1024])):
         from swift.template.vision_utils import load_file
+        if v.startswith('data:') and not v.partition(',')[2].strip():
+            raise VideoDecodeError(f'video {name} is empty (its data URL holds no data)')
         try:
             return load_file(v), name
         except Exception as exc:  # bad base64, unreachable URL, ...
-            raise VideoError(f'cannot read video {name}: {exc}') from exc
+            raise VideoError(f'cannot read video {name}: {exc}' if str(exc) else
+                             f'cannot read video {name}: {type(exc).__name__}') from exc
     expanded = os.path.expanduser(v)
     if os.path.isabs(expanded):
         if not os.path.isfile(expanded):

@@ -160,6 +160,11 @@ def test_file_that_is_not_a_video(template, tmp_path):
         template.encode(_row([str(bad)]))
 
 
+def test_empty_data_url_says_it_is_empty(template):
+    with pytest.raises(ValueError, match="video <data URL, 22 chars> is empty"):
+        template.encode(_row(["data:video/mp4;base64,"]))
+
+
 def test_zero_frame_video(template, tmp_path):
     import av
 
