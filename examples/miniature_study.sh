@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The evaluation in miniature, on the tiny default and a CPU (docs/miniature_study.md):
-# a synthetic long-video task whose answer lives in one shot of 8 (16 frames; FRAMES, SHOTS) (the background colour of the one shot that shows
-# a named shape), stages 1-3 trained with `swift sft`, then `swift eval` on the held-out set with
-#   (1) pruning off, all 32 frames; (2) uniform subsampling to the frame count that pruning keeps (VIDEO_SEGMENTS=K);
+# The evaluation in miniature, on the tiny default and a CPU (docs/miniature_study.md): a synthetic long-video task
+# whose answer lives in one shot of 8 (16 frames; FRAMES, SHOTS): the background colour of the one shot that shows
+# a named shape. Stages 1-3 are trained with `swift sft`, then `swift eval` runs on the held-out set with
+#   (1) pruning off, all frames; (2) uniform subsampling to the frame count that pruning keeps (VIDEO_SEGMENTS=K);
 #   (3) Sophia's pruning, PRUNE_ALPHA=30 PRUNE_BETA=30; (4) pruning on, hierarchy off (SOPHIA_HIERARCHY=0);
-# which frames each condition shows the model (and the stage 2 checkpoint's pruner, before stage 3),
-# the NIAH heatmap of the trained checkpoint (`sophia niah`), and the table.
+# then which frames each condition shows the model (and stage 2's pruner, before stage 3), the NIAH heatmap of the
+# trained checkpoint (`sophia niah`), and the table.
 #   bash examples/miniature_study.sh [WORK_DIR]     (default: output/miniature)
-# Sizes: NUM_TRAIN, NUM_VAL, STAGE2_EPOCHS, STAGE3_EPOCHS, STAGE3_LR (environment). FROM_STAGE=2 (or 3) keeps
-# WORK_DIR's model, data and earlier stages and starts at that stage (same sizes as the run that made them).
+# About 33 minutes on 2 shared CPU cores. Sizes: NUM_TRAIN, NUM_VAL, STAGE2_EPOCHS, STAGE3_EPOCHS, STAGE3_LR
+# (environment). FROM_STAGE=2 (or 3) keeps WORK_DIR's model, data and earlier stages and starts at that stage
+# (give the sizes of the run that made them).
 # Shots: the true boundaries of the generated videos are written into a shot cache of the study's own
 # (SOPHIA_SHOT_CACHE=WORK/shot_cache), not TransNetV2's (docs/miniature_study.md says why).
 set -euo pipefail
 WORK="${1:-output/miniature}"
-NUM_TRAIN="${NUM_TRAIN:-192}" NUM_VAL="${NUM_VAL:-48}"
-STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-4}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-1}"
+NUM_TRAIN="${NUM_TRAIN:-512}" NUM_VAL="${NUM_VAL:-48}"
+STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
 STAGE3_LR="${STAGE3_LR:-1e-2}"
 FRAMES="${FRAMES:-16}" SHOTS="${SHOTS:-8}"
 PLUGIN="$(sophia plugin-path)"
