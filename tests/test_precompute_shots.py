@@ -83,7 +83,7 @@ def test_interrupt_then_rerun(tmp_path, capsys):
     vids.mkdir()
     n = 8
     for i in range(n):
-        write_clip(vids / f'{i}.mp4', [30, 30], seed=i)
+        write_clip(vids / f'{i}.mp4', [60, 60], seed=i)  # long enough that SIGINT lands mid-run on a busy machine
     jl = tmp_path / 'd.jsonl'
     jl.write_text(''.join(json.dumps(row(f'v/{i}.mp4')) + '\n' for i in range(n)))
     cache = tmp_path / 'cache'
