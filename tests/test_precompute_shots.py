@@ -83,14 +83,16 @@ def test_interrupt_then_rerun(tmp_path, capsys):
     vids.mkdir()
     n = 8
     for i in range(n):
-        write_clip(vids / f'{i}.mp4', [60, 60], seed=i)  # long enough that SIGINT lands mid-run on a busy machine
+        write_clip(vids / f'{i}.mp4', [30, 30], seed=i)
     jl = tmp_path / 'd.jsonl'
     jl.write_text(''.join(json.dumps(row(f'v/{i}.mp4')) + '\n' for i in range(n)))
     cache = tmp_path / 'cache'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + sys.path))
     proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia.precompute_shots', str(jl), '--workers', '1',
                              '--threads', '1', '--cache-dir', str(cache), '--no-progress'],
-                            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            # as a user's terminal has it: a test run started in the background (`cmd &`) has SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while not list(cache.rglob('*.json')) and time.time() < deadline and proc.poll() is None:
