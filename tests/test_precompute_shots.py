@@ -91,7 +91,7 @@ def test_interrupt_then_rerun(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia.precompute_shots', str(jl), '--workers', '1',
                              '--threads', '1', '--cache-dir', str(cache), '--no-progress'],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            # as a user's terminal has it: a test run started in the background (`cmd &`) has SIGINT ignored
+                            # as in a terminal (a run started with `&` has SIGINT ignored)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
