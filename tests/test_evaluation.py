@@ -218,7 +218,8 @@ def _swift_eval(model, set_dir, out):
            "--infer_backend", "transformers", "--max_new_tokens", "4", "--eval_num_proc", "2",
            "--host", "127.0.0.1", "--port", str(_free_port()),
            "--eval_generation_config", json.dumps({"retries": 1})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(VIDEO_SEGMENTS="4"), timeout=420)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(VIDEO_SEGMENTS="4"), timeout=420,
+                          cwd=os.path.dirname(os.path.abspath(out)))  # swift eval writes result/ in cwd
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return latest_run(out)
 

@@ -121,8 +121,8 @@ def test_sophia_niah_through_swift_eval(tiny_model_dir, tmp_path):
            "--max-length", str(max_length),
            "--swift-args", f"--infer_backend transformers --max_new_tokens 4 --eval_num_proc 2 --host 127.0.0.1 "
                            f"--port {_free_port()} --eval_generation_config {shlex.quote(json.dumps({'retries': 1}))}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480,
-                          env=env(VIDEO_SEGMENTS="4"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480,  # swift eval writes result/ in cwd
+                          env=env(VIDEO_SEGMENTS="4"), cwd=str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "replaced by 64" in proc.stdout  # the server read every frame of each haystack, not 4
 
