@@ -306,7 +306,8 @@ def test_out_of_memory_gets_a_503_and_the_server_keeps_serving(server, media):
                                              delay=1.0)
         assert first[0] == 503 and second[0] == 503, (first, second)
         assert short[0] == 200 and short[1], short
-        assert "[sophia] a batch of 2 requests ran out of memory" in server.log()
+        # (whether the second and third requests were batched together, "[sophia] a batch of 2 requests ran out of
+        # memory" in the log, depends on timing; the answers above are what must hold either way)
         server.answers(media["other"])
     finally:
         resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
