@@ -7,14 +7,14 @@ out-of-memory log lines (on CUDA: memory allocated / reserved after freeing).
     python benchmarks/deploy_limits.py                  # CPU, sophia-tiny with a wide decoder MLP, ~2 min
 
     sophia build-random --shape internvl2.5-8b /tmp/sophia-8b --device cuda        # GPU, the 8B shape
-    python benchmarks/deploy_limits.py --model /tmp/sophia-8b --short-frames 128 --oom-frames 3072 \\
-        --max-frames 3500 --timeout 1200
+    python benchmarks/deploy_limits.py --model /tmp/sophia-8b --short-frames 128 --oom-frames 4000 \\
+        --max-frames 4050 --timeout 300                                                 # ~4 min on an H200
 
 Every frame of each generated video is taken (VIDEO_SEGMENTS=100000 on the server), so a video of F frames is a
 request of F frames. On a GPU the --oom-frames video should not fit (at the 8B shape, all frames kept, 2,048
-frames took 113 GiB of an H200 beyond the weights and 4,096 did not fit; docs/benchmarks.md; 4,000 frames are
-1.02M tokens, within the shape's 2^20 positions); two of them batched together do not fit in any case. On a CPU nothing runs out of memory
-by itself: the server's address space is capped (RLIMIT_AS, like `ulimit -v`) --cpu-headroom-mb above what it
+frames took 98.7 GiB of an H200 beyond the weights and 4,096 did not fit; docs/benchmarks.md; 4,000 frames are
+1.02M tokens, within the shape's 2^20 positions); two of them batched together do not fit in any case. On a CPU
+nothing runs out of memory by itself: the server's address space is capped (RLIMIT_AS, like `ulimit -v`) --cpu-headroom-mb above what it
 holds after the first requests, so that the large request's allocation really fails; the default checkpoint is
 sophia-tiny with a decoder MLP 32,768 wide, so that this allocation is in the model (hundreds of MB for a
 prompt of a few thousand tokens), as on a GPU, and far above the cap.
@@ -45,7 +45,11 @@ QUESTION = {"type": "text", "text": "What color is the background?"}
 SHORT, OVER, TOO_LARGE = (200,), (400,), (503, 200)  # the statuses each request may get
 
 
-def make_video(path: str, frames: int, size: int) -> str:
+def make_video(folder: str, frames: int, size: int) -> str:
+    """A generated clip of `frames` frames, `size` pixels square; one written earlier in `folder` is reused."""
+    path = os.path.join(folder, f"clip-{frames}f-{size}px.mp4")
+    if os.path.exists(path):
+        return path
     pixels = np.zeros((frames, size, size, 3), np.uint8)
     pixels[..., 0] = (np.arange(frames) * 7 % 256)[:, None, None]
     pixels[..., 1] = np.linspace(0, 255, size, dtype=np.uint8)[None, None, :]
@@ -104,7 +108,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds for the server to start, and per request")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="more server environment")
     p.add_argument("--deploy-arg", action="append", default=[], help="more `swift deploy` arguments")
-    p.add_argument("--keep", help="folder for the videos and the server log (default: a temporary one)")
+    p.add_argument("--keep", help="folder for the videos and the server log (default: a temporary one); videos "
+                                  "already there are reused")
     args = p.parse_args()
 
     import openai
@@ -116,10 +121,8 @@ def main() -> int:
     model = args.model
     if model is None:
         model = build_wide_tiny(os.path.join(work, "sophia-tiny-wide"))
-    videos = {name: make_video(os.path.join(work, f"{name}.mp4"), frames, args.video_size)
-              for name, frames in (("short", args.short_frames), ("over", args.max_frames + 1),
-                                   ("oom", args.oom_frames))}
     frames = {"short": args.short_frames, "over": args.max_frames + 1, "oom": args.oom_frames}
+    videos = {name: make_video(work, n, args.video_size) for name, n in frames.items()}
 
     port = free_port()
     env = dict(os.environ, VIDEO_SEGMENTS="100000", REQUEST_MAX_FRAMES=str(args.max_frames), PYTHONUNBUFFERED="1",
@@ -128,8 +131,9 @@ def main() -> int:
         env["MALLOC_ARENA_MAX"] = "2"  # glibc's per-thread arenas count as address space (see --cpu-headroom-mb)
     env.update(kv.split("=", 1) for kv in args.env)
     log_path = os.path.join(work, "deploy.log")
-    swift = shutil.which("swift", path=os.path.dirname(sys.executable)) or "swift"
-    cmd = [swift, "deploy", "--model", model, "--model_type", "sophia", "--external_plugins", plugin_path(),
+    swift = shutil.which("swift", path=os.path.dirname(sys.executable))
+    swift = [swift] if swift else [sys.executable, "-m", "swift.cli.main"]  # ms-swift installed without scripts
+    cmd = [*swift, "deploy", "--model", model, "--model_type", "sophia", "--external_plugins", plugin_path(),
            "--infer_backend", "transformers", "--host", "127.0.0.1", "--port", str(port), "--served_model_name",
            "sophia", "--max_new_tokens", "4", "--max_batch_size", "2", "--torch_dtype", "float32" if not on_gpu
            else "bfloat16", *args.deploy_arg]

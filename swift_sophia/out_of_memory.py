@@ -30,6 +30,7 @@ from swift.utils import get_logger
 logger = get_logger()
 # PyTorch's CPU allocator, CUDA errors outside the caching allocator, Python failing to start a thread (its stack)
 _RUNTIME_MESSAGES = ("DefaultCPUAllocator", "out of memory", "can't start new thread")
+_OPERATOR_ADVICE = ("If reserved but unallocated", "See documentation")
 _ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?")
 
 
@@ -53,9 +54,16 @@ def is_out_of_memory(exc: Optional[BaseException]) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    """The allocator's first line, without the C++ assertion PyTorch's CPU allocator puts in front of it."""
-    line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return _ENFORCE.sub("", line)[:400]
+    """The allocator's first line, without the C++ assertion PyTorch's CPU allocator puts in front of it and without
+    the CUDA allocator's advice to the operator (a client cannot set PYTORCH_CUDA_ALLOC_CONF); whole sentences, up to
+    400 characters."""
+    line = _ENFORCE.sub("", (str(exc).strip() or type(exc).__name__).splitlines()[0])
+    reason = ""
+    for sentence in re.split(r"(?<=\.)\s+", line):
+        if sentence.startswith(_OPERATOR_ADVICE) or len(reason) + len(sentence) >= 400:
+            break
+        reason = f"{reason} {sentence}" if reason else sentence
+    return reason or line[:400]
 
 
 def release_memory() -> str:
