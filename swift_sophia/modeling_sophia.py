@@ -126,6 +126,7 @@ class SophiaCausalLMOutput(ModelOutput):
     cache_attention_mask: Optional[torch.LongTensor] = None
     next_position_ids: Optional[torch.LongTensor] = None
     kept_frames: Optional[list] = None
+    token_loss: Optional[torch.FloatTensor] = None  # [B, N] cross-entropy per position, given `token_targets`
 
 
 class SophiaModel(InternVLModel):
@@ -496,12 +497,19 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         video_frame_shots: Optional[torch.LongTensor] = None,
         video_query_ids: Optional[torch.LongTensor] = None,
         video_query_mask: Optional[torch.LongTensor] = None,
+        token_targets: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> SophiaCausalLMOutput:
         r"""With `labels` and no `logits_to_keep`, the LM head runs on the label positions only (no
         [tokens x vocab] tensor); the loss is the usual shifted cross-entropy. The logits are then returned in eval
         mode (all positions, as a plain causal LM gives them) and not in training (`logits=None`, as Liger-Kernel's
-        fused loss does)."""
+        fused loss does).
+
+        token_targets (`torch.LongTensor` [B, N], -100 where there is none): the token each position predicts,
+        already shifted (under sequence parallelism: this rank's slice of the labels, which ms-swift's trainer
+        otherwise turns into a loss over [B, N / P, vocab] logits). The output then holds `token_loss`, the
+        cross-entropy per position (0 where there is no target), computed from the LM head at the target positions
+        only; logits as with `labels`."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
@@ -510,7 +518,11 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
                              video_query_ids=video_query_ids, video_query_mask=video_query_mask, return_dict=True,
                              **kwargs)
         hidden = outputs.last_hidden_state
-        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+        token_loss = None
+        if token_targets is not None:
+            token_loss, loss = self.token_cross_entropy(hidden, token_targets), None
+            logits = None if self.training else self.lm_head(hidden)
+        elif labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             loss = self.label_position_loss(hidden, labels, num_items_in_batch)
             logits = None if self.training else self.lm_head(hidden)
         else:
@@ -524,19 +536,27 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                     image_hidden_states=outputs.image_hidden_states,
                                     cache_attention_mask=outputs.cache_attention_mask,
-                                    next_position_ids=outputs.next_position_ids, kept_frames=outputs.kept_frames)
+                                    next_position_ids=outputs.next_position_ids, kept_frames=outputs.kept_frames,
+                                    token_loss=token_loss)
+
+    def token_cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """[B, N] float32 cross-entropy of each position's target (0 where it is -100), with the LM head applied
+        only where there is a target."""
+        targets = targets.to(hidden.device)
+        where = targets != -100
+        loss = hidden.new_zeros(targets.shape, dtype=torch.float32)
+        logits = self.lm_head(hidden[where]).float()
+        return loss.index_put((where,), nn.functional.cross_entropy(logits, targets[where], reduction="none"))
 
     def label_position_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                             num_items_in_batch: Optional[int] = None) -> torch.Tensor:
         """Shifted cross-entropy (transformers' causal-LM loss: mean over label tokens, or their sum over
         `num_items_in_batch`), with the LM head applied only where a label follows."""
-        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden.device)
-        where = targets != -100
-        logits = self.lm_head(hidden[where]).float()
-        loss = nn.functional.cross_entropy(logits, targets[where], reduction="sum")
+        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+        loss = self.token_cross_entropy(hidden, targets).sum()
         if num_items_in_batch is not None:
             return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        return loss / where.sum().clamp(min=1)
+        return loss / (targets != -100).sum().clamp(min=1).to(loss.device)
 
     # ------------------------------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,

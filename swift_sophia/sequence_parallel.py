@@ -10,14 +10,16 @@ already splits the extended sequence; what Sophia adds here:
   [B, H/P, N, D], the kernel over the full layout on this rank's heads, back to [B, H, N/P, D]
   (`sharded_hierarchical_attention`, called by the attention router);
 * the decoder's output gathered back to the full extended sequence (the plain sequence is a gather from it), and
-  the plain hidden states split again the way ms-swift splits the labels, so the trainer's loss
-  (`per_token_loss_func_sp`: local logits against local labels, then gathered) sees what it sees for any model.
+  the plain hidden states split again the way ms-swift splits the labels;
+* the loss from the label positions only. ms-swift's trainer takes the labels out of the model's inputs under
+  sequence parallelism and computes the loss from logits over the rank's whole slice ([B, N/P, vocab]: at 1M
+  tokens on 8 ranks, 48 GB of float32 logits per rank). Here the rank's labels also go to the model as
+  `token_targets` (`SequenceParallel.prepare_inputs`), the model returns the cross-entropy per position
+  (`token_loss`, the LM head run at the label positions only) and no logits in training, and ms-swift's
+  `per_token_loss_func_sp` gathers that instead of computing it from logits.
 
 Every rank builds the same extended sequence (vision tower, pruning, aggregation run on the full batch on every
-rank of a group); the decoder, where the tokens x hidden activations are, runs on 1/P of the tokens. Not lean
-yet: under sequence parallelism ms-swift's trainer takes the labels out of the model's inputs and computes the
-loss from logits over the rank's whole plain slice ([B, N/P, vocab], video positions included), so Sophia's
-label-position loss does not run there.
+rank of a group); the decoder, where the tokens x hidden activations are, runs on 1/P of the tokens.
 """
 from __future__ import annotations
 
@@ -197,24 +199,71 @@ def attach(model, sp) -> list:
     return handles
 
 
+def gather_token_loss(token_loss: torch.Tensor, labels: torch.Tensor, enable_dft_loss: bool = False,
+                      return_labels: bool = False, **kwargs):
+    """ms-swift's `per_token_loss_func_sp` from the model's per-position cross-entropy instead of logits: DFT's
+    reweighting, then the same gather over the group (its lines after the cross-entropy)."""
+    from swift.sequence_parallel import GatherLoss, sequence_parallel as sp
+
+    loss = token_loss.reshape(-1).to(labels.device)
+    if enable_dft_loss:
+        with torch.no_grad():
+            target_probs = torch.exp(-loss)
+        loss = loss * target_probs
+    batch = labels.shape[0]
+    position_ids = sp.real_position_ids
+    if position_ids is not None:
+        position_ids = sp.pad(position_ids, padding_value=-1, position_ids=position_ids)
+    loss, labels = GatherLoss.apply(loss.reshape(batch, -1), labels.reshape(batch, -1), 1, position_ids)
+    if position_ids is not None and position_ids.min() == -1:
+        real = position_ids >= 0
+        loss, labels = loss[real].contiguous(), labels[real].contiguous()
+    return (loss, labels) if return_labels else loss
+
+
+def _patch_swift_loss() -> None:
+    import swift.trainers.seq2seq_trainer as trainer
+
+    original = trainer.per_token_loss_func_sp
+    if getattr(original, "sophia", False):
+        return
+
+    def per_token_loss_func_sp(outputs, labels, **kwargs):
+        token_loss = getattr(outputs, "token_loss", None)
+        if token_loss is None:  # not Sophia, or a model output without targets
+            return original(outputs, labels, **kwargs)
+        return gather_token_loss(token_loss, labels, **kwargs)
+
+    per_token_loss_func_sp.sophia = True
+    trainer.per_token_loss_func_sp = per_token_loss_func_sp
+
+
 def patch_swift_prepare() -> None:
-    """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia.
+    """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia,
+    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `token_targets`.
     Only where ms-swift's module is already imported (`swift sft` imports it before it loads the model): importing
     Sophia alone does not import ms-swift."""
     SequenceParallel = getattr(sys.modules.get(_SWIFT_SP), "SequenceParallel", None)
     if SequenceParallel is None:
         return
-    original = SequenceParallel.prepare
+    original, original_prepare_inputs = SequenceParallel.prepare, SequenceParallel.prepare_inputs
     if getattr(original, "sophia", False):
         return
 
     def prepare(self, sp_size, model, *args, **kwargs):
         original(self, sp_size, model, *args, **kwargs)
-        if sp_size > 1 and self.rp_world_size == 1:
-            attach(model, self)
+        if sp_size > 1 and self.rp_world_size == 1 and attach(model, self):
+            _patch_swift_loss()
+            self.sophia_token_targets = True
+
+    def prepare_inputs(self, inputs):
+        original_prepare_inputs(self, inputs)
+        if getattr(self, "sophia_token_targets", False) and inputs.get("labels") is not None:
+            inputs["token_targets"] = inputs["labels"]  # already shifted and split: this rank's targets
 
     prepare.sophia = True
-    SequenceParallel.prepare = prepare
+    SequenceParallel.prepare, SequenceParallel.prepare_inputs = prepare, prepare_inputs
 
 
-__all__ = ["sharded_hierarchical_attention", "active_group", "split_plain", "attach", "patch_swift_prepare"]
+__all__ = ["sharded_hierarchical_attention", "active_group", "split_plain", "attach", "gather_token_loss",
+           "patch_swift_prepare"]

@@ -243,6 +243,20 @@ def test_label_position_loss_equals_the_full_loss(tiny_model_dir, tokenizer, wit
     torch.testing.assert_close(summed, reference * int((labels[:, 1:] != -100).sum()) / 10)
 
 
+def test_token_targets_give_the_cross_entropy_per_position_without_logits(tiny_model_dir, tokenizer):
+    """`token_targets` (under sequence parallelism: a rank's shifted labels) give `token_loss`, each position's
+    cross-entropy as from the full logits and 0 where there is no target; in training no logits."""
+    model = _model(tiny_model_dir).train()
+    inputs = _batch(model, tokenizer)
+    targets = torch.nn.functional.pad(_labels(inputs, answer=4), (0, 1), value=-100)[:, 1:]
+    out = model(**inputs, token_targets=targets)
+    assert out.logits is None and out.loss is None
+    full = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1]).logits
+    reference = torch.nn.functional.cross_entropy(full.transpose(1, 2).float(), targets, reduction="none")
+    torch.testing.assert_close(out.token_loss, reference)
+    assert (out.token_loss[targets == -100] == 0).all() and (out.token_loss[targets != -100] > 0).all()
+
+
 def test_label_position_loss_in_eval_returns_all_logits(tiny_model_dir, tokenizer):
     model = _model(tiny_model_dir).eval()
     inputs = _batch(model, tokenizer)

@@ -6,7 +6,9 @@
    rank) trains exactly like a single-process `swift sft` on the same batches: the same loss and gradient norm at
    every step (the second step starts from the parameters the first step updated). The batches mix video rows of
    different lengths, padding and a text-only row; every module trains, pruning on (Gumbel-Softmax in training:
-   both ranks of the group must keep the same frames, which the run checks before every decoder call).
+   both ranks of the group must keep the same frames, which the run checks before every decoder call). The LM
+   head runs on each rank's label positions only (no [tokens x vocab] logits; ms-swift's own loss under sequence
+   parallelism takes logits over the rank's whole slice).
 """
 import json
 import os
@@ -122,18 +124,45 @@ def mixed_rows(tmp_path_factory):
     return str(path)
 
 
-def _sft(model, data, out, *extra, nproc):
-    cmd = [SWIFT, "sft", "--model", model, "--model_type", "sophia", "--external_plugins", plugin_path(),
+# A second plugin for the sequence-parallel run: records, for every forward of the model on each rank, the rows the
+# LM head ran on, the rank's target count and whether logits came back.
+LM_HEAD_OBSERVER = r'''
+import json, os
+from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+_forward = SophiaForConditionalGeneration.forward
+
+
+def forward(self, *args, **kwargs):
+    rows = []
+    hook = self.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[:-1].numel()))
+    try:
+        out = _forward(self, *args, **kwargs)
+    finally:
+        hook.remove()
+    targets = kwargs.get("token_targets")
+    with open(os.environ["LM_HEAD_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
+        f.write(json.dumps({"rows": rows, "targets": None if targets is None else int((targets != -100).sum()),
+                            "logits": out.logits is not None}) + "\n")
+    return out
+
+
+SophiaForConditionalGeneration.forward = forward
+'''
+
+
+def _sft(model, data, out, *extra, nproc, plugins=()):
+    cmd = [SWIFT, "sft", "--model", model, "--model_type", "sophia", "--external_plugins", plugin_path(), *plugins,
            "--dataset", data, "--output_dir", out, *CPU_TRAIN, "--dataset_shuffle", "false",
            "--train_dataloader_shuffle", "false", "--per_device_train_batch_size", "2",
            "--gradient_accumulation_steps", "1", "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
            "--tuner_type", "full", "--learning_rate", "1e-3", "--ddp_timeout", "120",
            "--model_kwargs", json.dumps({"prune_alpha": 30, "prune_beta": 30}), *extra]
     log = out + ".log"
+    extra_env = dict(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port())) if nproc > 1 else {}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
-                                if nproc > 1 else env())
+                                env=env(LM_HEAD_LOG=out + ".lm_head", **extra_env))
     return proc, log
 
 
@@ -145,12 +174,20 @@ def _grad_norms(out):
 @pytest.mark.slow
 def test_swift_sft_sequence_parallel_trains_like_one_process(tiny_model_dir, mixed_rows, tmp_path):
     single, parallel = str(tmp_path / "single"), str(tmp_path / "sp2")
+    observer = tmp_path / "lm_head_observer.py"
+    observer.write_text(LM_HEAD_OBSERVER)
     runs = [_sft(tiny_model_dir, mixed_rows, single, nproc=1),
             _sft(tiny_model_dir, mixed_rows, parallel, "--use_cpu", "true", "--sequence_parallel_size", "2",
-                 nproc=2)]
+                 nproc=2, plugins=[str(observer)])]
     _wait([p for p, _ in runs], [log for _, log in runs], TIMEOUT)
     assert "Sophia: the extended sequence is split over 2 ranks" in Path(runs[1][1]).read_text()
     losses, sp_losses = train_losses(single), train_losses(parallel)
     assert len(losses) == len(sp_losses) == 2, (losses, sp_losses)
     np.testing.assert_allclose(sp_losses, losses, rtol=1e-5)
     np.testing.assert_allclose(_grad_norms(parallel), _grad_norms(single), rtol=1e-5)
+    for rank in (0, 1):  # each rank's LM head ran on its label positions only, once per step, and gave no logits
+        calls = [json.loads(line) for line in open(f"{parallel}.lm_head.{rank}")]
+        assert len(calls) == 2, calls
+        for call in calls:
+            assert call["targets"] is not None and call["rows"] == [call["targets"]] and not call["logits"], call
+    assert sum(c["targets"] for r in (0, 1) for c in map(json.loads, open(f"{parallel}.lm_head.{r}"))) > 0
