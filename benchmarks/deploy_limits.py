@@ -26,9 +26,6 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from swift_sophia.cli import plugin_path  # noqa: E402
+from swift_sophia.deploy_process import DeployProcess  # noqa: E402
 from swift_sophia.synthetic import write_mp4  # noqa: E402
 
 QUESTION = {"type": "text", "text": "What color is the background?"}
@@ -55,37 +53,6 @@ def make_video(folder: str, frames: int, size: int) -> str:
     pixels[..., 1] = np.linspace(0, 255, size, dtype=np.uint8)[None, None, :]
     write_mp4(path, pixels, fps=25)
     return path
-
-
-def build_wide_tiny(out: str) -> str:
-    import torch
-    from transformers import GenerationConfig
-
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-    from swift_sophia.tiny import build_tokenizer, tiny_config
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer)
-    config.text_config.intermediate_size = 32768
-    model = SophiaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_pid(proc) -> int:
-    """`swift deploy` runs the server as its child."""
-    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-        return int(f.read().split()[0])
 
 
 def vm_size(pid: int) -> int:
@@ -120,11 +87,12 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     model = args.model
     if model is None:
-        model = build_wide_tiny(os.path.join(work, "sophia-tiny-wide"))
+        from swift_sophia.tiny import build_tiny
+
+        model = build_tiny(os.path.join(work, "sophia-tiny-wide"), text_overrides={"intermediate_size": 32768})
     frames = {"short": args.short_frames, "over": args.max_frames + 1, "oom": args.oom_frames}
     videos = {name: make_video(work, n, args.video_size) for name, n in frames.items()}
 
-    port = free_port()
     env = dict(os.environ, VIDEO_SEGMENTS="100000", REQUEST_MAX_FRAMES=str(args.max_frames), PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if not on_gpu:
@@ -134,14 +102,11 @@ def main() -> int:
     swift = shutil.which("swift", path=os.path.dirname(sys.executable))
     swift = [swift] if swift else [sys.executable, "-m", "swift.cli.main"]  # ms-swift installed without scripts
     cmd = [*swift, "deploy", "--model", model, "--model_type", "sophia", "--external_plugins", plugin_path(),
-           "--infer_backend", "transformers", "--host", "127.0.0.1", "--port", str(port), "--served_model_name",
-           "sophia", "--max_new_tokens", "4", "--max_batch_size", "2", "--torch_dtype", "float32" if not on_gpu
-           else "bfloat16", *args.deploy_arg]
-    print(" ".join(cmd), f"\nlog: {log_path}", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                           timeout=args.timeout)
+           "--infer_backend", "transformers", "--served_model_name", "sophia", "--max_new_tokens", "4",
+           "--max_batch_size", "2", "--torch_dtype", "float32" if not on_gpu else "bfloat16", *args.deploy_arg]
+    deploy = DeployProcess(cmd, log_path, env=env)
+    print(" ".join(deploy.cmd), f"\nlog: {log_path}", flush=True)
+    client = openai.OpenAI(base_url=deploy.url + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
     rows = []
 
     def ask(label, video, expected, stream=False):
@@ -161,20 +126,14 @@ def main() -> int:
         rows.append((label, frames[video], status, time.time() - start, expected, message))
 
     try:
-        deadline = time.time() + args.timeout
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if proc.poll() is not None or time.time() > deadline:
-                    print(open(log_path).read()[-3000:])
-                    raise SystemExit("the server did not come up")
-                time.sleep(2)
+        try:
+            deploy.wait_until_serving(args.timeout, poll_s=2)
+        except RuntimeError as exc:
+            raise SystemExit(f"the server did not come up: {exc}")
         ask("short (warm-up)", "short", SHORT)
         ask("short", "short", SHORT)
         if not on_gpu and args.cpu_headroom_mb > 0:
-            pid = server_pid(proc)
+            pid = deploy.server_pid
             limit = vm_size(pid) + (args.cpu_headroom_mb << 20)
             resource.prlimit(pid, resource.RLIMIT_AS, (limit, resource.prlimit(pid, resource.RLIMIT_AS)[1]))
             print(f"CPU: server address space capped at {limit / 2 ** 30:.2f} GiB "
@@ -196,20 +155,9 @@ def main() -> int:
         for t in threads:
             t.join()
         ask("short (after)", "short", SHORT)
-        alive = proc.poll() is None
-    finally:  # SIGTERM to `swift deploy` and its server; SIGKILL to what is left after 60 s
-        os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            proc.poll()  # reaps `swift deploy` itself, so that only the server keeps the group alive
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        alive = deploy.proc.poll() is None
+    finally:
+        deploy.stop(grace_s=60)
 
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(f"\n{model} on {device}: REQUEST_MAX_FRAMES={args.max_frames}\n")

@@ -49,11 +49,14 @@ def build_tokenizer(vocab_size: int = 512):
     return tokenizer
 
 
-def tiny_config(tokenizer, *, decoder: str = "qwen2", num_frames: int = 8, **overrides) -> SophiaConfig:
+def tiny_config(tokenizer, *, decoder: str = "qwen2", num_frames: int = 8, text_overrides: Optional[dict] = None,
+                **overrides) -> SophiaConfig:
+    """The tiny default's config; `text_overrides` replace decoder (text_config) fields, `overrides` SophiaConfig's."""
     text = dict(model_type=decoder, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                 max_position_embeddings=32768, tie_word_embeddings=False,
                 bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text.update(text_overrides or {})
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=56, patch_size=14)
     return SophiaConfig(
@@ -65,7 +68,7 @@ def tiny_config(tokenizer, *, decoder: str = "qwen2", num_frames: int = 8, **ove
 
 
 def build_tiny(output_dir: str, *, seed: int = 0, decoder: str = "qwen2", num_frames: int = 8,
-               dtype: Optional[torch.dtype] = torch.float32, **overrides) -> str:
+               dtype: Optional[torch.dtype] = torch.float32, text_overrides: Optional[dict] = None, **overrides) -> str:
     """Write a randomly initialised sophia-tiny checkpoint (safetensors, config, tokenizer) to `output_dir`."""
     from transformers import GenerationConfig
 
@@ -73,7 +76,7 @@ def build_tiny(output_dir: str, *, seed: int = 0, decoder: str = "qwen2", num_fr
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, decoder=decoder, num_frames=num_frames, **overrides)
+    config = tiny_config(tokenizer, decoder=decoder, num_frames=num_frames, text_overrides=text_overrides, **overrides)
     model = SophiaForConditionalGeneration(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False)

@@ -2,10 +2,7 @@
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from swift_cli import CPU_TRAIN, SWIFT, env, sft, swift, train_losses
 from swift_sophia.cli import plugin_path
+from swift_sophia.deploy_process import DeployProcess
 
 pytestmark = pytest.mark.slow
 
@@ -131,12 +129,6 @@ def test_lora_export_merge_and_answer(tiny_model_dir, synthetic_data, tmp_path):
     assert len(open(result).readlines()) == 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, payload):
     req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -148,23 +140,10 @@ def _post(url, payload):
 
 def test_deploy_serves_chat_completions_with_videos(stage2, synthetic_data, tmp_path):
     _, ckpt = stage2
-    port = _free_port()
-    log = open(tmp_path / "deploy.log", "w")
-    proc = subprocess.Popen([SWIFT, "deploy", "--model", ckpt, "--infer_backend", "transformers", "--host",
-                             "127.0.0.1", "--port", str(port), "--max_new_tokens", "4", "--served_model_name",
-                             "sophia-tiny"], stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
-                    models = json.loads(r.read())
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None, open(tmp_path / "deploy.log").read()[-3000:]
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(2)
+    with DeployProcess([SWIFT, "deploy", "--model", ckpt, "--infer_backend", "transformers", "--max_new_tokens", "4",
+                        "--served_model_name", "sophia-tiny"], tmp_path / "deploy.log", env=env()) as deploy:
+        base = deploy.url
+        models = deploy.wait_until_serving(timeout=240, poll_s=2)
         assert [m["id"] for m in models["data"]] == ["sophia-tiny"]
 
         video = json.loads(open(synthetic_data["val"]).readline())["videos"][0]
@@ -188,13 +167,6 @@ def test_deploy_serves_chat_completions_with_videos(stage2, synthetic_data, tmp_
             "model": "sophia-tiny", "max_tokens": 4,
             "messages": [{"role": "user", "content": [{"type": "video", "video": video}, question]}]})
         assert status == 200, "the server must keep serving after a bad request"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_stage3_trains_only_the_pruner(stage2, synthetic_data, tmp_path):

@@ -7,12 +7,8 @@ out-of-memory test caps the server process's address space (RLIMIT_AS, as `ulimi
 it uses: the large request's allocation really fails, inside the model, as a GPU's does when a video does not fit.
 """
 import http.server
-import os
 import re
 import resource
-import signal
-import socket
-import subprocess
 import threading
 import time
 
@@ -22,6 +18,7 @@ import torch
 
 from swift_cli import SWIFT, env
 from swift_sophia.cli import plugin_path
+from swift_sophia.deploy_process import DeployProcess
 
 openai = pytest.importorskip("openai")
 
@@ -57,22 +54,9 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
-    from transformers import GenerationConfig
+    from swift_sophia.tiny import build_tiny
 
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-    from swift_sophia.tiny import build_tokenizer, tiny_config
-
-    out = str(tmp_path_factory.mktemp("sophia-wide"))
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer)
-    config.text_config.intermediate_size = 32768
-    model = SophiaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny(str(tmp_path_factory.mktemp("sophia-wide")), text_overrides={"intermediate_size": 32768})
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +70,17 @@ def media_url(media):
     httpd.shutdown()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    def __init__(self, proc, port, log_path):
-        self.proc, self.log_path = proc, log_path
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                                    timeout=60)
+    def __init__(self, deploy):
+        self.deploy = deploy
+        self.client = openai.OpenAI(base_url=deploy.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
     @property
     def pid(self):
-        """The server process (`swift deploy` runs it as a child)."""
-        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-            return int(f.read().split()[0])
+        return self.deploy.server_pid
 
     def log(self):
-        with open(self.log_path) as f:
-            return f.read()
+        return self.deploy.log()
 
     def ask(self, *content, messages=None, stream=False, **kwargs):
         """(HTTP status, the answer or the error's message); `content`: the parts of one user message."""
@@ -128,50 +102,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(wide_model, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("deploy") / "deploy.log"
     extra = {"VIDEO_SEGMENTS": "100000",  # every frame of every test video
              "REQUEST_MAX_FRAMES": str(MAX_FRAMES),
              "SWIFT_ALLOW_INTERNAL_URL": "1",  # the media server is on 127.0.0.1
              "MALLOC_ARENA_MAX": "2"}  # glibc's per-thread arenas are address space too: keep them out of HEADROOM
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([SWIFT, "deploy", "--model", wide_model, "--model_type", "sophia",
-                                 "--external_plugins", plugin_path(), "--infer_backend", "transformers",
-                                 "--torch_dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-                                 "--served_model_name", "sophia", "--max_new_tokens", "2",
-                                 "--max_length", str(MAX_LENGTH), "--max_batch_size", "2"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
-    srv = Server(proc, port, log_path)
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                srv.client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None, srv.log()[-3000:]
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(1)
-        yield srv
-    finally:
-        _stop(proc)
-
-
-def _stop(proc):
-    """SIGTERM to `swift deploy` and its server, SIGKILL to what is left after 30 s (a server whose engine hangs
-    never finishes its graceful shutdown)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        proc.poll()  # reaps `swift deploy` itself, so that only the server keeps the group alive
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    with DeployProcess([SWIFT, "deploy", "--model", wide_model, "--model_type", "sophia",
+                        "--external_plugins", plugin_path(), "--infer_backend", "transformers",
+                        "--torch_dtype", "float32", "--served_model_name", "sophia", "--max_new_tokens", "2",
+                        "--max_length", str(MAX_LENGTH), "--max_batch_size", "2"],
+                       log_path, env=env(**extra)) as deploy:
+        deploy.wait_until_serving(timeout=300)
+        yield Server(deploy)
 
 
 def _video(path):

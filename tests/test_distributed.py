@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ from safetensors.torch import load_file
 
 from swift_cli import CPU_TRAIN, SWIFT, env, swift, train_losses
 from swift_sophia.cli import plugin_path
+from swift_sophia.deploy_process import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -195,12 +195,6 @@ def deepspeed_op():
     print(proc.stdout.strip().splitlines()[-1])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _ERROR = re.compile(r"Error|error:|mismatch|disagreement|enforce fail|what\(\)|did not receive grad|SIG[A-Z]+|"
                     r"\]: +rank\d+: \d+")
 
@@ -236,7 +230,7 @@ def train(model, data, out, *extra, deepspeed=None, timeout=RUN_TIMEOUT):
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())))
+                                env=env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -4,7 +4,6 @@ that every question is asked and scored, in the benchmark's own breakdown)."""
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 
 from swift_cli import SWIFT, env
+from swift_sophia.deploy_process import free_port
 from swift_sophia.evaluation.benchmarks import BENCHMARKS, converter
 from swift_sophia.evaluation.breakdown import breakdown
 from swift_sophia.evaluation.report import latest_run, overall, predictions, subset_scores
@@ -204,19 +204,13 @@ def test_unreadable_video_and_bad_answer_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ swift eval
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _swift_eval(model, set_dir, out):
     cmd = [SWIFT, "eval", "--model", model, "--eval_backend", "Native", "--eval_dataset", "general_vmcq",
            "--eval_dataset_args", os.path.join(set_dir, "eval_dataset_args.json"), "--eval_output_dir", out,
            "--model_type", "sophia", "--external_plugins", os.path.join(os.path.dirname(
                __import__("swift_sophia").__file__), "plugin.py"),
            "--infer_backend", "transformers", "--max_new_tokens", "4", "--eval_num_proc", "2",
-           "--host", "127.0.0.1", "--port", str(_free_port()),
+           "--host", "127.0.0.1", "--port", str(free_port()),
            "--eval_generation_config", json.dumps({"retries": 1})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(VIDEO_SEGMENTS="4"), timeout=420,
                           cwd=os.path.dirname(os.path.abspath(out)))  # swift eval writes result/ in cwd

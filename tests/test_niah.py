@@ -4,7 +4,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from swift_cli import env
+from swift_sophia.deploy_process import free_port
 from swift_sophia.evaluation.heatmap import BEYOND_COLOR, draw
 from swift_sophia.evaluation.niah_set import PATTERNS, build_cells, load_needle, pattern_frame
 from swift_sophia.evaluation.report import latest_run, predictions
@@ -94,12 +94,6 @@ def test_heatmap_marks_cells_beyond_max_length(tmp_path):
     assert Image.open(tmp_path / "h.png").size[0] > 200
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sophia_niah_through_swift_eval(tiny_model_dir, tmp_path):
     from swift_sophia.evaluation.prompt_length import PromptLength
@@ -120,7 +114,7 @@ def test_sophia_niah_through_swift_eval(tiny_model_dir, tmp_path):
            *[a for o in options for a in ("--option", o)], "--answer", "concentric rings",
            "--max-length", str(max_length),
            "--swift-args", f"--infer_backend transformers --max_new_tokens 4 --eval_num_proc 2 --host 127.0.0.1 "
-                           f"--port {_free_port()} --eval_generation_config {shlex.quote(json.dumps({'retries': 1}))}"]
+                           f"--port {free_port()} --eval_generation_config {shlex.quote(json.dumps({'retries': 1}))}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480,  # swift eval writes result/ in cwd
                           env=env(VIDEO_SEGMENTS="4"), cwd=str(tmp_path))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
