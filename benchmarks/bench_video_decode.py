@@ -19,7 +19,11 @@ except the resized ones):
 * ``pyav-seek``: PyAV as ``pyav-seq``, but seeking to the keyframe before a sampled frame when that keyframe lies
   beyond the current position (``swift_sophia.video.PyAVReader``, full size)
 * ``load_video-448``: the production path (``swift_sophia.video.load_video`` with the template's FPS sampling,
-  PyAV seek, decoded straight to 448x448, the real model's vision input)
+  PyAV seek, full-size frames resized to 448x448, the real model's vision input)
+* ``shots-apart-448``: ``load_video-448``, then every frame decoded again for the shot detector
+  (``decode_small_frames``: decord at 96x54), as with pruning on before one-pass decoding
+* ``shots-one-pass-448``: both from one PyAV pass (``load_video(..., shot_input=True)``, what the template does
+  with pruning on when the video's shots are not cached)
 
 Needs only numpy, torch, decord, av (PyAV) and this repository; no network. The generated video has a moving
 texture with a cut every 7 s and a keyframe every --gop-seconds (x264 ``ultrafast``, CRF 28).
@@ -37,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
 from swift_sophia.video import (DecordReader, FrameSampling, PyAVReader, load_video,  # noqa: E402
                                 sample_frame_indices)
 
@@ -121,15 +126,24 @@ def main(argv=None) -> int:
                     break
         return np.stack([out[i] for i in indices])
 
+    def by_rate(per_hour):
+        return FrameSampling(num_frames=None, fps=per_hour / 3600.0, min_frames=1, max_frames=10 ** 9)
+
+    def frames_and_shot_input_apart(per_hour):  # the sampled frames, then every frame for the shot detector
+        frames = load_video(path, by_rate(per_hour), size=args.size).frames
+        decode_small_frames(path)
+        return frames
+
     strategies = {
         'decord-1': lambda ix, n: DecordReader(path, num_threads=1).get(ix),
         'decord-auto': lambda ix, n: DecordReader(path, num_threads=0).get(ix),
         f'decord-small ({small_w}x{small_h})': lambda ix, n: DecordReader(path, 0, size=(small_w, small_h)).get(ix),
         'pyav-seq': lambda ix, n: pyav_seq(ix),
         'pyav-seek': lambda ix, n: PyAVReader(path).get(ix),
-        f'load_video-{args.size}': lambda ix, n: load_video(path, FrameSampling(num_frames=None, fps=n / 3600.0,
-                                                                               min_frames=1, max_frames=10 ** 9),
-                                                         size=args.size).frames,
+        f'load_video-{args.size}': lambda ix, n: load_video(path, by_rate(n), size=args.size).frames,
+        f'shots-apart-{args.size}': lambda ix, n: frames_and_shot_input_apart(n),
+        f'shots-one-pass-{args.size}': lambda ix, n: load_video(path, by_rate(n), size=args.size,
+                                                                shot_input=True).frames,
     }
     if args.strategies:
         strategies = {k: v for k, v in strategies.items() if any(k.startswith(s) for s in args.strategies)}
