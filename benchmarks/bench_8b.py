@@ -765,20 +765,6 @@ class Bench:
             cached = shots_mod.sampled_shots(path, clip.indices, total_frames=clip.total_frames, cache=True,
                                              detector=detector)
             stages["shots cached (content hash + lookup)"] = time.perf_counter() - t0
-            # what the template does on a miss: the sampled frames and the detector's input from one decoding pass
-            os.environ["SOPHIA_SHOT_CACHE"] = tempfile.mkdtemp(prefix="bench8b-shots-")
-            clear_content_hash_memo()
-            t0 = time.perf_counter()
-            one_pass = load_video(path, sampling, size=size, shot_input=True)
-            stages[ONE_PASS_DECODE] = time.perf_counter() - t0
-            res["one_pass_frames_equal"] = bool(one_pass.shot_input is not None and one_pass.indices == clip.indices)
-            t0 = time.perf_counter()
-            one_pass_shots = shots_mod.sampled_shots(path, one_pass.indices, total_frames=one_pass.total_frames,
-                                                     cache=True, detector=detector, shot_input=one_pass.shot_input,
-                                                     fps=one_pass.fps)
-            stages[ONE_PASS_DETECT] = time.perf_counter() - t0
-            res["one_pass_shots_equal"] = one_pass_shots == shots
-            del one_pass
         finally:
             if old_cache is None:
                 os.environ.pop("SOPHIA_SHOT_CACHE", None)
@@ -830,13 +816,11 @@ class Bench:
             timer.remove()
             inputs = pixels = out = None  # noqa: F841
             free_memory()
-        decode, apart, cached = ("decode (load_video)", "shots uncached (decode 48x27 + TransNetV2)",
-                                 "shots cached (content hash + lookup)")
-        rest = sum(v for k, v in stages.items() if v is not None and k not in
-                   (decode, apart, cached, ONE_PASS_DECODE, ONE_PASS_DETECT) and "detector load" not in k)
-        res["total_uncached_s"] = rest + stages[decode] + stages[apart]
-        res["total_uncached_one_pass_s"] = rest + stages[ONE_PASS_DECODE] + stages[ONE_PASS_DETECT]
-        res["total_cached_s"] = rest + stages[decode] + stages[cached]
+        uncached = [k for k in stages if "cached" in k and "uncached" not in k]
+        res["total_uncached_s"] = sum(v for k, v in stages.items() if v is not None and k not in uncached
+                                      and "detector load" not in k)
+        res["total_cached_s"] = sum(v for k, v in stages.items() if v is not None and "uncached" not in k
+                                    and "detector load" not in k)
         self.results["e2e"] = res
         self.save()
 
@@ -883,10 +867,6 @@ def make_video(path: str, seconds: float, size, fps: int, seed: int = 0) -> str:
         container.mux(packet)
     container.close()
     return f"{seconds:g} s, {w}x{h}, {fps} fps, {shots} shots, {os.path.getsize(path) / 2**20:.1f} MiB"
-
-
-ONE_PASS_DECODE = "decode frames + every frame for the detector, one pass (uncached)"
-ONE_PASS_DETECT = "TransNetV2 on those frames (uncached)"
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -982,9 +962,6 @@ def print_tables(results: dict):
         for k, v in e["stages"].items():
             print(f"| {k} | {fmt_s(v)} |")
         print(f"| total, shots uncached (without the detector load) | {fmt_s(e['total_uncached_s'])} |")
-        if e.get("total_uncached_one_pass_s") is not None:
-            print(f"| total, shots uncached, frames and shots from one decoding pass (what the template does) | "
-                  f"{fmt_s(e['total_uncached_one_pass_s'])} |")
         print(f"| total, shots cached | {fmt_s(e['total_cached_s'])} |")
         if e.get("peak_gib") is not None:
             print(f"\nprefill peak {e['peak_gib']:.1f} GiB beyond weights and inputs")

@@ -20,10 +20,8 @@ except the resized ones):
   beyond the current position (``swift_sophia.video.PyAVReader``, full size)
 * ``load_video-448``: the production path (``swift_sophia.video.load_video`` with the template's FPS sampling,
   PyAV seek, full-size frames resized to 448x448, the real model's vision input)
-* ``shots-apart-448``: ``load_video-448``, then every frame decoded again for the shot detector
-  (``decode_small_frames``: decord at 96x54), as with pruning on before one-pass decoding
-* ``shots-one-pass-448``: both from one PyAV pass (``load_video(..., shot_input=True)``, what the template does
-  with pruning on when the video's shots are not cached)
+* ``shots-apart-448``: ``load_video-448``, then every frame decoded for the shot detector (``decode_small_frames``:
+  decord at 96x54), what the template does with pruning on when the video's shots are not cached
 
 Needs only numpy, torch, decord, av (PyAV) and this repository; no network. The generated video has a moving
 texture with a cut every 7 s and a keyframe every --gop-seconds (x264 ``ultrafast``, CRF 28).
@@ -142,8 +140,6 @@ def main(argv=None) -> int:
         'pyav-seek': lambda ix, n: PyAVReader(path).get(ix),
         f'load_video-{args.size}': lambda ix, n: load_video(path, by_rate(n), size=args.size).frames,
         f'shots-apart-{args.size}': lambda ix, n: frames_and_shot_input_apart(n),
-        f'shots-one-pass-{args.size}': lambda ix, n: load_video(path, by_rate(n), size=args.size,
-                                                                shot_input=True).frames,
     }
     if args.strategies:
         strategies = {k: v for k, v in strategies.items() if any(k.startswith(s) for s in args.strategies)}

@@ -3,19 +3,18 @@
 decord decodes at 96x54 (its scaler accepts widths that are multiples of 32 only; 48x27 gives garbage) and 2x2
 blocks are averaged. Where decord cannot decode the file at all (it opens but cannot copy the frames of videos 48
 or 72 pixels wide, or does not open it), PyAV decodes it (swscale's bilinear filter to 96x54, which is decord's:
-within one level of it, then the same pooling). :func:`decode_with_shot_input` gives these frames and the
-template's sampled frames from one PyAV pass over the video, instead of two decodings of the whole file.
+within one level of it, then the same pooling).
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .shot_detector import INPUT_H, INPUT_W
 from .transnet_isolation import fork_guard
-from .video import RESIZE_CHUNK_FRAMES, DecordReader, PyAVReader, resize_frames
+from .video import DecordReader, PyAVReader, resize_frames
 from .video_source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 
 logger = logging.getLogger(__name__)
@@ -104,55 +103,4 @@ def decode_small_frames(src: VideoSource, indices: Optional[Sequence[int]] = Non
     return out
 
 
-def decode_with_shot_input(reader: PyAVReader, indices: Sequence[int], size: Tuple[int, int], *,
-                           chunk: int = 512) -> Tuple[np.ndarray, np.ndarray]:
-    """One pass over every frame of the video: ``(frames, shot_input)``, the frames at ``indices`` resized to
-    ``size`` as :func:`swift_sophia.video.decode_resized` gives them, and every frame as TransNetV2's input.
-
-    The detector needs every frame anyway, and sampling one frame a second from a file whose keyframes are seconds
-    apart decodes nearly every frame too: two passes decode the file twice. Raises :class:`VideoDecodeError` when
-    a frame the index lists is not decoded (the caller then decodes the two apart, which handles such files)."""
-    fork_guard()
-    total = len(reader)
-    where = {}
-    for k, i in enumerate(indices):
-        where.setdefault(int(i), []).append(k)
-    frames = np.empty((len(indices), size[1], size[0], 3), np.uint8)
-    small = np.empty((total, INPUT_H, INPUT_W, 3), np.uint8)
-    decoded = np.zeros(total, bool)
-    small_at, small_part, sampled_at, sampled_part = [], [], [], []
-
-    def flush_small():
-        small[small_at] = _pool_to_input(np.stack(small_part))
-        small_at.clear(), small_part.clear()
-
-    def flush_sampled():
-        part = np.stack(sampled_part)
-        if tuple(part.shape[1:3]) != (size[1], size[0]):
-            part = resize_frames(part, size, mode='bicubic')
-        for i, frame in zip(sampled_at, part):
-            frames[where[i]] = frame
-        sampled_at.clear(), sampled_part.clear()
-
-    for i, frame in reader.every_frame():
-        decoded[i] = True
-        small_at.append(i)
-        small_part.append(reader.to_rgb(frame, width=DECODE_W, height=DECODE_H, interpolation=PYAV_INTERPOLATION))
-        if len(small_part) == chunk:
-            flush_small()
-        if i in where:
-            sampled_at.append(i)
-            sampled_part.append(reader.to_rgb(frame))
-            if len(sampled_part) == RESIZE_CHUNK_FRAMES:
-                flush_sampled()
-    if small_part:
-        flush_small()
-    if sampled_part:
-        flush_sampled()
-    if not decoded.all():
-        missing = np.flatnonzero(~decoded)
-        raise VideoDecodeError(f'{len(missing)} of {total} frames were not decoded (the first: frame {missing[0]})')
-    return frames, small
-
-
-__all__ = ['decode_small_frames', 'decode_with_shot_input', 'open_small_reader', 'DECODE_H', 'DECODE_W']
+__all__ = ['decode_small_frames', 'open_small_reader', 'DECODE_H', 'DECODE_W']

@@ -82,18 +82,13 @@ def _entry(probs: np.ndarray, det_idx: List[int], total: int, fps: float, settin
 
 
 def detect_native_cuts(src: VideoSource, *, settings: Optional[DetectionSettings] = None,
-                       detector: Optional[ShotDetector] = None, num_threads: int = 0,
-                       shot_input: Optional[np.ndarray] = None, fps: Optional[float] = None) -> Dict[str, Any]:
+                       detector: Optional[ShotDetector] = None, num_threads: int = 0) -> Dict[str, Any]:
     """Decode, detect and return a cache entry: ``{'cuts': native cut frames, 'total_frames', 'fps',
-    'detect_frames', 'stride'}``. ``shot_input`` (with ``fps``): every frame, decoded already
-    (:func:`swift_sophia.shot_frames.decode_with_shot_input`)."""
+    'detect_frames', 'stride'}``."""
     settings = settings or DetectionSettings.from_env()
     detector = detector or get_default_detector()
-    if shot_input is None:
-        frames, det_idx, total, fps = _prepare(src, num_threads)
-    else:
-        frames, det_idx, total = shot_input, list(range(len(shot_input))), len(shot_input)
-    return _entry(detector.predict([frames])[0], det_idx, total, float(fps or 0.0), settings)
+    frames, det_idx, total, fps = _prepare(src, num_threads)
+    return _entry(detector.predict([frames])[0], det_idx, total, fps, settings)
 
 
 def _store_entry(store: ShotCache, key: str, entry: Dict[str, Any], settings: DetectionSettings) -> None:
@@ -104,8 +99,7 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
                   cache: Union[bool, None, str, os.PathLike, ShotCache] = True,
                   detector: Optional[ShotDetector] = None, settings: Optional[DetectionSettings] = None,
                   fallback_segments: Optional[int] = None, video_hash: Optional[str] = None,
-                  num_threads: int = 0, shot_input: Optional[np.ndarray] = None,
-                  fps: Optional[float] = None) -> List[Shot]:
+                  num_threads: int = 0) -> List[Shot]:
     """Shots over the F sampled frames: ``[(0, b1), (b1, b2), ..., (b_{s-1}, F)]`` (sampled positions).
 
     Args:
@@ -120,8 +114,6 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
         settings: default :meth:`DetectionSettings.from_env`.
         fallback_segments: segments when fewer than two shots are found (default ``ceil(F / 8)``).
         video_hash: the content hash if the caller already has it.
-        shot_input, fps: every frame as the detector's input, decoded already (``VideoClip.shot_input``), and the
-            video's frame rate: used on a miss instead of decoding the video again.
 
     Edge cases: ``F == 0`` -> ``[]``; ``F == 1`` -> ``[(0, 1)]`` without opening the video; a video shorter
     than TransNetV2's 100-frame window is padded like ``predict_frames`` does; no cut -> uniform segments.
@@ -146,21 +138,12 @@ def sampled_shots(path_or_bytes: VideoSource, frame_indices: Sequence[int], *, t
         key = shot_cache_key(video_hash or content_hash(path_or_bytes), settings)
         entry = store.get(key)
     if entry is None:
-        entry = detect_native_cuts(path_or_bytes, settings=settings, detector=detector, num_threads=num_threads,
-                                   shot_input=shot_input, fps=fps)
+        entry = detect_native_cuts(path_or_bytes, settings=settings, detector=detector, num_threads=num_threads)
         if store is not None:
             _store_entry(store, key, entry, settings)
     if frame_indices[-1] >= entry['total_frames']:
         raise ValueError(f"frame index {frame_indices[-1]} >= the video's {entry['total_frames']} frames")
     return shots_from_entry(entry, frame_indices, fallback_segments)
-
-
-def shots_cached(path_or_bytes: VideoSource, *, cache: Union[bool, None, str, os.PathLike, ShotCache] = True,
-                 settings: Optional[DetectionSettings] = None) -> bool:
-    """Whether the cache already holds this video's shots (``False`` without a cache)."""
-    store = resolve_cache(cache)
-    settings = settings or DetectionSettings.from_env()
-    return store is not None and store.get(shot_cache_key(content_hash(path_or_bytes), settings)) is not None
 
 
 def ensure_cached(path_or_bytes: VideoSource, *, cache: Union[bool, str, os.PathLike, ShotCache] = True,
@@ -206,4 +189,4 @@ def ensure_cached_many(sources: Sequence[VideoSource], *, cache: Union[bool, str
 
 
 __all__ = ['DetectionSettings', 'DETECTION_MODE', 'Shot', 'ShotDetector', 'get_default_detector', 'sampled_shots',
-           'detect_native_cuts', 'shots_cached', 'ensure_cached', 'ensure_cached_many', 'shot_cache_key']
+           'detect_native_cuts', 'ensure_cached', 'ensure_cached_many', 'shot_cache_key']

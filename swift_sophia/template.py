@@ -98,15 +98,9 @@ class SophiaTemplate(Template):
             self._check_tags(inputs)
         size = self.config.vision_config.image_size[0]
         clips = []
-        # with pruning on, a video whose shots are not cached gives the detector's frames in the same decoding pass
-        shot_input = False
-        if self._prunes():
-            from .shots import shots_cached
-
-            shot_input = lambda source: not shots_cached(source)  # noqa: E731
         for i, video in enumerate(inputs.videos):
             try:
-                clips.append(load_video(video, self.frame_sampling, size=size, shot_input=shot_input))
+                clips.append(load_video(video, self.frame_sampling, size=size))
             except VideoError as exc:
                 raise VideoError(f"video {i} of the sample: {exc}") from exc
         inputs._sophia_clips = clips
@@ -145,22 +139,17 @@ class SophiaTemplate(Template):
                              f"[{', '.join(describe(v) for v in inputs.videos[:4])}]")
         return queries
 
-    def _prunes(self) -> bool:
-        return self.config.prune_alpha > 0 or self.config.prune_beta > 0
-
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
-        if not self._prunes():
+        if self.config.prune_alpha <= 0 and self.config.prune_beta <= 0:
             return None
         from .shots import sampled_shots
 
         ids = []
         for clip in clips:
             frame_ids = torch.zeros(len(clip.indices), dtype=torch.long)
-            shots = sampled_shots(clip.source, clip.indices, total_frames=clip.total_frames,
-                                  shot_input=clip.shot_input, fps=clip.fps)
-            clip.shot_input = None
-            for shot, (start, end) in enumerate(shots):
+            for shot, (start, end) in enumerate(sampled_shots(clip.source, clip.indices,
+                                                              total_frames=clip.total_frames)):
                 frame_ids[start:end] = shot
             ids.append(frame_ids)
         return torch.cat(ids)

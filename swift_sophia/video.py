@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -209,27 +209,10 @@ class PyAVReader:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded: the file ends early')
                 if cur != target:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded (next frame: pts {cur})')
-                arr = self.to_rgb(frame, **fmt)
+                arr = self._reformatter.reformat(frame, **fmt).to_ndarray()
                 for k in where[i]:
                     out[k] = arr
         return out
-
-    def to_rgb(self, frame, format: str = 'rgb24', **size) -> np.ndarray:
-        """A decoded frame as uint8 ``[H, W, 3]``; ``width``, ``height``, ``interpolation`` scale it."""
-        return self._reformatter.reformat(frame, format=format, **size).to_ndarray()
-
-    def every_frame(self) -> Iterator[Tuple[int, Any]]:
-        """``(index, frame)`` for every frame in presentation order, decoded from the start (frame threading)."""
-        import av
-        index = {pts: i for i, pts in enumerate(self.pts)}
-        with av.open(fresh_stream(self._src)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = 'AUTO'
-            stream.codec_context.thread_count = self.num_threads
-            for frame in container.decode(stream):
-                i = index.get(frame.pts)
-                if i is not None:
-                    yield i, frame
 
 
 class DecordReader:
@@ -353,20 +336,13 @@ class VideoClip:
     fps: float
     source: Union[str, bytes, BytesIO]  # what was decoded (a path, or the bytes of a URL / base64 video)
     name: str  # for messages
-    shot_input: Optional[np.ndarray] = None  # every frame as the shot detector sees it, when asked for
 
 
-def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None, num_threads: int = 0,
-               shot_input: Union[bool, Callable[[VideoSource], bool]] = False) -> VideoClip:
+def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None,
+               num_threads: int = 0) -> VideoClip:
     """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
     or a :class:`FrameSampling`. ``size``: frames at ``size x size`` (the vision tower's input; decoded a chunk
-    at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises
-    :class:`VideoError` naming the video on any problem.
-
-    ``shot_input``: also give every frame as the shot detector's input (``clip.shot_input``), decoded in the same
-    pass as the sampled frames (:func:`swift_sophia.shot_frames.decode_with_shot_input`; with PyAV, and a
-    ``size``); ``True``, or a function of the resolved source that says whether (e.g. whether its shots are not
-    cached yet). Where that pass fails the clip comes without it (the detector then decodes the video itself)."""
+    at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises :class:`VideoError` naming the video on any problem."""
     if not isinstance(sampling, FrameSampling):
         sampling = FrameSampling(num_frames=int(sampling))
     source, name = resolve_video_source(video)
@@ -380,26 +356,15 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
         raise VideoDecodeError(f'cannot decode video {name}: not a readable video file ({exc})') from exc
     total = len(reader)
     indices = sample_frame_indices(total, sampling.count(total, reader.fps))
-    frames = small = None
-    if size is not None and isinstance(reader, PyAVReader) and (shot_input(source) if callable(shot_input)
-                                                               else shot_input):
-        from .shot_frames import decode_with_shot_input
-        try:
-            frames, small = decode_with_shot_input(reader, indices, (int(size), int(size)))
-        except Exception as exc:  # noqa: BLE001 - the separate passes below decide what is wrong with the file
-            logger.info('one decoding pass for frames and shots failed on %s (%s); decoding them apart', name,
-                        _first_line(exc))
-    if frames is None:
-        try:
-            frames = (decode_frames(reader, indices, None, src=source) if size is None
-                      else decode_resized(reader, indices, (int(size), int(size)), src=source))
-        except Exception as exc:  # noqa: BLE001
-            raise VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
-                                   f'{_first_line(exc)}') from exc
+    try:
+        frames = (decode_frames(reader, indices, None, src=source) if size is None
+                  else decode_resized(reader, indices, (int(size), int(size)), src=source))
+    except Exception as exc:  # noqa: BLE001
+        raise VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
+                               f'{_first_line(exc)}') from exc
     if isinstance(source, BytesIO):
         source.seek(0)
-    return VideoClip(frames=frames, indices=indices, total_frames=total, fps=reader.fps, source=source, name=name,
-                     shot_input=small)
+    return VideoClip(frames=frames, indices=indices, total_frames=total, fps=reader.fps, source=source, name=name)
 
 
 def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int, dtype: torch.dtype = torch.float32,

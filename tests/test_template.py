@@ -124,25 +124,6 @@ def test_pruning_settings_are_resolved_once(template, sample, monkeypatch):
         config.prune_alpha, config.prune_beta = 0.0, 0.0
 
 
-def test_with_pruning_a_video_is_decoded_once_for_frames_and_shots(template, sample, monkeypatch, tmp_path):
-    """Shots not cached: one decoding pass gives the frames and the detector's input; cached: no such pass."""
-    from swift_sophia import shot_frames, shots
-
-    monkeypatch.setenv("SOPHIA_SHOT_CACHE", str(tmp_path))
-    config = template.config
-    monkeypatch.setattr(config, "prune_alpha", 30.0)
-    passes = []
-    one_pass = shot_frames.decode_with_shot_input
-    monkeypatch.setattr(shot_frames, "decode_with_shot_input", lambda *a, **k: passes.append(1) or one_pass(*a, **k))
-    monkeypatch.setattr(shots, "_prepare", lambda *a: pytest.fail("the detector decoded the video again"))
-    first = template.encode(sample)
-    assert passes == [1] and len(list(tmp_path.rglob("*.json"))) == 1
-    second = template.encode(sample)  # cached now
-    assert passes == [1]
-    assert first["video_frame_shots"].tolist() == second["video_frame_shots"].tolist()
-    assert (first["pixel_values_videos"] == second["pixel_values_videos"]).all()
-
-
 def test_collator_concatenates_videos_and_pads_queries(template, sample):
     text_only = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
     batch = template.data_collator([template.encode(sample), template.encode(text_only), template.encode(sample)])
