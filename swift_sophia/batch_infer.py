@@ -118,14 +118,17 @@ def infer_dataset(self) -> List[Dict[str, Any]]:
     result_list = _ms_infer_dataset(self)
     errors, path = self._sophia_errors, args.result_path
     if self._sophia_skipped:
-        logger.info(f"[sophia] {self._sophia_skipped} rows were already answered in {path} and were not asked again.")
+        skipped = self._sophia_skipped
+        logger.info(f"[sophia] {skipped} {'rows were' if skipped > 1 else 'row was'} already answered in {path} and "
+                    f"{'were' if skipped > 1 else 'was'} not asked again.")
     if errors:
         lines = "\n".join(f"  row {i}: {msg}" for i, msg in errors[:_SUMMARY_LINES])
         more = f"\n  ... and {len(errors) - _SUMMARY_LINES} more" if len(errors) > _SUMMARY_LINES else ""
-        logger.warning(f"[sophia] {len(errors)} rows could not be answered; each is recorded in {path} with "
+        rows = f"{len(errors)} row" + ("s" if len(errors) > 1 else "")
+        logger.warning(f"[sophia] {rows} could not be answered; each is recorded in {path} with "
                        f"\"response\": null and its \"error\" (the other rows are answered):\n{lines}{more}")
         if _strict():
-            raise SystemExit(f"[sophia] {len(errors)} rows failed and {STRICT_ENV}=1: exit status 1 (all results, "
+            raise SystemExit(f"[sophia] {rows} failed and {STRICT_ENV}=1: exit status 1 (all results, "
                              f"the failed rows included, are in {path}).")
     return result_list
 

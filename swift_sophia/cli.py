@@ -25,30 +25,39 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plugin-path", help="print the path of the ms-swift plugin file")
-    tiny = sub.add_parser("build-tiny", help="build the sophia-tiny checkpoint")
-    tiny.add_argument("output_dir")
-    tiny.add_argument("--decoder", default="qwen2", choices=["qwen2", "llama"])
-    tiny.add_argument("--num-frames", type=int, default=8)
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny = sub.add_parser("build-tiny", help="build the sophia-tiny checkpoint",
+                          description="sophia-tiny: random float32 weights (a 2-layer decoder of width 64, a 1-layer "
+                                      "vision tower at 56 px, 4 tokens a frame) and a tokenizer built offline; what "
+                                      "the quickstart and the tests train. Runs on a CPU in seconds.")
+    tiny.add_argument("output_dir", help="folder to write (created)")
+    tiny.add_argument("--decoder", default="qwen2", choices=["qwen2", "llama"], help="decoder family (default qwen2)")
+    tiny.add_argument("--num-frames", type=int, default=8, help="frames sampled per video unless VIDEO_SEGMENTS or "
+                                                                  "FPS says otherwise (default 8)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     rand = sub.add_parser("build-random", help="build a random-weight checkpoint of a named real shape",
-                          description="Random bf16 weights of a real shape (swift_sophia/shapes.py), for speed and "
+                          description="Random weights of a real shape (swift_sophia/shapes.py), for speed and "
                                       "memory measurements: `swift sft/infer --model DIR --model_type sophia` load it.")
     rand.add_argument("output_dir")
     rand.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test")
     rand.add_argument("--device", default="cpu", help="where to build it: cuda is fast (seconds), cpu takes minutes "
                                                       "at 8B")
-    rand.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    rand.add_argument("--num-frames", type=int, default=32)
-    rand.add_argument("--seed", type=int, default=0)
-    data = sub.add_parser("make-data", help="write the synthetic video QA dataset")
-    data.add_argument("output_dir")
-    data.add_argument("--num-train", type=int, default=64)
-    data.add_argument("--num-val", type=int, default=8)
-    data.add_argument("--seed", type=int, default=0)
+    rand.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                      help="weight dtype (default bfloat16)")
+    rand.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
+    rand.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    data = sub.add_parser("make-data", help="write the synthetic video QA dataset",
+                          description="Synthetic video QA: short mp4 clips of coloured shots with moving shapes and "
+                                      "questions about them (the background colour of the first or the last shot, "
+                                      "the shape in the first shot), as ms-swift jsonl rows (messages + videos), written "
+                                      "with PyAV. Nothing is downloaded.")
+    data.add_argument("output_dir", help="folder to write: train.jsonl, val.jsonl and the clips (created)")
+    data.add_argument("--num-train", type=int, default=64, help="training rows (default 64)")
+    data.add_argument("--num-val", type=int, default=8, help="held-out rows (default 8)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the clips and questions (default 0)")
     conv = sub.add_parser("init-from-internvl", help="start a Sophia checkpoint from an InternVL (-hf) one")
     conv.add_argument("source", help="local folder of a transformers-native InternVL checkpoint")
     conv.add_argument("output_dir")
-    conv.add_argument("--num-frames", type=int, default=32)
+    conv.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
     from .evaluation import breakdown, convert_cli, niah
 
     convert_cli.add_arguments(sub.add_parser(

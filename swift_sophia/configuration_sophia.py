@@ -102,6 +102,13 @@ def resolve_runtime_settings(config: SophiaConfig) -> SophiaConfig:
         if raw in (None, ""):
             continue
         setattr(config, name, _parse_setting(variable, raw, type(getattr(SophiaConfig, name)), name))
+    for name in ("prune_alpha", "prune_beta"):
+        value = getattr(config, name)
+        if not 0 <= value < 100:
+            raise ValueError(f"{name}={value:g} is out of range: it is the percentage of "
+                             f"{'shots' if name == 'prune_alpha' else 'frames of each kept shot'} to drop, "
+                             f"0 <= {name} < 100 (set by {RUNTIME_SETTINGS[name]}, --model_kwargs or the checkpoint's "
+                             f"config.json)")
     check_hierarchy(config.hier_arity, config.hier_levels, config.hier_neighbours)
     return config
 

@@ -51,6 +51,13 @@ class SophiaTemplate(Template):
             from .configuration_sophia import resolve_runtime_settings
 
             self.config = resolve_runtime_settings(self.config)
+            if self._prunes():
+                from swift.utils import get_logger
+
+                get_logger().info_once(
+                    f"[sophia] frame pruning on: {self.config.prune_alpha:g} % of each video's shots and "
+                    f"{self.config.prune_beta:g} % of the frames of each kept shot are dropped by the model, after "
+                    "the vision tower (the prompt's token count still counts every sampled frame)")
         default_frames = getattr(self.config, "num_frames", 32) if self.config is not None else 32
         self.frame_sampling = FrameSampling.from_env(default_frames)
         # the fixed frame count, None under FPS sampling (kept for callers that read it)
@@ -139,9 +146,12 @@ class SophiaTemplate(Template):
                              f"[{', '.join(describe(v) for v in inputs.videos[:4])}]")
         return queries
 
+    def _prunes(self) -> bool:
+        return self.config.prune_alpha > 0 or self.config.prune_beta > 0
+
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
-        if self.config.prune_alpha <= 0 and self.config.prune_beta <= 0:
+        if not self._prunes():
             return None
         from .shots import sampled_shots
 

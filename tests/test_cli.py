@@ -189,9 +189,21 @@ def test_infer_with_pruning(stage2, synthetic_data, tmp_path):
     for pruning in (False, True):
         result, cache = tmp_path / f"answers-{pruning}.jsonl", tmp_path / f"shots-{pruning}"
         extra = ["--model_kwargs", json.dumps({"prune_alpha": 30, "prune_beta": 30})] if pruning else []
-        swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
-              "--max_new_tokens", "3", "--result_path", result, *extra, extra_env={"SOPHIA_SHOT_CACHE": str(cache)})
+        run = swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend",
+                    "transformers", "--max_new_tokens", "3", "--result_path", result, *extra,
+                    extra_env={"SOPHIA_SHOT_CACHE": str(cache)})
         rows = [json.loads(line) for line in open(result)]
         assert len(rows) == 4 and all(isinstance(r["response"], str) for r in rows)
         cached = [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else []
         assert bool(cached) == pruning, (pruning, cached)
+        said = "[sophia] frame pruning on: 30 % of each video's shots and 30 % of the frames of each kept shot"
+        assert (said in run.stdout + run.stderr) == pruning
+
+
+def test_out_of_range_pruning_is_refused_with_the_setting_named(stage2, synthetic_data, tmp_path):
+    _, ckpt = stage2
+    with pytest.raises(AssertionError, match=r"prune_alpha=150 is out of range: it is the percentage of shots to "
+                                             r"drop, 0 <= prune_alpha < 100 \(set by PRUNE_ALPHA"):
+        swift("infer", "--model", ckpt, "--val_dataset", synthetic_data["val"], "--infer_backend", "transformers",
+              "--max_new_tokens", "3", "--result_path", tmp_path / "answers.jsonl", extra_env={"PRUNE_ALPHA": "150"})
+    assert not (tmp_path / "answers.jsonl").exists()
