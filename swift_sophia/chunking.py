@@ -126,9 +126,7 @@ def _chunked_rotary(original):
         chunk, n = _rotary_chunk_tokens, q.shape[-2]
         if chunk <= 0 or n <= chunk or args or kwargs or q.dim() != 4 or cos.dim() != 3 or k.shape[-2] != n:
             return original(q, k, cos, sin, *args, **kwargs)
-        # without autograd the rotated chunks go over q and k (each chunk is read before it is written; nothing
-        # else reads the unrotated q and k): two [tokens x heads x dim] tensors fewer at a long prefill's peak
-        q_out, k_out = (q, k) if not torch.is_grad_enabled() else (torch.empty_like(q), torch.empty_like(k))
+        q_out, k_out = torch.empty_like(q), torch.empty_like(k)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             q_part, k_part = original(q[:, :, s:e], k[:, :, s:e], cos[:, s:e], sin[:, s:e])

@@ -219,32 +219,6 @@ def test_chunked_decoder_layers_run_one_chunk_at_a_time_and_keep_lora_targets(ti
     assert any("gate_proj.lora_A" in n for n, _ in lora.named_parameters())
 
 
-def test_rotary_chunks_go_over_q_and_k_at_inference_with_the_same_bits():
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-    from swift_sophia import chunking
-
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(chunking, "_rotary_chunk_tokens", 16)
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 4, 50, 8, generator=g), torch.randn(2, 2, 50, 8, generator=g)
-    cos, sin = torch.randn(2, 50, 8, generator=g), torch.randn(2, 50, 8, generator=g)
-    expected = apply_rotary_pos_emb(q, k, cos, sin)
-    chunked = chunking._chunked_rotary(apply_rotary_pos_emb)
-    try:
-        with torch.enable_grad():  # autograd: new tensors, the inputs untouched
-            q_rot, k_rot = chunked(q, k, cos, sin)
-        assert q_rot is not q and k_rot is not k
-        q_copy, k_copy = q.clone(), k.clone()
-        with torch.no_grad():
-            q_over, k_over = chunked(q_copy, k_copy, cos, sin)
-    finally:
-        monkeypatch.undo()
-    assert q_over is q_copy and k_over is k_copy
-    for got in ((q_rot, k_rot), (q_over, k_over)):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
 def test_inference_frees_each_layers_normed_input_and_projects_the_attention_output_in_place(tiny_model_dir,
                                                                                              tokenizer, monkeypatch):
     """At inference each layer's normed attention input is freed once q, k and v are computed, and the output
