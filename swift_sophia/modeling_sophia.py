@@ -33,7 +33,6 @@ from . import attention, liger
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, resolve_runtime_settings
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
-from .inference_memory import InferenceMemory
 from .kv_cache import PrefillCache, cache_index
 from .pruning import FramePruner
 
@@ -333,7 +332,7 @@ class SophiaModel(InternVLModel):
         attention.install(self.language_model.config)  # whatever set the implementation since loading
         release = None
         if not torch.is_grad_enabled() and not kwargs.get("output_hidden_states", config.output_hidden_states):
-            release = InferenceMemory(self.language_model, extended)
+            release = _release_after_first_layer(self.language_model, extended)
         if config.use_hierarchy:
             step, attend = attention.hierarchical_step(), dict(attention_mask=None, hier_layout=plan.layout,
                                                                sophia_attention_backend=config.attention_backend)
@@ -597,6 +596,18 @@ def _plain_causal_mask(plan: ExtendedPlan, batch: int) -> torch.Tensor:
     if len(plan.layout.seq_list()) > batch:
         raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) does not take packed rows (padding_free/packing)")
     return (plan.source.view(batch, plan.length) >= 0).long()
+
+
+def _release_after_first_layer(decoder: nn.Module, embeddings: torch.Tensor):
+    """Inference: the decoder's input embeddings are read by its first layer only, but the decoder's forward holds
+    them until it returns. Free their memory once the first layer has run (one [tokens x hidden] tensor less
+    through all later layers); anything reading them afterwards fails loudly instead of reading stale values."""
+    def free(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is embeddings:
+            embeddings.untyped_storage().resize_(0)
+
+    return decoder.layers[0].register_forward_hook(free, with_kwargs=True)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:

@@ -219,36 +219,6 @@ def test_chunked_decoder_layers_run_one_chunk_at_a_time_and_keep_lora_targets(ti
     assert any("gate_proj.lora_A" in n for n, _ in lora.named_parameters())
 
 
-def test_inference_frees_each_layers_normed_input_and_projects_the_attention_output_in_place(tiny_model_dir,
-                                                                                             tokenizer, monkeypatch):
-    """At inference each layer's normed attention input is freed once q, k and v are computed, and the output
-    projection writes over the attention output (a chunk of rows at a time): the same logits, two [tokens x hidden]
-    tensors fewer at the layer's peak; with autograd neither happens, and the hooks are gone after the forward."""
-    from swift_sophia import inference_memory
-
-    model = _model(tiny_model_dir).eval()
-    inputs = _batch(model, tokenizer, frames=(6, 3))
-    with torch.no_grad():
-        reference = model(**inputs).logits  # fewer rows than IN_PLACE_CHUNK_TOKENS: projected as usual
-    monkeypatch.setattr(inference_memory, "IN_PLACE_CHUNK_TOKENS", 16)
-    layers = model.model.language_model.layers
-    normed, in_place = [], []
-    for layer in layers:
-        layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: normed.append(args[0]))
-        layer.self_attn.o_proj.register_forward_hook(lambda m, args, out: in_place.append(out is args[0]))
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    assert [t.untyped_storage().nbytes() for t in normed] == [0] * len(layers)
-    assert in_place == [True] * len(layers)
-    assert all("forward" not in layer.self_attn.o_proj.__dict__ for layer in layers)
-    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
-
-    normed.clear(), in_place.clear()
-    with torch.enable_grad():
-        model(**inputs)
-    assert all(t.untyped_storage().nbytes() > 0 for t in normed) and in_place == [False] * len(layers)
-
-
 @pytest.mark.parametrize("with_video", [True, False])
 def test_label_position_loss_equals_the_full_loss(tiny_model_dir, tokenizer, with_video):
     model = _model(tiny_model_dir).train()
