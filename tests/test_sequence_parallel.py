@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from swift_cli import CPU_TRAIN, SWIFT, env, train_losses
 from swift_sophia.cli import plugin_path
+from swift_sophia.deploy_process import free_port
 
 TIMEOUT = 150  # a run takes about 40 s on 2 idle cores; a hang in a collective fails here
 
@@ -60,12 +60,6 @@ dist.destroy_process_group()
 '''
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(procs, logs, timeout):
     """Wait for every process group started here; kill them all on a timeout. Returns the exit codes."""
     deadline, codes = time.time() + timeout, []
@@ -86,7 +80,7 @@ def _wait(procs, logs, timeout):
 def test_sharded_kernel_equals_the_unsharded_kernel(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(KERNEL_WORKER)
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     procs, logs, results = [], [], []
     for rank in (0, 1):
         results.append(tmp_path / f"errors{rank}.json")
@@ -159,7 +153,7 @@ def _sft(model, data, out, *extra, nproc, plugins=()):
            "--tuner_type", "full", "--learning_rate", "1e-3", "--ddp_timeout", "120",
            "--model_kwargs", json.dumps({"prune_alpha": 30, "prune_beta": 30}), *extra]
     log = out + ".log"
-    extra_env = dict(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port())) if nproc > 1 else {}
+    extra_env = dict(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port())) if nproc > 1 else {}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env(LM_HEAD_LOG=out + ".lm_head", **extra_env))
