@@ -13,6 +13,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,10 +171,24 @@ def test_swift_sft_sequence_parallel_trains_like_one_process(tiny_model_dir, mix
     single, parallel = str(tmp_path / "single"), str(tmp_path / "sp2")
     observer = tmp_path / "lm_head_observer.py"
     observer.write_text(LM_HEAD_OBSERVER)
+    sp_args = ("--use_cpu", "true", "--sequence_parallel_size", "2")
     runs = [_sft(tiny_model_dir, mixed_rows, single, nproc=1),
-            _sft(tiny_model_dir, mixed_rows, parallel, "--use_cpu", "true", "--sequence_parallel_size", "2",
-                 nproc=2, plugins=[str(observer)])]
-    _wait([p for p, _ in runs], [log for _, log in runs], TIMEOUT)
+            _sft(tiny_model_dir, mixed_rows, parallel, *sp_args, nproc=2, plugins=[str(observer)])]
+    try:
+        _wait([p for p, _ in runs], [log for _, log in runs], TIMEOUT)
+    except AssertionError:
+        # Once in several runs a gloo rank aborted after training had finished ("terminate called without an
+        # active exception" at exit). The plugin now destroys the process groups at exit; until that is known to
+        # be enough, such an exit (and only such) gets one more run. Any other failure fails here.
+        text = Path(runs[1][1]).read_text()
+        if runs[0][0].returncode != 0 or "terminate called without an active exception" not in text or \
+                len(train_losses(parallel)) != 2:
+            raise
+        for path in Path(parallel).parent.glob(Path(parallel).name + ".lm_head.*"):
+            path.unlink()
+        shutil.rmtree(parallel)
+        runs[1] = _sft(tiny_model_dir, mixed_rows, parallel, *sp_args, nproc=2, plugins=[str(observer)])
+        _wait([runs[1][0]], [runs[1][1]], TIMEOUT)
     assert "Sophia: the extended sequence is split over 2 ranks" in Path(runs[1][1]).read_text()
     losses, sp_losses = train_losses(single), train_losses(parallel)
     assert len(losses) == len(sp_losses) == 2, (losses, sp_losses)
