@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from swift_cli import SWIFT, env
+from swift_sophia.cli import plugin_path
 from swift_sophia.deploy_process import free_port
 from swift_sophia.evaluation.benchmarks import BENCHMARKS, converter
 from swift_sophia.evaluation.breakdown import breakdown
@@ -207,8 +208,7 @@ def test_unreadable_video_and_bad_answer_are_named(tmp_path):
 def _swift_eval(model, set_dir, out):
     cmd = [SWIFT, "eval", "--model", model, "--eval_backend", "Native", "--eval_dataset", "general_vmcq",
            "--eval_dataset_args", os.path.join(set_dir, "eval_dataset_args.json"), "--eval_output_dir", out,
-           "--model_type", "sophia", "--external_plugins", os.path.join(os.path.dirname(
-               __import__("swift_sophia").__file__), "plugin.py"),
+           "--model_type", "sophia", "--external_plugins", plugin_path(),
            "--infer_backend", "transformers", "--max_new_tokens", "4", "--eval_num_proc", "2",
            "--host", "127.0.0.1", "--port", str(free_port()),
            "--eval_generation_config", json.dumps({"retries": 1})]
