@@ -126,7 +126,7 @@ class SophiaCausalLMOutput(ModelOutput):
     cache_attention_mask: Optional[torch.LongTensor] = None
     next_position_ids: Optional[torch.LongTensor] = None
     kept_frames: Optional[list] = None
-    token_loss: Optional[torch.FloatTensor] = None  # [B, N] cross-entropy per position, given `token_targets`
+    token_loss: Optional[torch.FloatTensor] = None  # [B, N] cross-entropy per position (0 where no target)
 
 
 class SophiaModel(InternVLModel):
@@ -497,19 +497,17 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         video_frame_shots: Optional[torch.LongTensor] = None,
         video_query_ids: Optional[torch.LongTensor] = None,
         video_query_mask: Optional[torch.LongTensor] = None,
-        token_targets: Optional[torch.LongTensor] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> SophiaCausalLMOutput:
-        r"""With `labels` and no `logits_to_keep`, the LM head runs on the label positions only (no
-        [tokens x vocab] tensor); the loss is the usual shifted cross-entropy. The logits are then returned in eval
-        mode (all positions, as a plain causal LM gives them) and not in training (`logits=None`, as Liger-Kernel's
-        fused loss does).
+        r"""With `labels` (or `shift_labels`) and no `logits_to_keep`, the LM head runs on the label positions only
+        (no [tokens x vocab] tensor); the loss is the usual shifted cross-entropy, and `token_loss` holds it per
+        position. The logits are then returned in eval mode (all positions, as a plain causal LM gives them) and not
+        in training (`logits=None`, as Liger-Kernel's fused loss does).
 
-        token_targets (`torch.LongTensor` [B, N], -100 where there is none): the token each position predicts,
-        already shifted (under sequence parallelism: this rank's slice of the labels, which ms-swift's trainer
-        otherwise turns into a loss over [B, N / P, vocab] logits). The output then holds `token_loss`, the
-        cross-entropy per position (0 where there is no target), computed from the LM head at the target positions
-        only; logits as with `labels`."""
+        shift_labels (`torch.LongTensor` [B, N], -100 where there is none): the token each position predicts, already
+        shifted, as transformers' causal LMs take them (context or sequence parallelism: this rank's slice of the
+        labels); used instead of shifting `labels`."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
@@ -518,20 +516,19 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
                              video_query_ids=video_query_ids, video_query_mask=video_query_mask, return_dict=True,
                              **kwargs)
         hidden = outputs.last_hidden_state
-        token_loss = None
-        if token_targets is not None:
-            token_loss, loss = self.token_cross_entropy(hidden, token_targets), None
-            logits = None if self.training else self.lm_head(hidden)
-        elif labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            loss = self.label_position_loss(hidden, labels, num_items_in_batch)
+        loss = token_loss = None
+        if (labels is not None or shift_labels is not None) and isinstance(logits_to_keep, int) and not logits_to_keep:
+            if shift_labels is None:
+                shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+            token_loss = self.token_cross_entropy(hidden, shift_labels)
+            loss = _reduce_token_loss(token_loss, shift_labels, num_items_in_batch)
             logits = None if self.training else self.lm_head(hidden)
         else:
             logits = self.lm_head(_keep(hidden, logits_to_keep))
-            loss = None
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels,
-                                          vocab_size=self.config.text_config.vocab_size,
-                                          num_items_in_batch=num_items_in_batch)
+            if labels is not None or shift_labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size,
+                                          num_items_in_batch=num_items_in_batch,
+                                          shift_labels=None if shift_labels is None else shift_labels.contiguous())
         return SophiaCausalLMOutput(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                     image_hidden_states=outputs.image_hidden_states,
@@ -547,16 +544,6 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         loss = hidden.new_zeros(targets.shape, dtype=torch.float32)
         logits = self.lm_head(hidden[where]).float()
         return loss.index_put((where,), nn.functional.cross_entropy(logits, targets[where], reduction="none"))
-
-    def label_position_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
-                            num_items_in_batch: Optional[int] = None) -> torch.Tensor:
-        """Shifted cross-entropy (transformers' causal-LM loss: mean over label tokens, or their sum over
-        `num_items_in_batch`), with the LM head applied only where a label follows."""
-        targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-        loss = self.token_cross_entropy(hidden, targets).sum()
-        if num_items_in_batch is not None:
-            return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        return loss / (targets != -100).sum().clamp(min=1).to(loss.device)
 
     # ------------------------------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
@@ -608,6 +595,13 @@ def _release_after_first_layer(decoder: nn.Module, embeddings: torch.Tensor):
             embeddings.untyped_storage().resize_(0)
 
     return decoder.layers[0].register_forward_hook(free, with_kwargs=True)
+
+
+def _reduce_token_loss(token_loss: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """transformers' causal-LM reduction: the mean over target tokens, or their sum over `num_items_in_batch`."""
+    if num_items_in_batch is not None:
+        return token_loss.sum() / torch.as_tensor(num_items_in_batch, device=token_loss.device)
+    return token_loss.sum() / (targets != -100).sum().clamp(min=1).to(token_loss.device)
 
 
 def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:

@@ -14,7 +14,7 @@ already splits the extended sequence; what Sophia adds here:
 * the loss from the label positions only. ms-swift's trainer takes the labels out of the model's inputs under
   sequence parallelism and computes the loss from logits over the rank's whole slice ([B, N/P, vocab]: at 1M
   tokens on 8 ranks, 48 GB of float32 logits per rank). Here the rank's labels also go to the model as
-  `token_targets` (`SequenceParallel.prepare_inputs`), the model returns the cross-entropy per position
+  `shift_labels` (`SequenceParallel.prepare_inputs`), the model returns the cross-entropy per position
   (`token_loss`, the LM head run at the label positions only) and no logits in training, and ms-swift's
   `per_token_loss_func_sp` gathers that instead of computing it from logits.
 
@@ -249,7 +249,7 @@ def _destroy_process_groups() -> None:
 
 def patch_swift_prepare() -> None:
     """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia,
-    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `token_targets`.
+    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `shift_labels` (transformers' name for already-shifted targets).
     Only where ms-swift's module is already imported (`swift sft` imports it before it loads the model): importing
     Sophia alone does not import ms-swift."""
     SequenceParallel = getattr(sys.modules.get(_SWIFT_SP), "SequenceParallel", None)
@@ -263,13 +263,13 @@ def patch_swift_prepare() -> None:
         original(self, sp_size, model, *args, **kwargs)
         if sp_size > 1 and self.rp_world_size == 1 and attach(model, self):
             _patch_swift_loss()
-            self.sophia_token_targets = True
+            self.sophia_shift_labels = True
             atexit.register(_destroy_process_groups)
 
     def prepare_inputs(self, inputs):
         original_prepare_inputs(self, inputs)
-        if getattr(self, "sophia_token_targets", False) and inputs.get("labels") is not None:
-            inputs["token_targets"] = inputs["labels"]  # already shifted and split: this rank's targets
+        if getattr(self, "sophia_shift_labels", False) and inputs.get("labels") is not None:
+            inputs["shift_labels"] = inputs["labels"]  # already shifted and split: this rank's targets
 
     prepare.sophia = True
     SequenceParallel.prepare, SequenceParallel.prepare_inputs = prepare, prepare_inputs

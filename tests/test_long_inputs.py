@@ -243,18 +243,31 @@ def test_label_position_loss_equals_the_full_loss(tiny_model_dir, tokenizer, wit
     torch.testing.assert_close(summed, reference * int((labels[:, 1:] != -100).sum()) / 10)
 
 
-def test_token_targets_give_the_cross_entropy_per_position_without_logits(tiny_model_dir, tokenizer):
-    """`token_targets` (under sequence parallelism: a rank's shifted labels) give `token_loss`, each position's
-    cross-entropy as from the full logits and 0 where there is no target; in training no logits."""
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_shift_labels_are_the_targets_of_every_loss_path(tiny_model_dir, tokenizer, full_logits):
+    """transformers' `shift_labels` (already-shifted targets: context / sequence parallelism): the loss from them
+    equals the loss from `labels` when they agree and follows them when they differ, on the label-position path
+    (which also gives `token_loss`, each position's cross-entropy, 0 where there is no target) and on the full-logits
+    path (`logits_to_keep`)."""
     model = _model(tiny_model_dir).train()
     inputs = _batch(model, tokenizer)
-    targets = torch.nn.functional.pad(_labels(inputs, answer=4), (0, 1), value=-100)[:, 1:]
-    out = model(**inputs, token_targets=targets)
-    assert out.logits is None and out.loss is None
-    full = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1]).logits
-    reference = torch.nn.functional.cross_entropy(full.transpose(1, 2).float(), targets, reduction="none")
-    torch.testing.assert_close(out.token_loss, reference)
-    assert (out.token_loss[targets == -100] == 0).all() and (out.token_loss[targets != -100] > 0).all()
+    labels = _labels(inputs, answer=4)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    other = shifted.clone()
+    other[other != -100] = (other[other != -100] + 1) % model.config.text_config.vocab_size
+    keep = dict(logits_to_keep=inputs["input_ids"].shape[1]) if full_logits else {}
+    full = model(**inputs, logits_to_keep=inputs["input_ids"].shape[1]).logits.float()
+    for targets in (shifted, other):
+        per_position = torch.nn.functional.cross_entropy(full.transpose(1, 2), targets, reduction="none")
+        out = model(**inputs, shift_labels=targets, **keep)
+        torch.testing.assert_close(out.loss, per_position.sum() / (targets != -100).sum())
+        if not full_logits:
+            assert out.logits is None  # training: no [tokens x vocab] tensor
+            torch.testing.assert_close(out.token_loss, per_position)
+            assert (out.token_loss[targets == -100] == 0).all() and (out.token_loss[targets != -100] > 0).all()
+    from_labels = model(**inputs, labels=labels, **keep).loss
+    torch.testing.assert_close(model(**inputs, labels=labels, shift_labels=shifted, **keep).loss, from_labels)
+    assert not torch.allclose(model(**inputs, labels=labels, shift_labels=other, **keep).loss, from_labels)
 
 
 def test_label_position_loss_in_eval_returns_all_logits(tiny_model_dir, tokenizer):

@@ -35,7 +35,8 @@ def _inputs(tokenizer, model, frames=(16, 5)):
 
     rows = [video_prompt(tokenizer, f, model.config.tokens_per_frame) for f in frames]
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
-    pixels = torch.randn(sum(frames), 3, 56, 56)
+    # Seeded: two models compared on "the same inputs" must get the same pixels, not two draws of the global RNG.
+    pixels = torch.randn(sum(frames), 3, 56, 56, generator=torch.Generator().manual_seed(0))
     return {k: v.cuda() for k, v in dict(input_ids=ids, attention_mask=mask, pixel_values_videos=pixels,
                                          video_frame_counts=torch.tensor(frames)).items()}
 

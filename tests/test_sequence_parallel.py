@@ -135,7 +135,7 @@ def forward(self, *args, **kwargs):
         out = _forward(self, *args, **kwargs)
     finally:
         hook.remove()
-    targets = kwargs.get("token_targets")
+    targets = kwargs.get("shift_labels")
     with open(os.environ["LM_HEAD_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
         f.write(json.dumps({"rows": rows, "targets": None if targets is None else int((targets != -100).sum()),
                             "logits": out.logits is not None}) + "\n")
