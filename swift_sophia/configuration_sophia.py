@@ -18,6 +18,7 @@ from sophia_kernels import check_hierarchy
 RUNTIME_SETTINGS = {
     "prune_alpha": "PRUNE_ALPHA",
     "prune_beta": "PRUNE_BETA",
+    "prune_max_frames": "PRUNE_MAX_FRAMES",
     "hier_neighbours": "HIER_NEIGHBOURS",
     "use_hierarchy": "SOPHIA_HIERARCHY",
     "vision_chunk_frames": "VISION_CHUNK_FRAMES",
@@ -42,6 +43,11 @@ class SophiaConfig(InternVLConfig):
     prune_alpha, prune_beta (`float`, defaults to 0): percent of shots dropped by query-guided inter-shot
         pruning, and percent of frames dropped inside each kept shot by intra-shot redundancy pruning.
         0 and 0 give the unpruned model.
+    prune_max_frames (`int` or `"auto"`, defaults to 0): the frame budget: at most this many frames of each video
+        reach the decoder, the shots that best match the question first (docs/pruning.md); 0: no budget. With
+        `"auto"` the budget of a request is what the GPU memory free at that moment holds at this model's shape
+        (KV cache and decoder working set per kept frame), shared among its videos by frame count; on a CPU
+        `"auto"` sets no budget. Combines with prune_alpha and prune_beta (applied after them).
     gumbel_tau_start, gumbel_tau_min, gumbel_anneal_rate: temperature schedule of the Gumbel-Softmax used to
         train the pruner: tau(step) = max(tau_min, tau_start * exp(-rate * step)).
     vision_chunk_frames (`int`, defaults to 64): frames the vision tower takes at once (0: all at once). Bounds the
@@ -66,6 +72,7 @@ class SophiaConfig(InternVLConfig):
     num_frames: int = 32
     prune_alpha: float = 0.0
     prune_beta: float = 0.0
+    prune_max_frames: int | str = 0
     gumbel_tau_start: float = 1.0
     gumbel_tau_min: float = 0.1
     gumbel_anneal_rate: float = 1e-3
@@ -79,6 +86,7 @@ class SophiaConfig(InternVLConfig):
         check_hierarchy(self.hier_arity, self.hier_levels, self.hier_neighbours)
         if self.vision_chunk_frames < 0 or self.decoder_chunk_tokens < 0:
             raise ValueError("vision_chunk_frames and decoder_chunk_tokens must be >= 0 (0: no chunking)")
+        self.prune_max_frames = parse_frame_budget(self.prune_max_frames, "prune_max_frames")
         if self.attention_backend not in ("auto", "triton", "reference"):
             raise ValueError(f"attention_backend must be auto, triton or reference, got {self.attention_backend!r}")
 
@@ -101,6 +109,9 @@ def resolve_runtime_settings(config: SophiaConfig) -> SophiaConfig:
         raw = os.environ.get(variable)
         if raw in (None, ""):
             continue
+        if name == "prune_max_frames":
+            config.prune_max_frames = parse_frame_budget(raw, variable)
+            continue
         setattr(config, name, _parse_setting(variable, raw, type(getattr(SophiaConfig, name)), name))
     for name in ("prune_alpha", "prune_beta"):
         value = getattr(config, name)
@@ -111,6 +122,25 @@ def resolve_runtime_settings(config: SophiaConfig) -> SophiaConfig:
                              f"config.json)")
     check_hierarchy(config.hier_arity, config.hier_levels, config.hier_neighbours)
     return config
+
+
+def parse_frame_budget(value, source: str = "prune_max_frames"):
+    """A frame budget as a setting gives it: an int >= 0 (0: none) or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or number < 0:
+        raise ValueError(f"{source}={value!r} is not a frame budget: give a whole number of frames (0: no budget) "
+                         "or 'auto' (what the GPU memory free for the request holds)")
+    return int(number)
+
+
+def prunes(config) -> bool:
+    """Whether the model drops frames: alpha or beta above 0, or a frame budget."""
+    return config.prune_alpha > 0 or config.prune_beta > 0 or bool(getattr(config, "prune_max_frames", 0))
 
 
 def _parse_setting(variable: str, raw: str, kind: type, name: str):
@@ -127,4 +157,4 @@ def _parse_setting(variable: str, raw: str, kind: type, name: str):
     return value
 
 
-__all__ = ["SophiaConfig", "RUNTIME_SETTINGS", "resolve_runtime_settings"]
+__all__ = ["SophiaConfig", "RUNTIME_SETTINGS", "resolve_runtime_settings", "parse_frame_budget", "prunes"]

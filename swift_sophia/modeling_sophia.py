@@ -31,7 +31,8 @@ from sophia_kernels import level_counts
 
 from . import attention, liger
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
-from .configuration_sophia import SophiaConfig, resolve_runtime_settings
+from .configuration_sophia import SophiaConfig, prunes, resolve_runtime_settings
+from .frame_budget import frame_budgets
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
 from .kv_cache import PrefillCache, cache_index
 from .pruning import FramePruner
@@ -368,12 +369,16 @@ class SophiaModel(InternVLModel):
         hidden = text_embeds.shape[-1]
         mapped, unused = self._map_queries(query_embeds, text_embeds)
         kept, offset = [], 0
-        for i, run in enumerate(runs):
+        budgets = frame_budgets(self.config, [run.frames for run in runs], frames.device, frames.dtype)
+        for i, (run, budget) in enumerate(zip(runs, budgets)):
             video = frames[offset:offset + run.frames]
             shots = shots_of(frame_shots, offset, run.frames)
-            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None)
+            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None, budget)
             offset += run.frames
             kept.append(video)
+            if budget is not None and not self.training:
+                logger.info(f"[sophia] video {i}: {len(run.kept)} of {run.frames} frames kept (frame budget "
+                            f"{budget}{', auto' if self.config.prune_max_frames == 'auto' else ''})")
         if self.training and is_deepspeed_zero3_enabled():
             kept = [video + unused.to(video.dtype) for video in kept]  # (see _dummy_visual_pass)
         if not self.config.use_hierarchy:  # the ablation: kept frames only, no aggregated levels
@@ -394,7 +399,7 @@ class SophiaModel(InternVLModel):
         return torch.cat(rows)
 
     def _pruning(self) -> bool:
-        return self.config.prune_alpha > 0 or self.config.prune_beta > 0
+        return prunes(self.config)
 
     def _distributed_training(self) -> bool:
         """Training in several processes (DDP, DeepSpeed): every rank must call the same modules per step."""
@@ -454,12 +459,13 @@ class SophiaModel(InternVLModel):
         levels = self.aggregator([frames])
         return (video.sum() + levels.sum() + unused) * 0.0
 
-    def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query):
+    def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query, budget: Optional[int] = None):
         alpha, beta = self.config.prune_alpha, self.config.prune_beta
-        if alpha <= 0 and beta <= 0:
+        if alpha <= 0 and beta <= 0 and (budget is None or video.shape[0] <= budget):
             return video, list(range(video.shape[0]))
         tau = self.pruner.temperature(self.config) if self.training else None
-        selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau, query_mapped=True)
+        selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau, query_mapped=True,
+                                       max_frames=budget)
         kept = video[selection.keep]
         if tau is not None:  # straight-through gates: exactly 1 forward, the pruner's gradient path backward
             kept = kept * selection.gate.to(video.dtype)[:, None, None]

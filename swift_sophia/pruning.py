@@ -19,6 +19,13 @@ Rules (the points the paper leaves open are fixed here):
   (at least one shot, and at least one frame per kept shot, stay). ``p = 0`` drops nothing.
 * Intra-shot (redundancy): in every kept shot with ``n >= 2`` frames, ``score(k) = mean_{k' != k} sim(k, k')``;
   the ``drop`` highest scores go. Ties: the later frame goes first. A one-frame shot keeps its frame.
+* Frame budget (``max_frames`` K, config ``prune_max_frames``): applied after alpha and beta, when more than K
+  frames are left. The kept shots are taken in order of their query score (highest first; ties: the earlier
+  shot) until they hold at least K frames; the rest of the shots go. Then the most redundant frames of the taken
+  shots go (highest intra-shot score first, ties: the later frame), never a shot's last frame, until exactly K
+  remain. Without a query the budget keeps K frames evenly spaced over the remaining ones
+  (``candidates[floor((i + 1/2) T / K)]``). In training the shot order comes from the same Gumbel-perturbed
+  logits as alpha's top-k, and the gates carry the same straight-through gradient.
 * No query (``None`` or zero tokens): no inter-shot pruning, every shot is kept (intra-shot pruning still
   runs). ``alpha = beta = 0`` returns every frame with a gate of exactly 1 and no gradient path.
 * Training (``self.training`` and ``tau`` given): Gumbel top-k with a straight-through estimator. With
@@ -97,6 +104,7 @@ class FrameSelection:
     pooling: str = 'mean'
     query_used: bool = False
     stochastic: bool = False  # Gumbel noise was used (training)
+    max_frames: Optional[int] = None  # the frame budget, when one was set
     extra: dict = field(default_factory=dict)
 
     @property
@@ -257,11 +265,11 @@ class FramePruner(nn.Module):
     def select(self, frame_feats: torch.Tensor, shots: Optional[Sequence[Shot]],
                query_embeds: Optional[torch.Tensor], *, alpha: float, beta: float,
                tau: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               query_mapped: bool = False) -> FrameSelection:
+               query_mapped: bool = False, max_frames: Optional[int] = None) -> FrameSelection:
         """Choose the frames of one video. ``frame_feats`` ``[F, M, D]``, ``shots`` tiling ``0..F`` (None or
         empty: one shot), ``query_embeds`` ``[N_T, D]`` or None (already through the query MLP when
         ``query_mapped``: the model maps all videos' queries in one call), ``alpha``/``beta`` in percent, ``tau``
-        the Gumbel temperature (used only in training mode)."""
+        the Gumbel temperature (used only in training mode), ``max_frames`` the frame budget (None or 0: none)."""
         if frame_feats.ndim != 3:
             raise ValueError(f'frame_feats must be [F, M, D], got {tuple(frame_feats.shape)}')
         nf = frame_feats.shape[0]
@@ -276,12 +284,13 @@ class FramePruner(nn.Module):
         beta = float(beta)
         has_query = query_embeds is not None and query_embeds.ndim == 2 and query_embeds.shape[0] > 0
         empty = torch.zeros(0, dtype=torch.long, device=device)
+        budget = int(max_frames) if max_frames else None
 
         if nf == 0:
             return FrameSelection(empty, frame_feats.new_ones(0), shots, torch.zeros(0), empty, reps, torch.zeros(0),
                                   empty, shot_of_frame.to(device), alpha, beta, tau, self.pooling, has_query)
 
-        if alpha <= 0 and beta <= 0:  # exactly the unpruned model: no scores needed, no gradient path
+        if alpha <= 0 and beta <= 0 and (budget is None or nf <= budget):  # exactly the unpruned model: no scores needed, no gradient path
             with torch.no_grad():
                 g = self.frame_descriptors(frame_feats)
                 sc = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
@@ -293,7 +302,8 @@ class FramePruner(nn.Module):
 
         stochastic = self.training and tau is not None
         n_drop = drop_count(alpha, ns) if has_query else 0
-        need_grad = stochastic and n_drop > 0 and torch.is_grad_enabled()
+        ranked = has_query and (n_drop > 0 or budget is not None)  # some shot may go by its query score
+        need_grad = stochastic and ranked and torch.is_grad_enabled()
         with torch.set_grad_enabled(need_grad):
             g = self.frame_descriptors(frame_feats)
             scores = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
@@ -301,22 +311,19 @@ class FramePruner(nn.Module):
         with torch.no_grad():
             frame_scores = self._intra_scores(g.detach(), shots)
 
-        # inter-shot selection
-        shot_gate = None
-        if n_drop == 0:
-            kept_shots = torch.arange(ns)
-        elif stochastic:
+        # the shots' order: their scores, or in training the Gumbel-perturbed logits
+        rank = logits = None
+        if ranked and stochastic:
             u = torch.rand(scores.shape, device=generator.device if generator is not None else 'cpu',
                            generator=generator, dtype=torch.float32).to(scores.device)
             gumbel = -torch.log((-torch.log(u.clamp(1e-10, 1.0 - 1e-7))).clamp_min(1e-10))
             logits = scores.float() * (self.logit_scale / max(float(tau), 1e-6)) + gumbel
-            kept_shots = _top_k_stable(logits.detach().cpu(), ns - n_drop)
-            soft = torch.softmax(logits, dim=0)
-            hard = torch.zeros_like(soft)
-            hard[kept_shots.to(soft.device)] = 1.0
-            shot_gate = hard + (soft - soft.detach())
-        else:
-            kept_shots = _top_k_stable(scores.detach().float().cpu(), ns - n_drop)
+            rank = logits.detach().cpu()
+        elif ranked:
+            rank = scores.detach().float().cpu()
+
+        # inter-shot selection
+        kept_shots = torch.arange(ns) if n_drop == 0 else _top_k_stable(rank, ns - n_drop)
 
         # intra-shot selection, in the kept shots
         keep_mask = torch.zeros(nf, dtype=torch.bool)
@@ -331,8 +338,21 @@ class FramePruner(nn.Module):
                 for n in order[:k]:
                     keep_mask[n] = False
                     dropped.append(n)
+
+        # the frame budget
+        by_budget = budget is not None and int(keep_mask.sum()) > budget
+        if by_budget and rank is None:
+            keep_mask = _evenly_spaced(keep_mask, budget)
+            kept_shots = torch.unique(shot_of_frame[keep_mask])
+        elif by_budget:
+            keep_mask, kept_shots, thinned = _fit_budget(keep_mask, shots, kept_shots, rank, fs_cpu, budget)
+            dropped += thinned
         keep = torch.nonzero(keep_mask).flatten()
-        if shot_gate is not None:
+        if logits is not None and (n_drop > 0 or by_budget):  # straight-through gates of the kept shots
+            soft = torch.softmax(logits, dim=0)
+            hard = torch.zeros_like(soft)
+            hard[kept_shots.to(soft.device)] = 1.0
+            shot_gate = hard + (soft - soft.detach())
             gate = shot_gate[shot_of_frame[keep].to(shot_gate.device)].to(frame_feats.dtype)
         else:
             gate = frame_feats.new_ones(len(keep))
@@ -341,7 +361,8 @@ class FramePruner(nn.Module):
             kept_shots=kept_shots.to(device), representatives=reps, frame_scores=fs_cpu,
             intra_dropped=torch.tensor(sorted(dropped), dtype=torch.long, device=device),
             shot_of_frame=shot_of_frame.to(device), alpha=alpha, beta=beta, tau=tau if stochastic else None,
-            pooling=self.pooling, query_used=has_query, stochastic=stochastic and n_drop > 0)
+            pooling=self.pooling, query_used=has_query, stochastic=logits is not None and (n_drop > 0 or by_budget),
+            max_frames=budget)
 
     @staticmethod
     def _intra_scores(g: torch.Tensor, shots: Sequence[Shot]) -> torch.Tensor:
@@ -355,6 +376,45 @@ class FramePruner(nn.Module):
             sim = gs @ gs.T
             out[a:b] = (sim.sum(dim=1) - sim.diagonal()) / (n - 1)
         return out
+
+
+def _fit_budget(keep_mask: torch.BoolTensor, shots: Sequence[Shot], kept_shots: torch.LongTensor, rank: torch.Tensor,
+                frame_scores: torch.Tensor, budget: int):
+    """The budget rule with a query (module docstring): whole shots by rank until they hold ``budget`` frames,
+    then the most redundant frames of those shots, never a shot's last. Returns (mask, kept shots, thinned)."""
+    taken, total = [], 0
+    for s in sorted(kept_shots.tolist(), key=lambda i: (-float(torch.nan_to_num(rank[i], nan=-float('inf'))), i)):
+        if total >= budget:
+            break
+        taken.append(s)
+        total += int(keep_mask[shots[s][0]:shots[s][1]].sum())
+    mask = torch.zeros_like(keep_mask)
+    left = {}
+    for s in taken:
+        a, b = shots[s]
+        mask[a:b] = keep_mask[a:b]
+        left[s] = int(keep_mask[a:b].sum())
+    thinned = []
+    frames = [n for s in taken for n in range(*shots[s]) if mask[n]]
+    shot_of = {n: s for s in taken for n in range(*shots[s])}
+    for n in sorted(frames, key=lambda n: (-float(torch.nan_to_num(frame_scores[n], nan=-float('inf'))), -n)):
+        if total <= budget:
+            break
+        if left[shot_of[n]] > 1:
+            mask[n] = False
+            left[shot_of[n]] -= 1
+            total -= 1
+            thinned.append(n)
+    return mask, torch.tensor(sorted(taken), dtype=torch.long), thinned
+
+
+def _evenly_spaced(keep_mask: torch.BoolTensor, budget: int) -> torch.BoolTensor:
+    """``budget`` of the kept frames, evenly spaced over them (the budget's rule without a query)."""
+    candidates = torch.nonzero(keep_mask).flatten()
+    picks = candidates[((torch.arange(budget) * 2 + 1) * candidates.numel()) // (2 * budget)]
+    mask = torch.zeros_like(keep_mask)
+    mask[picks] = True
+    return mask
 
 
 def _top_k_stable(values: torch.Tensor, k: int) -> torch.LongTensor:

@@ -39,6 +39,12 @@ SOPHIA_TEMPLATE = "sophia"
 _TAG = re.compile(r"<(video|image)>")
 
 
+def _budget_words(budget) -> str:
+    if budget == "auto":
+        return ", then as many frames as the GPU memory free for the request holds"
+    return f", then at most {budget} frames of each video" if budget else ""
+
+
 class SophiaTemplate(Template):
     placeholder_tokens = [VIDEO_CONTEXT, IMAGE_CONTEXT]
     # Packed rows (--padding_free / --packing) work in the template and the model (tested: same loss as the padded
@@ -57,7 +63,8 @@ class SophiaTemplate(Template):
                 get_logger().info_once(
                     f"[sophia] frame pruning on: {self.config.prune_alpha:g} % of each video's shots and "
                     f"{self.config.prune_beta:g} % of the frames of each kept shot are dropped by the model, after "
-                    "the vision tower (the prompt's token count still counts every sampled frame)")
+                    f"the vision tower{_budget_words(self.config.prune_max_frames)} (the prompt's token count "
+                    "still counts every sampled frame)")
         default_frames = getattr(self.config, "num_frames", 32) if self.config is not None else 32
         self.frame_sampling = FrameSampling.from_env(default_frames)
         # the fixed frame count, None under FPS sampling (kept for callers that read it)
@@ -147,7 +154,9 @@ class SophiaTemplate(Template):
         return queries
 
     def _prunes(self) -> bool:
-        return self.config.prune_alpha > 0 or self.config.prune_beta > 0
+        from .configuration_sophia import prunes
+
+        return prunes(self.config)
 
     def _video_shots(self, clips) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
