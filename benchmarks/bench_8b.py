@@ -381,14 +381,16 @@ class Prompt:
 
 
 def parse_variant(name: str):
-    """"dense" -> (True, 0, 0); "sophia-30" -> (False, 30, 30); "sophia-30-10" -> (False, 30, 10)."""
+    """"dense" -> (True, 0, 0, 0); "sophia-30" -> (False, 30, 30, 0); "sophia-30-10" -> (False, 30, 10, 0);
+    "sophia-0@1536" -> (False, 0, 0, 1536): a frame budget after @ (a number or auto)."""
     if name == "dense":
-        return True, 0.0, 0.0
-    m = re.fullmatch(r"sophia-([\d.]+)(?:-([\d.]+))?", name)
+        return True, 0.0, 0.0, 0
+    m = re.fullmatch(r"sophia-([\d.]+)(?:-([\d.]+))?(?:@(\d+|auto))?", name)
     if not m:
-        raise argparse.ArgumentTypeError(f"variant {name!r}: expected dense, sophia-A or sophia-A-B")
+        raise argparse.ArgumentTypeError(f"variant {name!r}: expected dense, sophia-A, sophia-A-B, with @K or @auto")
     a = float(m.group(1))
-    return False, a, float(m.group(2)) if m.group(2) else a
+    budget = m.group(3) or 0
+    return False, a, float(m.group(2)) if m.group(2) else a, budget if budget in (0, "auto") else int(budget)
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -490,21 +492,22 @@ class Bench:
             self.model_kind = None
             free_memory()
 
-    def set_pruning(self, alpha: float, beta: float):
-        self.model.config.prune_alpha, self.model.config.prune_beta = alpha, beta
+    def set_pruning(self, alpha: float, beta: float, budget=0):
+        config = self.model.config
+        config.prune_alpha, config.prune_beta, config.prune_max_frames = alpha, beta, budget
 
     # .................................................................. (a) prefill
     def prefill_case(self, variant: str, frames: int) -> dict:
-        dense, alpha, beta = parse_variant(variant)
+        dense, alpha, beta, budget = parse_variant(variant)
         a = self.args
-        row = dict(variant=variant, frames=frames, alpha=alpha, beta=beta,
+        row = dict(variant=variant, frames=frames, alpha=alpha, beta=beta, budget=budget,
                    plain_tokens=TEXT_BEFORE + TEXT_AFTER + 2 + self.sophia_config.tokens_per_frame * frames)
         if self.out_of_time():
             row["status"] = "skipped (time budget)"
             return row
         model = self.get_model(dense)
         if not dense:
-            self.set_pruning(alpha, beta)
+            self.set_pruning(alpha, beta, budget)
         timer = StageTimer(model, self.clock)
         times, splits, kept, trace = [], [], None, {}
         try:
@@ -572,7 +575,7 @@ class Bench:
 
     # .................................................................. (b) training
     def train_case(self, variant: str, mode: str, frames: int) -> dict:
-        dense, alpha, beta = parse_variant(variant)
+        dense, alpha, beta, budget = parse_variant(variant)
         a = self.args
         row = dict(variant=variant, mode=mode, frames=frames, alpha=alpha, beta=beta, train_logits=a.train_logits,
                    plain_tokens=TEXT_BEFORE + TEXT_AFTER + 2 + self.sophia_config.tokens_per_frame * frames)
@@ -581,7 +584,7 @@ class Bench:
             return row
         model = self.get_model(dense)
         if not dense:
-            self.set_pruning(alpha, beta)
+            self.set_pruning(alpha, beta, budget)
         peft_model, optimizer, times, parts, kept = None, None, [], [], None
         try:
             model.train()
@@ -776,10 +779,10 @@ class Bench:
         for i, (s, e) in enumerate(shots):
             shot_ids[s:e] = i
 
-        dense, alpha, beta = parse_variant(a.e2e_variant)
+        dense, alpha, beta, budget = parse_variant(a.e2e_variant)
         model = self.get_model(dense)
         if not dense:
-            self.set_pruning(alpha, beta)
+            self.set_pruning(alpha, beta, budget)
         t0 = time.perf_counter()
         pixels = pixels.to(self.device)
         inputs = self.prompt.inputs(frames, dense, pixels, shot_ids.to(self.device))
