@@ -24,6 +24,7 @@ RUNTIME_SETTINGS = {
     "vision_chunk_frames": "VISION_CHUNK_FRAMES",
     "decoder_chunk_tokens": "DECODER_CHUNK_TOKENS",
     "liger_kernel": "SOPHIA_LIGER_KERNEL",
+    "lean_prefill": "SOPHIA_LEAN_PREFILL",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -58,6 +59,10 @@ class SophiaConfig(InternVLConfig):
     use_hierarchy (`bool`, defaults to True): hierarchical attention over the kept frames and their aggregated
         levels. False is the "without hierarchical attention" ablation, for evaluation: the same weights, plain
         causal attention over the kept frames, no aggregated tokens.
+    lean_prefill (`bool`, defaults to True): at inference, run the decoder over an extended sequence layer by layer
+        with the residual updated in place and q, k, v, attention, output projection and MLP over chunks of tokens
+        (`lean_prefill.py`): the same result with about a third of the decoder's working memory. False: the
+        decoder's own forward (for comparison).
     liger_kernel (`bool`, defaults to False): Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the decoder (CUDA;
         `swift sft --use_liger_kernel true` does the same for training). Faster and leaner; not bit-identical.
     """
@@ -80,6 +85,7 @@ class SophiaConfig(InternVLConfig):
     decoder_chunk_tokens: int = 16384
     use_hierarchy: bool = True
     liger_kernel: bool = False
+    lean_prefill: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

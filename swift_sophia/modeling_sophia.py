@@ -29,12 +29,13 @@ from transformers.utils import can_return_tuple, logging
 
 from sophia_kernels import level_counts
 
-from . import attention, liger
+from . import attention, liger, sequence_parallel
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, prunes, resolve_runtime_settings
 from .frame_budget import frame_budgets
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
 from .kv_cache import PrefillCache, cache_index
+from .lean_prefill import lean_prefill, supports_lean_prefill
 from .pruning import FramePruner
 
 logger = logging.get_logger(__name__)
@@ -330,6 +331,10 @@ class SophiaModel(InternVLModel):
         if use_cache:
             index, cache_mask = cache_index(plan.cache_keep, device=extended.device)
             cache = PrefillCache(index, config=config.text_config)
+        if self._lean(kwargs):
+            hidden = lean_prefill(self.language_model, extended, plan.position_ids, plan.layout, cache,
+                                  chunk=config.decoder_chunk_tokens, backend=config.attention_backend)
+            return self._plain_output(hidden, plan, runs, cache, cache_mask)
         attention.install(self.language_model.config)  # whatever set the implementation since loading
         release = None
         if not torch.is_grad_enabled() and not kwargs.get("output_hidden_states", config.output_hidden_states):
@@ -349,11 +354,25 @@ class SophiaModel(InternVLModel):
                 release.remove()
         del extended
 
-        # 4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids.
-        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(outputs.last_hidden_state, plan),
-                                        kept_frames=[run.kept for run in runs], attentions=outputs.attentions)
+        out = self._plain_output(outputs.last_hidden_state, plan, runs, cache, cache_mask)
+        out.attentions = outputs.attentions
         if outputs.hidden_states is not None:
             out.hidden_states = tuple(_to_plain(h, plan) for h in outputs.hidden_states)
+        return out
+
+    def _lean(self, decoder_kwargs) -> bool:
+        """Whether this prefill runs through `lean_prefill`: inference over the hierarchy, nothing asked of the
+        decoder but its last hidden states and cache, a decoder of the Llama layout, no sequence parallelism."""
+        config = self.config
+        return (config.lean_prefill and config.use_hierarchy and not torch.is_grad_enabled()
+                and not decoder_kwargs.get("output_hidden_states", config.output_hidden_states)
+                and not decoder_kwargs.get("output_attentions", False)
+                and sequence_parallel.active_group() is None and supports_lean_prefill(self.language_model))
+
+    @staticmethod
+    def _plain_output(hidden, plan: ExtendedPlan, runs, cache, cache_mask) -> SophiaModelOutputWithPast:
+        """4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids."""
+        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(hidden, plan), kept_frames=[run.kept for run in runs])
         if cache is not None:
             cache.end_prefill()
             out.past_key_values, out.cache_attention_mask = cache, cache_mask

@@ -119,3 +119,35 @@ def test_liger_kernels_agree_with_the_plain_decoder_in_inference_and_training(ti
     assert (l1 - l0).norm() / l0.norm() < 2e-2
     assert abs(float(loss1 - loss0)) < 2e-2 * abs(float(loss0))
     assert (g1 - g0).norm() / g0.norm() < 5e-2
+
+
+@pytest.mark.parametrize("liger", [False, True])
+def test_lean_prefill_agrees_with_the_decoders_forward(tiny, liger):
+    """bf16, Triton attention, a padded batch, 32-token chunks (with Liger's kernels too): the lean prefill's logits
+    within bf16 rounding of the decoder's own forward, and greedy generation from its cache equal to recomputation."""
+    if liger:
+        pytest.importorskip("liger_kernel")
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    saved = {n: getattr(modeling_qwen2, n) for n in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}
+    try:
+        model = SophiaForConditionalGeneration.from_pretrained(tiny, dtype=torch.bfloat16, liger_kernel=liger,
+                                                               decoder_chunk_tokens=32).cuda().eval()
+        inputs = _inputs(tokenizer, model)
+        logits = {}
+        with torch.no_grad():
+            for lean in (True, False):
+                model.config.lean_prefill = lean
+                logits[lean] = model(**inputs).logits.float()[inputs["attention_mask"].bool()]
+            model.config.lean_prefill = True
+            cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            full = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_qwen2, name, value)
+    assert (logits[True] - logits[False]).norm() / logits[False].norm() < 1e-2
+    assert torch.equal(cached, full)
