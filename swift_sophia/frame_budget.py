@@ -11,9 +11,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
-# [tokens x hidden] tensors one decoder layer holds at its peak over the extended sequence, beside the KV cache
-# (measured about 4.5 at the 8B shape, docs/benchmarks.md), rounded up.
+# [tokens x hidden] tensors one decoder layer holds at its peak over the extended sequence, beside the KV cache:
+# the decoder's own forward about 4.5 at the 8B shape (docs/benchmarks.md); the lean prefill the residual, q, k and v
+# (2.5 at the 8B shape) and one chunk's intermediates; both rounded up.
 WORKING_SET_TENSORS = 5.0
+LEAN_WORKING_SET_TENSORS = 3.0
 MARGIN_BYTES = 2 << 30  # left free for the vision tower's chunks, the LM head, allocator rounding
 
 
@@ -28,7 +30,8 @@ def bytes_per_kept_frame(config, dtype: torch.dtype = torch.bfloat16) -> float:
     levels = config.hier_levels if config.use_hierarchy else 1
     extended = 1.0 + sum(config.hier_arity ** -level for level in range(1, levels))
     kv_cache = tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * element
-    working = WORKING_SET_TENSORS * extended * tokens * text.hidden_size * element
+    tensors = LEAN_WORKING_SET_TENSORS if getattr(config, "lean_prefill", False) else WORKING_SET_TENSORS
+    working = tensors * extended * tokens * text.hidden_size * element
     return kv_cache + working
 
 
