@@ -15,7 +15,9 @@ import re
 import sys
 
 COLOURS = {"dense": "tab:red", "sophia-0": "tab:blue", "sophia-30": "tab:green",
-           "sophia-0 + liger_kernel": "tab:cyan", "sophia-30 + liger_kernel": "tab:olive"}
+           "sophia-0 + liger_kernel": "tab:cyan", "sophia-30 + liger_kernel": "tab:olive",
+           "sophia-0@1024": "tab:gray", "sophia-0@1280": "tab:brown", "sophia-0@1536": "tab:purple",
+           "sophia-30@auto": "tab:pink"}
 MODES = {"stage1": "-", "lora": "--"}
 
 
