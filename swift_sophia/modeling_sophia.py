@@ -298,7 +298,11 @@ class SophiaModel(InternVLModel):
         # One pass of the vision tower over image tiles and video frames together.
         images = 0 if pixel_values is None else pixel_values.shape[0]
         pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
-        frames = self.video_frame_features(pixels).to(text_embeds.dtype)
+        descriptors = None
+        if not images and self._features_on_host():
+            frames, descriptors = self._frame_features_on_host(pixels, text_embeds.dtype)
+        else:
+            frames = self.video_frame_features(pixels).to(text_embeds.dtype)
         del pixels
         if images:
             mask = (text_ids == config.image_token_id if input_ids is not None
@@ -308,8 +312,8 @@ class SophiaModel(InternVLModel):
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
         # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
-        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, query_embeds)
-        del frames
+        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, query_embeds, descriptors)
+        del frames, descriptors
 
         # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
         plan = build_extended_plan(is_video, attention_mask, position_ids, runs, tokens_per_frame=m,
@@ -372,14 +376,41 @@ class SophiaModel(InternVLModel):
     @staticmethod
     def _plain_output(hidden, plan: ExtendedPlan, runs, cache, cache_mask) -> SophiaModelOutputWithPast:
         """4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids."""
-        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(hidden, plan), kept_frames=[run.kept for run in runs])
+        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(hidden, plan),
+                                        kept_frames=[run.kept for run in runs])
         if cache is not None:
             cache.end_prefill()
             out.past_key_values, out.cache_attention_mask = cache, cache_mask
             out.next_position_ids = plan.next_position
         return out
 
-    def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_embeds):
+    def _features_on_host(self) -> bool:
+        """Whether the frames' features wait in host memory while the pruner chooses: at inference with pruning or a
+        frame budget on a GPU, where most of an hour's features (21 GiB for 10,000 frames at the 8B shape) would
+        otherwise sit in GPU memory next to the KV cache, to be dropped."""
+        return not torch.is_grad_enabled() and self._pruning() and self.device.type == "cuda"
+
+    def _frame_features_on_host(self, pixels: torch.Tensor, dtype: torch.dtype):
+        """`video_frame_features` a chunk of frames at a time, each chunk's features copied to (pinned) host memory
+        and its pruning descriptors (`FramePruner.frame_descriptors`, [F, D] float32) kept on the device. Returns
+        (host features [F, M, D], descriptors); the same values as computing them all on the device."""
+        total = pixels.shape[0]
+        chunk = self.config.vision_chunk_frames or total
+        host = descriptors = None
+        for s in range(0, total, chunk):
+            features = self._frame_features(pixels[s:s + chunk]).to(dtype)
+            if host is None:
+                host = torch.empty((total,) + tuple(features.shape[1:]), dtype=dtype, device="cpu",
+                                   pin_memory=torch.cuda.is_available())
+                descriptors = torch.empty(total, features.shape[-1], dtype=torch.float32, device=features.device)
+            descriptors[s:s + features.shape[0]] = self.pruner.frame_descriptors(features)
+            host[s:s + features.shape[0]].copy_(features, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the last copies are done before the chunks' memory is reused
+        return host, descriptors
+
+    def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_embeds,
+                         descriptors: Optional[torch.Tensor] = None):
         """Prune every video (recording the kept frames on its run), aggregate the kept frames, and stack the
         rows that `ExtendedPlan.source` indexes. The pruner's query MLP and the aggregator run once for the whole
         batch, and in training every trainable parameter of theirs takes part (a zero-weighted term where the batch
@@ -388,11 +419,13 @@ class SophiaModel(InternVLModel):
         hidden = text_embeds.shape[-1]
         mapped, unused = self._map_queries(query_embeds, text_embeds)
         kept, offset = [], 0
-        budgets = frame_budgets(self.config, [run.frames for run in runs], frames.device, frames.dtype)
+        budgets = frame_budgets(self.config, [run.frames for run in runs], text_embeds.device, frames.dtype)
         for i, (run, budget) in enumerate(zip(runs, budgets)):
             video = frames[offset:offset + run.frames]
             shots = shots_of(frame_shots, offset, run.frames)
-            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None, budget)
+            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None, budget,
+                                          None if descriptors is None else descriptors[offset:offset + run.frames])
+            video = video.to(text_embeds.device)  # the kept frames only, from host memory where they waited
             offset += run.frames
             kept.append(video)
             if budget is not None and not self.training:
@@ -478,14 +511,15 @@ class SophiaModel(InternVLModel):
         levels = self.aggregator([frames])
         return (video.sum() + levels.sum() + unused) * 0.0
 
-    def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query, budget: Optional[int] = None):
+    def _prune(self, video: torch.Tensor, shots: Sequence[Shot], query, budget: Optional[int] = None,
+               descriptors: Optional[torch.Tensor] = None):
         alpha, beta = self.config.prune_alpha, self.config.prune_beta
         if alpha <= 0 and beta <= 0 and (budget is None or video.shape[0] <= budget):
             return video, list(range(video.shape[0]))
         tau = self.pruner.temperature(self.config) if self.training else None
         selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau, query_mapped=True,
-                                       max_frames=budget)
-        kept = video[selection.keep]
+                                       max_frames=budget, descriptors=descriptors)
+        kept = video[selection.keep.to(video.device)]
         if tau is not None:  # straight-through gates: exactly 1 forward, the pruner's gradient path backward
             kept = kept * selection.gate.to(video.dtype)[:, None, None]
         return kept, selection.keep.tolist()

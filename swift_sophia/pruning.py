@@ -257,7 +257,8 @@ class FramePruner(nn.Module):
         step = max(1, self.chunk_elements // max(1, m * max(d, qn.shape[0])))
         out = []
         for i in range(0, len(reps), step):
-            tok = F.normalize(frame_feats[reps[i:i + step]].float(), dim=-1)  # [s, M, D]
+            rows = frame_feats[reps[i:i + step].to(frame_feats.device)].to(qn.device)
+            tok = F.normalize(rows.float(), dim=-1)  # [s, M, D]
             out.append((tok @ qn.T).amax(dim=(1, 2)))
         return torch.cat(out)
 
@@ -265,15 +266,18 @@ class FramePruner(nn.Module):
     def select(self, frame_feats: torch.Tensor, shots: Optional[Sequence[Shot]],
                query_embeds: Optional[torch.Tensor], *, alpha: float, beta: float,
                tau: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               query_mapped: bool = False, max_frames: Optional[int] = None) -> FrameSelection:
+               query_mapped: bool = False, max_frames: Optional[int] = None,
+               descriptors: Optional[torch.Tensor] = None) -> FrameSelection:
         """Choose the frames of one video. ``frame_feats`` ``[F, M, D]``, ``shots`` tiling ``0..F`` (None or
         empty: one shot), ``query_embeds`` ``[N_T, D]`` or None (already through the query MLP when
         ``query_mapped``: the model maps all videos' queries in one call), ``alpha``/``beta`` in percent, ``tau``
-        the Gumbel temperature (used only in training mode), ``max_frames`` the frame budget (None or 0: none)."""
+        the Gumbel temperature (used only in training mode), ``max_frames`` the frame budget (None or 0: none).
+        ``descriptors``: the frames' ``g`` (:meth:`frame_descriptors`), already computed where the features are
+        (e.g. on the GPU while ``frame_feats`` waits in host memory); the selection is then on their device."""
         if frame_feats.ndim != 3:
             raise ValueError(f'frame_feats must be [F, M, D], got {tuple(frame_feats.shape)}')
         nf = frame_feats.shape[0]
-        device = frame_feats.device
+        device = frame_feats.device if descriptors is None else descriptors.device
         shots = _check_shots(shots, nf)
         ns = len(shots)
         shot_of_frame = torch.empty(nf, dtype=torch.long)
@@ -290,13 +294,14 @@ class FramePruner(nn.Module):
             return FrameSelection(empty, frame_feats.new_ones(0), shots, torch.zeros(0), empty, reps, torch.zeros(0),
                                   empty, shot_of_frame.to(device), alpha, beta, tau, self.pooling, has_query)
 
-        if alpha <= 0 and beta <= 0 and (budget is None or nf <= budget):  # exactly the unpruned model: no scores needed, no gradient path
+        if alpha <= 0 and beta <= 0 and (budget is None or nf <= budget):  # the unpruned model: no gradient path
             with torch.no_grad():
-                g = self.frame_descriptors(frame_feats)
+                g = self.frame_descriptors(frame_feats) if descriptors is None else descriptors
                 sc = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
                     else torch.full((ns,), float('nan'))
                 fs = self._intra_scores(g, shots)
-            return FrameSelection(torch.arange(nf, device=device), frame_feats.new_ones(nf), shots, sc.detach().cpu(),
+            ones = torch.ones(nf, dtype=frame_feats.dtype, device=device)
+            return FrameSelection(torch.arange(nf, device=device), ones, shots, sc.detach().cpu(),
                                   torch.arange(ns, device=device), reps, fs.cpu(), empty,
                                   shot_of_frame.to(device), alpha, beta, tau, self.pooling, has_query)
 
@@ -305,7 +310,7 @@ class FramePruner(nn.Module):
         ranked = has_query and (n_drop > 0 or budget is not None)  # some shot may go by its query score
         need_grad = stochastic and ranked and torch.is_grad_enabled()
         with torch.set_grad_enabled(need_grad):
-            g = self.frame_descriptors(frame_feats)
+            g = self.frame_descriptors(frame_feats) if descriptors is None else descriptors
             scores = self.shot_scores(frame_feats, g, reps.to(device), query_embeds, query_mapped) if has_query \
                 else torch.full((ns,), float('nan'), device=device)
         with torch.no_grad():

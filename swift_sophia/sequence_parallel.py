@@ -249,7 +249,8 @@ def _destroy_process_groups() -> None:
 
 def patch_swift_prepare() -> None:
     """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia,
-    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `shift_labels` (transformers' name for already-shifted targets).
+    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `shift_labels`
+    (transformers' name for already-shifted targets).
     Only where ms-swift's module is already imported (`swift sft` imports it before it loads the model): importing
     Sophia alone does not import ms-swift."""
     SequenceParallel = getattr(sys.modules.get(_SWIFT_SP), "SequenceParallel", None)

@@ -4,6 +4,7 @@ memory; through `swift infer` and `swift deploy` on a long video."""
 import json
 import random
 import urllib.request
+from unittest import mock
 
 import pytest
 import torch
@@ -205,3 +206,36 @@ def test_swift_deploy_answers_a_long_video_under_the_budget_and_logs_what_it_kep
             answer = json.loads(response.read())
         assert answer["choices"][0]["message"]["content"] is not None
         assert "video 0: 6 of 32 frames kept (frame budget 6)" in deploy.log()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_features_waiting_in_host_memory_give_the_same_answer(tiny_model_dir, monkeypatch, pooling):
+    """At inference with pruning on a GPU the frames' features wait in host memory while the pruner chooses from
+    descriptors computed chunk by chunk on the device; forced here on the CPU (4-frame chunks): the same kept frames
+    and the same logits as with the features all in one tensor."""
+    from transformers import AutoTokenizer
+
+    from helpers import left_pad, video_prompt
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, prune_max_frames=5, prune_alpha=30,
+                                                           prune_beta=30, vision_chunk_frames=4).eval()
+    model.model.pruner.pooling = pooling
+    frames = (14, 3)
+    rows = [video_prompt(tokenizer, f, model.config.tokens_per_frame) for f in frames]
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    inputs = dict(input_ids=ids, attention_mask=mask, video_frame_counts=torch.tensor(frames),
+                  pixel_values_videos=torch.randn(sum(frames), 3, 56, 56, generator=torch.Generator().manual_seed(0)),
+                  video_frame_shots=torch.tensor([0] * 4 + [1] * 5 + [2] * 5 + [0, 1, 1]),
+                  video_query_ids=ids[:, -5:], video_query_mask=torch.ones(2, 5, dtype=torch.long))
+    results = {}
+    for on_host in (False, True):
+        monkeypatch.setattr(SophiaModel, "_features_on_host", lambda self: on_host)
+        with torch.no_grad(), mock.patch.object(SophiaModel, "_frame_features_on_host",
+                                                wraps=model.model._frame_features_on_host) as spy:
+            out = model(**inputs)
+        assert spy.called == on_host
+        results[on_host] = out
+    assert results[True].kept_frames == results[False].kept_frames and len(results[True].kept_frames[0]) == 5
+    assert torch.equal(results[True].logits, results[False].logits)
