@@ -104,8 +104,9 @@ def test_inference_frees_the_decoder_input_after_the_first_layer_and_writes_atte
                                                                                               tokenizer, monkeypatch):
     """At inference the extended embeddings are freed once layer 0 has read them and each layer's attention output
     overwrites its query tensor (two [tokens x hidden] tensors less at the peak); with autograd both stay as they
-    are. The logits are the same either way."""
-    model = _model(tiny_model_dir).eval()
+    are. The logits are the same either way. (The decoder's own forward: decoders the lean prefill does not take,
+    and lean_prefill=False.)"""
+    model = _model(tiny_model_dir, lean_prefill=False).eval()
     inputs = _batch(model, tokenizer, frames=(6, 3))
     layers = model.model.language_model.layers
     seen, over_q = {}, []

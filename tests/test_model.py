@@ -247,6 +247,7 @@ def test_packed_row_equals_separate_sequences(model_and_tokenizer):
 def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkeypatch):
     """After prefill, each generated token is plain causal attention over text and level-0 tokens."""
     import swift_sophia.attention as sophia_attention
+    import swift_sophia.lean_prefill as lean_prefill
 
     model, tokenizer = model_and_tokenizer
     calls = []
@@ -256,7 +257,8 @@ def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkey
         calls.append(q.shape[2])
         return real(q, *args, **kwargs)
 
-    monkeypatch.setattr(sophia_attention, "hierarchical_attention", counting)
+    monkeypatch.setattr(sophia_attention, "hierarchical_attention", counting)  # the decoder's own forward
+    monkeypatch.setattr(lean_prefill, "hierarchical_attention", counting)  # the lean prefill
     with torch.no_grad():
         model.generate(**_batch(tokenizer, model, frames=(6,)), max_new_tokens=5, do_sample=False)
     layers = model.config.text_config.num_hidden_layers
