@@ -237,7 +237,9 @@ class SophiaModel(InternVLModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         chunk_rotary_embedding(self.language_model, self.config.decoder_chunk_tokens)  # the setting may have changed
-        if pixel_values_videos is not None:
+        if pixel_values_videos is None:
+            kwargs.pop("sophia_plain_last", None)  # the plain sequence is all there is: nothing to save
+        else:
             return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
                                        position_ids, past_key_values, use_cache, video_frame_counts,
                                        video_frame_shots, video_query_ids, video_query_mask, **kwargs)
@@ -265,6 +267,7 @@ class SophiaModel(InternVLModel):
         exists, so that at hour scale the decoder runs beside the extended embeddings and little else."""
         config = self.config
         m = config.tokens_per_frame
+        plain_last = kwargs.pop("sophia_plain_last", 0)  # from the LM head: only these last positions are read
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("videos can only be given in the first forward pass (prefill), not with a filled cache")
         if video_frame_counts is None:
@@ -338,7 +341,7 @@ class SophiaModel(InternVLModel):
         if self._lean(kwargs):
             hidden = lean_prefill(self.language_model, extended, plan.position_ids, plan.layout, cache,
                                   chunk=config.decoder_chunk_tokens, backend=config.attention_backend)
-            return self._plain_output(hidden, plan, runs, cache, cache_mask)
+            return self._plain_output(hidden, plan, runs, cache, cache_mask, plain_last)
         attention.install(self.language_model.config)  # whatever set the implementation since loading
         release = None
         if not torch.is_grad_enabled() and not kwargs.get("output_hidden_states", config.output_hidden_states):
@@ -358,7 +361,7 @@ class SophiaModel(InternVLModel):
                 release.remove()
         del extended
 
-        out = self._plain_output(outputs.last_hidden_state, plan, runs, cache, cache_mask)
+        out = self._plain_output(outputs.last_hidden_state, plan, runs, cache, cache_mask, plain_last)
         out.attentions = outputs.attentions
         if outputs.hidden_states is not None:
             out.hidden_states = tuple(_to_plain(h, plan) for h in outputs.hidden_states)
@@ -374,9 +377,9 @@ class SophiaModel(InternVLModel):
                 and sequence_parallel.active_group() is None and supports_lean_prefill(self.language_model))
 
     @staticmethod
-    def _plain_output(hidden, plan: ExtendedPlan, runs, cache, cache_mask) -> SophiaModelOutputWithPast:
+    def _plain_output(hidden, plan: ExtendedPlan, runs, cache, cache_mask, last: int = 0) -> SophiaModelOutputWithPast:
         """4. Back to the plain sequence, so that hidden states (and logits, labels) line up with input_ids."""
-        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(hidden, plan),
+        out = SophiaModelOutputWithPast(last_hidden_state=_to_plain(hidden, plan, last),
                                         kept_frames=[run.kept for run in runs])
         if cache is not None:
             cache.end_prefill()
@@ -568,6 +571,8 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         shifted, as transformers' causal LMs take them (context or sequence parallelism: this rank's slice of the
         labels); used instead of shifting `labels`."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if labels is None and shift_labels is None and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            kwargs["sophia_plain_last"] = logits_to_keep
         outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, pixel_values_videos=pixel_values_videos,
@@ -669,11 +674,15 @@ def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     return hidden[:, logits_to_keep, :]
 
 
-def _to_plain(extended: torch.Tensor, plan: ExtendedPlan) -> torch.Tensor:
+def _to_plain(extended: torch.Tensor, plan: ExtendedPlan, last: int = 0) -> torch.Tensor:
     """Extended-sequence hidden states [B, N_ext, D] -> plain-sequence ones [B, N, D] (zeros where a plain token
-    has no extended position: padding, pruned frames)."""
+    has no extended position: padding, pruned frames); `last` > 0: only the last `last` plain positions [B, last, D]
+    (a prefill that needs the next token's logits only: at an hour of video the plain sequence holds every sampled
+    frame's tokens, 2.6 M at 10,000 frames)."""
     batch, hidden = extended.shape[0], extended.shape[-1]
     index = plan.plain_to_extended
+    if last:
+        index = index.view(batch, -1)[:, -last:].reshape(-1)
     plain = extended.reshape(-1, hidden).index_select(0, index.clamp(min=0))
     return plain.masked_fill_((index < 0).unsqueeze(-1), 0).view(batch, -1, hidden)
 

@@ -55,3 +55,17 @@ def test_training_hidden_states_and_other_decoders_take_the_decoders_forward(tin
     layer = model.model.language_model.layers[0]
     layer.self_attn.q_norm = torch.nn.Identity()  # per-head norms (Qwen3-style): not the Llama layout
     assert not supports_lean_prefill(model.model.language_model)
+
+
+def test_a_prefill_for_the_next_token_gathers_only_the_last_positions(tiny_model_dir):
+    """`logits_to_keep=1` (what generation asks): the head gets the last plain positions only, never the plain
+    sequence's [tokens x hidden] (2.6 M tokens at 10,000 frames); the same logits as slicing the full ones."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    inputs = _inputs(model, tokenizer)
+    with torch.no_grad():
+        full = model(**inputs).logits
+        with mock.patch.object(modeling_sophia, "_to_plain", wraps=modeling_sophia._to_plain) as spy:
+            last = model(**inputs, logits_to_keep=2).logits
+    assert spy.call_args.args[2] == 2 and last.shape[1] == 2
+    torch.testing.assert_close(last, full[:, -2:], rtol=0, atol=0)
