@@ -61,8 +61,8 @@ def main(argv=None) -> int:
                     "repositories, with InternLM2, Qwen2 or Llama decoders, e.g. OpenGVLab/InternVL2-8B) or in "
                     "transformers' (model_type internvl: the -hf repositories, e.g. OpenGVLab/InternVL3-8B-hf). "
                     "Nothing of the checkpoint's custom code runs. docs/checkpoints.md has the details.")
-    conv.add_argument("source", help="folder or hub name of the InternVL checkpoint")
-    conv.add_argument("output_dir", help="folder to write the Sophia checkpoint to")
+    conv.add_argument("source", metavar="SRC", help="folder or hub name of the InternVL checkpoint")
+    conv.add_argument("output_dir", metavar="DIR", help="folder to write the Sophia checkpoint to")
     conv.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
     from .evaluation import breakdown, convert_cli, niah
 

@@ -237,12 +237,13 @@ class WeightConverter:
         self.head_dim = text.get("head_dim") or text["hidden_size"] // self.heads
         self.used: List[str] = []
         self.unknown: List[str] = []
-        self.recomputed: List[str] = []
 
     def convert(self, key: str, tensor: torch.Tensor) -> Iterable[Tuple[str, torch.Tensor]]:
+        if RECOMPUTED_BUFFERS.fullmatch(key):
+            return []
         target = rename(key, self.mapping)
         if target is None:
-            (self.recomputed if RECOMPUTED_BUFFERS.fullmatch(key) else self.unknown).append(key)
+            self.unknown.append(key)
             return []
         self.used.append(key)
         split = self._splitter(target)

@@ -428,7 +428,8 @@ def test_qwen2_decoder_with_internvit_6b_tower_gives_the_same_logits(tmp_path):
     llm = qwen2_config(len(tokenizer) + 5, rope_scaling={"type": "linear", "factor": 2.0})
     config = chat_config(llm, vision="6b", select_layer=-2, template="internvl2_5")
     sd = random_state_dict(config, seed=3)
-    write_checkpoint(src, config, sd)
+    # Older checkpoints also saved the rotary tables' inverse frequencies; they are recomputed, not converted.
+    write_checkpoint(src, config, {**sd, "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
     out = init_from_internvl(src, str(tmp_path / "sophia"))
     model = SophiaForConditionalGeneration.from_pretrained(out).eval()
     ids_of = tokenizer.convert_tokens_to_ids
