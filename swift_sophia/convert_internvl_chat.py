@@ -37,9 +37,10 @@ INTERNVL_CHAT_DEFAULTS = dict(select_layer=-1, force_image_size=None, downsample
 
 # The system prompts of the conversation templates that InternVL checkpoints name in `template` (their
 # `conversation.py`); a config's own `system_message` wins.
+_INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 TEMPLATE_SYSTEM_MESSAGES = {
-    "internlm2-chat": "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
-    "Hermes-2": "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+    "internlm2-chat": _INTERNVL2_SYSTEM,
+    "Hermes-2": _INTERNVL2_SYSTEM,
     "internvl2_5": "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
 }
 
@@ -50,40 +51,42 @@ _BOOKKEEPING = {"architectures", "auto_map", "_name_or_path", "transformers_vers
 
 # fmt: off
 # Source name (a full match) -> Sophia name. The InternViT tower, InternVL's projector and each decoder family.
+_VIT_LAYER, _TOWER_LAYER = r"vision_model\.encoder\.layers\.(\d+)\.", r"model.vision_tower.encoder.layer.\1."
 VISION_KEY_MAPPING = {
-    r"vision_model\.embeddings\.class_embedding":                 r"model.vision_tower.embeddings.cls_token",
-    r"vision_model\.embeddings\.position_embedding":              r"model.vision_tower.embeddings.position_embeddings",
-    r"vision_model\.embeddings\.patch_embedding\.(weight|bias)":  r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
-    r"vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)":  r"model.vision_tower.encoder.layer.\1.attention.qkv.\2",
-    r"vision_model\.encoder\.layers\.(\d+)\.attn\.proj\.(weight|bias)": r"model.vision_tower.encoder.layer.\1.attention.projection_layer.\2",
-    r"vision_model\.encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.weight": r"model.vision_tower.encoder.layer.\1.attention.\2.weight",
-    r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)": r"model.vision_tower.encoder.layer.\1.mlp.\2.\3",
-    r"vision_model\.encoder\.layers\.(\d+)\.norm1\.(weight|bias)": r"model.vision_tower.encoder.layer.\1.layernorm_before.\2",
-    r"vision_model\.encoder\.layers\.(\d+)\.norm2\.(weight|bias)": r"model.vision_tower.encoder.layer.\1.layernorm_after.\2",
-    r"vision_model\.encoder\.layers\.(\d+)\.ls1":                 r"model.vision_tower.encoder.layer.\1.lambda_1",
-    r"vision_model\.encoder\.layers\.(\d+)\.ls2":                 r"model.vision_tower.encoder.layer.\1.lambda_2",
-    r"mlp1\.0\.(weight|bias)":                                    r"model.multi_modal_projector.layer_norm.\1",
-    r"mlp1\.1\.(weight|bias)":                                    r"model.multi_modal_projector.linear_1.\1",
-    r"mlp1\.3\.(weight|bias)":                                    r"model.multi_modal_projector.linear_2.\1",
+    r"vision_model\.embeddings\.class_embedding":                r"model.vision_tower.embeddings.cls_token",
+    r"vision_model\.embeddings\.position_embedding":             r"model.vision_tower.embeddings.position_embeddings",
+    r"vision_model\.embeddings\.patch_embedding\.(weight|bias)": r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+    _VIT_LAYER + r"attn\.qkv\.(weight|bias)":                    _TOWER_LAYER + r"attention.qkv.\2",  # split
+    _VIT_LAYER + r"attn\.proj\.(weight|bias)":                   _TOWER_LAYER + r"attention.projection_layer.\2",
+    _VIT_LAYER + r"attn\.(q_norm|k_norm)\.weight":               _TOWER_LAYER + r"attention.\2.weight",
+    _VIT_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)":               _TOWER_LAYER + r"mlp.\2.\3",
+    _VIT_LAYER + r"norm1\.(weight|bias)":                        _TOWER_LAYER + r"layernorm_before.\2",
+    _VIT_LAYER + r"norm2\.(weight|bias)":                        _TOWER_LAYER + r"layernorm_after.\2",
+    _VIT_LAYER + r"ls1":                                         _TOWER_LAYER + r"lambda_1",
+    _VIT_LAYER + r"ls2":                                         _TOWER_LAYER + r"lambda_2",
+    r"mlp1\.0\.(weight|bias)":                                   r"model.multi_modal_projector.layer_norm.\1",
+    r"mlp1\.1\.(weight|bias)":                                   r"model.multi_modal_projector.linear_1.\1",
+    r"mlp1\.3\.(weight|bias)":                                   r"model.multi_modal_projector.linear_2.\1",
 }
 
+_LM_LAYER, _DECODER_LAYER = r"language_model\.model\.layers\.(\d+)\.", r"model.language_model.layers.\1."
 INTERNLM2_KEY_MAPPING = {
-    r"language_model\.model\.tok_embeddings\.weight":             r"model.language_model.embed_tokens.weight",
-    r"language_model\.model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)": r"model.language_model.layers.\1.self_attn.wqkv.\2",
-    r"language_model\.model\.layers\.(\d+)\.attention\.wo\.(weight|bias)":   r"model.language_model.layers.\1.self_attn.o_proj.\2",
-    r"language_model\.model\.layers\.(\d+)\.feed_forward\.w1\.weight":      r"model.language_model.layers.\1.mlp.gate_proj.weight",
-    r"language_model\.model\.layers\.(\d+)\.feed_forward\.w3\.weight":      r"model.language_model.layers.\1.mlp.up_proj.weight",
-    r"language_model\.model\.layers\.(\d+)\.feed_forward\.w2\.weight":      r"model.language_model.layers.\1.mlp.down_proj.weight",
-    r"language_model\.model\.layers\.(\d+)\.attention_norm\.weight":        r"model.language_model.layers.\1.input_layernorm.weight",
-    r"language_model\.model\.layers\.(\d+)\.ffn_norm\.weight":              r"model.language_model.layers.\1.post_attention_layernorm.weight",
-    r"language_model\.model\.norm\.weight":                       r"model.language_model.norm.weight",
-    r"language_model\.output\.weight":                            r"lm_head.weight",
+    r"language_model\.model\.tok_embeddings\.weight":            r"model.language_model.embed_tokens.weight",
+    _LM_LAYER + r"attention\.wqkv\.(weight|bias)":               _DECODER_LAYER + r"self_attn.wqkv.\2",  # split
+    _LM_LAYER + r"attention\.wo\.(weight|bias)":                 _DECODER_LAYER + r"self_attn.o_proj.\2",
+    _LM_LAYER + r"feed_forward\.w1\.weight":                     _DECODER_LAYER + r"mlp.gate_proj.weight",
+    _LM_LAYER + r"feed_forward\.w3\.weight":                     _DECODER_LAYER + r"mlp.up_proj.weight",
+    _LM_LAYER + r"feed_forward\.w2\.weight":                     _DECODER_LAYER + r"mlp.down_proj.weight",
+    _LM_LAYER + r"attention_norm\.weight":                       _DECODER_LAYER + r"input_layernorm.weight",
+    _LM_LAYER + r"ffn_norm\.weight":                             _DECODER_LAYER + r"post_attention_layernorm.weight",
+    r"language_model\.model\.norm\.weight":                      r"model.language_model.norm.weight",
+    r"language_model\.output\.weight":                           r"lm_head.weight",
 }
 
 # Qwen2 and Llama decoders already have transformers' names below `language_model.`.
 TRANSFORMERS_DECODER_KEY_MAPPING = {
-    r"language_model\.model\.(.+)":                               r"model.language_model.\1",
-    r"language_model\.lm_head\.weight":                           r"lm_head.weight",
+    r"language_model\.model\.(.+)":                              r"model.language_model.\1",
+    r"language_model\.lm_head\.weight":                          r"lm_head.weight",
 }
 # fmt: on
 

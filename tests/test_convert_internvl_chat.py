@@ -62,7 +62,8 @@ def train_sentencepiece(add_dummy_prefix=False, remove_extra_whitespaces=False, 
     proto.ParseFromString(buffer.getvalue())
     for i in range(len(INTERNLM2_SPECIALS)):
         piece = proto.pieces.add()
-        piece.piece, piece.score, piece.type = f"[UNUSED_TOKEN_{141 + i}]", 0.0, model_pb2.ModelProto.SentencePiece.USER_DEFINED
+        piece.piece, piece.score = f"[UNUSED_TOKEN_{141 + i}]", 0.0
+        piece.type = model_pb2.ModelProto.SentencePiece.USER_DEFINED
     return proto
 
 
@@ -219,10 +220,13 @@ def random_state_dict(config, seed=0):
             p = f"language_model.model.layers.{i}."
             sd.update({p + "self_attn.q_proj.weight": rand(heads * hd, d, scale=0.3),
                        p + "self_attn.q_proj.bias": rand(heads * hd),
-                       p + "self_attn.k_proj.weight": rand(kv * hd, d, scale=0.3), p + "self_attn.k_proj.bias": rand(kv * hd),
-                       p + "self_attn.v_proj.weight": rand(kv * hd, d, scale=0.3), p + "self_attn.v_proj.bias": rand(kv * hd),
+                       p + "self_attn.k_proj.weight": rand(kv * hd, d, scale=0.3),
+                       p + "self_attn.k_proj.bias": rand(kv * hd),
+                       p + "self_attn.v_proj.weight": rand(kv * hd, d, scale=0.3),
+                       p + "self_attn.v_proj.bias": rand(kv * hd),
                        p + "self_attn.o_proj.weight": rand(d, heads * hd, scale=0.3),
-                       p + "mlp.gate_proj.weight": rand(inter, d, scale=0.3), p + "mlp.up_proj.weight": rand(inter, d, scale=0.3),
+                       p + "mlp.gate_proj.weight": rand(inter, d, scale=0.3),
+                       p + "mlp.up_proj.weight": rand(inter, d, scale=0.3),
                        p + "mlp.down_proj.weight": rand(d, inter, scale=0.3),
                        p + "input_layernorm.weight": rand(d, around=1.0),
                        p + "post_attention_layernorm.weight": rand(d, around=1.0)})
@@ -290,9 +294,10 @@ def intern_vit(sd, vision, pixels, select_layer):
         n = y.shape[1]
         qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd.get(p + "attn.qkv.bias"))
         q, k, v = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if vision["qk_normalization"]:
-            q = rms_norm(q.transpose(1, 2).flatten(-2), sd[p + "attn.q_norm.weight"], eps).view(b, n, heads, -1).transpose(1, 2)
-            k = rms_norm(k.transpose(1, 2).flatten(-2), sd[p + "attn.k_norm.weight"], eps).view(b, n, heads, -1).transpose(1, 2)
+        if vision["qk_normalization"]:  # over all heads at once: [B, N, C]
+            q = rms_norm(q.transpose(1, 2).flatten(-2), sd[p + "attn.q_norm.weight"], eps)
+            k = rms_norm(k.transpose(1, 2).flatten(-2), sd[p + "attn.k_norm.weight"], eps)
+            q, k = (t.view(b, n, heads, -1).transpose(1, 2) for t in (q, k))
         attn = ((q * (c // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         y = F.linear((attn @ v).transpose(1, 2).reshape(b, n, c), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         x = x + y * sd[p + "ls1"]
@@ -483,7 +488,8 @@ def test_tokenizer_encodes_a_chat_turn_to_the_same_ids(tmp_path):
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == "<s><|im_start|>user\n<img><IMG_CONTEXT></img>\nWhat color?<|im_end|>\n<|im_start|>assistant\n"
     last = max(ids.values())
-    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t not in ids] == [last + 1, last + 2, last + 3]
+    added = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS if t not in ids]
+    assert added == [last + 1, last + 2, last + 3]
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "</s>"
 
     from swift_sophia.convert_tokenizer import load_source_tokenizer
@@ -498,7 +504,8 @@ def test_tokenizer_encodes_a_chat_turn_to_the_same_ids(tmp_path):
         for text in texts:
             assert fast.encode(text) == internlm2_reference_ids(folder, ids, text), (settings, text)
     # sentencepiece matches user-defined pieces in normalized text: with a dummy prefix that is not reproduced.
-    write_internlm2_tokenizer(str(tmp_path / "prefix"), train_sentencepiece(add_dummy_prefix=True, user_defined=("shot",)))
+    proto = train_sentencepiece(add_dummy_prefix=True, user_defined=("shot",))
+    write_internlm2_tokenizer(str(tmp_path / "prefix"), proto)
     with pytest.raises(ConversionError, match=r"user-defined pieces \(\['shot'\]\) and normalizes text"):
         load_source_tokenizer(str(tmp_path / "prefix"))
 
