@@ -562,6 +562,10 @@ def test_what_it_does_not_know_is_refused_by_name(tmp_path):
     refused(r"lacks weight files its index names: \['model-00002-of-00002.safetensors'\]")
     os.remove(src / "tokenizer.model")
     refused(r"has an InternLM2 tokenizer \(tokenizer_config.json\) but no tokenizer.model")
+    json.dump(dict(config, model_type="sophia"), open(src / "config.json", "w"))
+    refused(r"is a 'sophia' checkpoint \(config.json\); init-from-internvl takes InternVL checkpoints")
+    os.remove(src / "config.json")
+    refused(r"has no config.json; found \[")
     # Through the command: a hub name that cannot be fetched (offline here), in one sentence, no traceback.
     proc = subprocess.run([sys.executable, "-m", "swift_sophia", "init-from-internvl", "OpenGVLab/InternVL2-8B",
                            str(tmp_path / "out")], capture_output=True, text=True,
