@@ -182,8 +182,10 @@ def new_module_tensors(config: SophiaConfig, dtype: torch.dtype) -> Dict[str, to
     from .pruning import FramePruner
 
     hidden = config.text_config.hidden_size
-    modules = {"model.aggregator.": SophiaAggregator(hidden, config.hier_arity, config.hier_levels),
-               "model.pruner.": FramePruner(hidden)}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same checkpoint converts to the same files
+        modules = {"model.aggregator.": SophiaAggregator(hidden, config.hier_arity, config.hier_levels),
+                   "model.pruner.": FramePruner(hidden)}
     return {prefix + name: (value.to(dtype) if value.is_floating_point() else value).contiguous()
             for prefix, module in modules.items() for name, value in module.state_dict().items()}
 
