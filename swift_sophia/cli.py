@@ -4,7 +4,7 @@
     sophia build-tiny DIR              write the sophia-tiny checkpoint (random weights, offline tokenizer)
     sophia build-random --shape NAME DIR   a random-weight checkpoint of a real shape (internvl2.5-8b, ...)
     sophia make-data DIR               write the synthetic video QA dataset (mp4 clips + train/val jsonl)
-    sophia init-from-internvl SRC DIR  start a Sophia checkpoint from a transformers-native InternVL one
+    sophia init-from-internvl SRC DIR  start a Sophia checkpoint from an InternVL one (folder or hub name)
     sophia convert-benchmark NAME ROOT OUT   a benchmark's published files -> a local set for `swift eval`
     sophia eval-breakdown SET EVAL_OUT  accuracy of a `swift eval` run by the set's categories (overlapping too)
     sophia niah --model CKPT --output-dir DIR   video needle-in-a-haystack: set, evaluation, heatmap
@@ -54,9 +54,15 @@ def main(argv=None) -> int:
     data.add_argument("--num-train", type=int, default=64, help="training rows (default 64)")
     data.add_argument("--num-val", type=int, default=8, help="held-out rows (default 8)")
     data.add_argument("--seed", type=int, default=0, help="seed of the clips and questions (default 0)")
-    conv = sub.add_parser("init-from-internvl", help="start a Sophia checkpoint from an InternVL (-hf) one")
-    conv.add_argument("source", help="local folder of a transformers-native InternVL checkpoint")
-    conv.add_argument("output_dir")
+    conv = sub.add_parser(
+        "init-from-internvl", help="start a Sophia checkpoint from an InternVL one (original or -hf layout)",
+        description="SRC: a local folder or a Hugging Face Hub name of an InternVL checkpoint, in OpenGVLab's original "
+                    "layout (model_type internvl_chat: InternVL 1.5, InternVL2, InternVL2.5 and the original InternVL3 "
+                    "repositories, with InternLM2, Qwen2 or Llama decoders, e.g. OpenGVLab/InternVL2-8B) or in "
+                    "transformers' (model_type internvl: the -hf repositories, e.g. OpenGVLab/InternVL3-8B-hf). "
+                    "Nothing of the checkpoint's custom code runs. docs/checkpoints.md has the details.")
+    conv.add_argument("source", metavar="SRC", help="folder or hub name of the InternVL checkpoint")
+    conv.add_argument("output_dir", metavar="DIR", help="folder to write the Sophia checkpoint to")
     conv.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
     from .evaluation import breakdown, convert_cli, niah
 
@@ -95,9 +101,13 @@ def main(argv=None) -> int:
         paths = make_dataset(args.output_dir, args.num_train, args.num_val, seed=args.seed)
         print(f"train: {paths['train']}\nval: {paths['val']}")
     elif args.command == "init-from-internvl":
-        from .convert import init_from_internvl
+        from .convert import ConversionError, init_from_internvl
 
-        print(f"Sophia checkpoint written to {init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)}")
+        try:
+            path = init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)
+        except ConversionError as exc:
+            parser.exit(1, f"sophia init-from-internvl: {exc}\n")
+        print(f"Sophia checkpoint written to {path}")
     elif args.command == "convert-benchmark":
         return convert_cli.run(args)
     elif args.command == "eval-breakdown":

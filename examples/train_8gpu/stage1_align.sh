@@ -2,6 +2,9 @@
 # Stage 1 (alignment) on one node of 8 GPUs: train the new modules (projector + aggregation CNN) from scratch,
 # vision tower and LLM frozen; lr 3e-4, constant. Global batch 128 = 8 GPUs x 2 x 8 accumulation.
 #   MODEL=/path/to/sophia-8b DATA_DIR=/path/to/data bash examples/train_8gpu/stage1_align.sh
+# MODEL comes from released InternVL weights (original or -hf layout, a folder or a hub name; docs/checkpoints.md):
+#   sophia init-from-internvl OpenGVLab/InternVL2-8B /path/to/sophia-8b --num-frames 128
+# Its args.json holds the base's system prompt; to train with it, add --load_args true to the command below.
 # A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
 # (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
 # and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.
