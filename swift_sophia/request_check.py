@@ -7,29 +7,37 @@ from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.FrameSam
 
 * it has no messages, or its `<video>` / `<image>` tags do not match its videos / images (a tag with no video at
   all included);
-* a video is missing, empty, not a readable video, or has no frames;
+* a video is missing, empty, not a readable video, or has no frames; it is a directory;
 * its videos give more than ``REQUEST_MAX_FRAMES`` frames together (``--model_kwargs '{"request_max_frames": N}'``
   works too; unset: no frame limit);
 * its video and image tokens alone exceed ``--max_length`` (ms-swift's default: the model's ``max_model_len``), or
   leave no room for one new token in ``max_model_len``. A request whose text pushes it over is stopped by
   ms-swift's own length check once it is encoded, still before the model runs.
+
+Local files (:class:`LocalMedia`): a request may name files on the server's disk only inside the folders of
+``SOPHIA_ALLOWED_MEDIA_PATH`` (``:``-separated, as vLLM's ``--allowed-local-media-path``); unset, any file when
+the server listens on loopback only and none otherwise. The server checks each video and image of a request
+before reading or downloading anything (:mod:`swift_sophia.deploy_errors`).
 """
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import re
+import socket
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from swift.template.template_inputs import StdTemplateInputs
-from swift.utils import SafeMediaPath
+from swift.utils import SafeMediaPath, get_env_args
 
 from .video import FrameSampling, VideoDecodeError, _env_int, open_reader
 from .video_source import describe, resolve_video_source
 
 MAX_FRAMES_ENV = "REQUEST_MAX_FRAMES"
+ALLOWED_MEDIA_ENV = "SOPHIA_ALLOWED_MEDIA_PATH"
 _DATA_URL = re.compile(r"data:[^,]*?;base64,(.*)", re.S)
 _SHOWN = 4  # videos listed in a message
 
@@ -68,6 +76,99 @@ def request_videos(messages: list, videos: Sequence[Any] = ()) -> List[Any]:
 class VideoPlan:
     name: str  # the video as the client gave it
     frames: int  # frames the template will sample
+
+
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only (``127.0.0.1``, ``::1``,
+    ``localhost``); ``0.0.0.0``, ``::``, an interface's address or a name that cannot be resolved: no."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+@dataclass(frozen=True)
+class LocalMedia:
+    """The files on the server's disk a request may name: any (``folders`` is None), those inside ``folders``
+    (real paths), or none (no folders)."""
+    folders: Optional[Tuple[str, ...]]
+
+    @classmethod
+    def for_server(cls, host: str) -> "LocalMedia":
+        """``SOPHIA_ALLOWED_MEDIA_PATH``'s folders (symlinks and ``..`` resolved; set but empty: none); unset,
+        any file when the server listens on loopback only, none otherwise."""
+        listed = get_env_args(ALLOWED_MEDIA_ENV.lower(), str, None)
+        if listed is None:
+            return cls(None if listens_on_loopback_only(host) else ())
+        return cls(tuple(os.path.realpath(os.path.expanduser(f.strip())) for f in listed.split(":") if f.strip()))
+
+    def check(self, media: Any) -> None:
+        """Raise :class:`RequestRejected` when ``media`` (a video or image of a request as the client gave it)
+        would be read from the server's disk outside the allowed folders. Only the path's text and its symlinks
+        are looked at, never whether the file is there: a path outside gets the same answer either way."""
+        path = _disk_path(media)
+        if self.folders is None or path is None:
+            return
+        name = describe(media if isinstance(media, str) else path)
+        if not self.folders:
+            raise RequestRejected(
+                f"{name} names a file on the server, and this server reads no files from its disk for a request: "
+                f"give videos and images as http(s) URLs or as data URLs (data:video/mp4;base64,...). The "
+                f"server's operator can allow the files inside chosen folders with "
+                f"{ALLOWED_MEDIA_ENV}=/folder1:/folder2.")
+        if not (os.path.isabs(path) and _inside(os.path.realpath(path), self.folders)):
+            raise RequestRejected(
+                f"{name} names a file outside the folders this server reads videos and images from "
+                f"({ALLOWED_MEDIA_ENV}): give an absolute path inside one of them, or the video or image as an "
+                f"http(s) URL or a data URL (data:video/mp4;base64,...).")
+
+    def check_request(self, infer_request) -> None:
+        """:meth:`check` for every video, image and audio of an ms-swift ``InferRequest``, in its messages and in
+        its ``videos`` / ``images`` / ``audios`` fields."""
+        for media in _request_media(infer_request):
+            self.check(media)
+
+    def describe(self) -> str:
+        if self.folders is None:
+            return "local files: any (the server listens on loopback only)"
+        if not self.folders:
+            return f"local files: none ({ALLOWED_MEDIA_ENV} to allow folders)"
+        return f"local files: inside {', '.join(self.folders)}"
+
+
+def _disk_path(media: Any) -> Optional[str]:
+    """The text of ``media`` that a reader would take for a path on the server's disk, None for a URL, a data
+    URL or bytes. Anything else is a path, base64 included (readers tell the two apart by asking the disk, so
+    base64 must come as a data URL)."""
+    if isinstance(media, dict):
+        media = None if media.get("bytes") else media.get("url", media.get("path"))
+    if isinstance(media, os.PathLike):
+        media = os.fspath(media)
+    if not isinstance(media, str):
+        return None
+    text = media.strip()
+    return None if text.startswith("data:") or text.lower().startswith(("http://", "https://")) else text
+
+
+def _inside(real_path: str, folders: Sequence[str]) -> bool:
+    return any(real_path == f or real_path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def _request_media(infer_request) -> Iterator[Any]:
+    for message in infer_request.messages or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type", "") if isinstance(part, dict) else ""
+            if kind.removesuffix("_url") in ("video", "image", "audio") and kind in part:
+                yield part[kind]
+    for field in ("videos", "images", "audios"):
+        values = getattr(infer_request, field, None) or []
+        yield from [values] if isinstance(values, (str, dict)) else values
 
 
 @dataclass(frozen=True)
@@ -134,6 +235,8 @@ def _probe(index: int, server: Any, given: Any, name: str, sampling: FrameSampli
     """Frames the template will sample from one video; raises :class:`RequestRejected` naming it."""
     try:
         return _count_frames(server, given, name, sampling)
+    except RequestRejected:  # a local path refused: the same answer as where ms-swift's checks refuse it
+        raise
     except ValueError as exc:  # VideoError, SafeMediaPath's refusal, the checks below
         raise RequestRejected(f"video {index} of the request: {_renamed(exc, server, name)}") from None
 
@@ -198,5 +301,5 @@ def _check_limits(plans: List[VideoPlan], images: int, limits: RequestLimits) ->
                                   f"per frame), more than {what}: send a shorter video or fewer videos")
 
 
-__all__ = ["MAX_FRAMES_ENV", "RequestRejected", "RequestLimits", "VideoPlan", "check_messages", "check_request",
-           "request_videos", "summary"]
+__all__ = ["MAX_FRAMES_ENV", "ALLOWED_MEDIA_ENV", "RequestRejected", "RequestLimits", "LocalMedia", "VideoPlan",
+           "check_messages", "check_request", "listens_on_loopback_only", "request_videos", "summary"]
