@@ -18,7 +18,8 @@ What changes in ms-swift's server (``SwiftDeploy``), for every model it serves w
 * a request may name files on the server's disk only where :class:`swift_sophia.request_check.LocalMedia` allows
   (``SOPHIA_ALLOWED_MEDIA_PATH``; unset: any file on a server that listens on loopback only, none otherwise),
   checked before ms-swift reads a file or downloads a URL: where ms-swift checks a path before reading it
-  (``SafeMediaPath.check``, while it validates the request) and before it fetches the request's media.
+  (``SafeMediaPath.check``, while it validates the request) and before it fetches the request's media;
+* the server that ``swift eval`` and ``swift app`` start for themselves listens on 127.0.0.1 only.
 """
 import asyncio
 from contextvars import ContextVar
@@ -30,6 +31,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from swift.infer_engine import TransformersEngine
 from swift.infer_engine.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from swift.pipelines.infer import deploy as ms_deploy
 from swift.pipelines.infer.deploy import SwiftDeploy
 from swift.template.base import MaxLengthError
 from swift.utils import SafeMediaPath, get_logger
@@ -143,6 +145,7 @@ _ms_create_chat_completion = SwiftDeploy.create_chat_completion
 _ms_register_app = SwiftDeploy._register_app
 _ms_prepare_request_media = SwiftDeploy._prepare_request_media
 _ms_check_media_path = SafeMediaPath.check
+_ms_deploy_main_of_run_deploy = ms_deploy._deploy_main
 
 
 def check_media_path(cls, path: str) -> str:
@@ -158,6 +161,15 @@ def prepare_request_media(infer_request):
     if _local_media is not None:
         _local_media.check_request(infer_request)
     return _ms_prepare_request_media(infer_request)
+
+
+def serve_the_caller(args):
+    """The server that ms-swift's ``run_deploy`` starts for ``swift eval`` and ``swift app`` in a child process:
+    the process that started it asks it on 127.0.0.1 and no one else does, so it listens there only (ms-swift's
+    default is 0.0.0.0), which also lets it read the local videos that ``swift eval`` sends as paths. The child
+    finds this function by its module's name (multiprocessing's spawn), which loads the plugin there first."""
+    args.host = "127.0.0.1"
+    return _ms_deploy_main_of_run_deploy(args)
 
 
 async def create_chat_completion(self, request: SophiaChatCompletionRequest, raw_request: Request, *,
@@ -250,5 +262,6 @@ SwiftDeploy.infer_async = infer_async
 SwiftDeploy._register_app = _register_app
 SwiftDeploy._prepare_request_media = staticmethod(prepare_request_media)
 SafeMediaPath.check = classmethod(check_media_path)
+ms_deploy._deploy_main = serve_the_caller
 
 __all__ = ["OUT_OF_MEMORY_STATUS", "SophiaChatCompletionRequest", "SophiaCompletionRequest", "SophiaEmbeddingRequest"]
