@@ -19,6 +19,7 @@ What changes in ms-swift's server (``SwiftDeploy``), for every model it serves w
   (``SOPHIA_ALLOWED_MEDIA_PATH``; unset: any file on a server that listens on loopback only, none otherwise),
   checked before ms-swift reads a file or downloads a URL: where ms-swift checks a path before reading it
   (``SafeMediaPath.check``, while it validates the request) and before it fetches the request's media;
+* a request whose body is over ``SOPHIA_MAX_REQUEST_MB`` (default 1536) gets a 413 before it is parsed;
 * the server that ``swift eval`` and ``swift app`` start for themselves listens on 127.0.0.1 only.
 """
 import asyncio
@@ -37,14 +38,17 @@ from swift.template.base import MaxLengthError
 from swift.utils import SafeMediaPath, get_logger
 
 from .out_of_memory import guard_engine, is_out_of_memory
-from .request_check import (MAX_FRAMES_ENV, LocalMedia, RequestLimits, RequestRejected, VideoPlan, check_messages,
-                            check_request, request_videos, summary)
+from .request_check import (MAX_FRAMES_ENV, MB, LocalMedia, RequestLimits, RequestRejected, VideoPlan,
+                            check_messages, check_request, request_videos, summary)
 from .template import SophiaTemplate
+from .video import _env_number
 from .video_source import describe
 
 logger = get_logger()
 
 OUT_OF_MEMORY_STATUS = int(HTTPStatus.SERVICE_UNAVAILABLE)
+MAX_REQUEST_MB_ENV = "SOPHIA_MAX_REQUEST_MB"
+DEFAULT_MAX_REQUEST_MB = 1536  # a 1024 MB video (SWIFT_MAX_DOWNLOAD_SIZE_MB's default) as a data URL, and the rest
 
 
 def _is_video_path(part: Any) -> bool:
@@ -172,6 +176,60 @@ def serve_the_caller(args):
     return _ms_deploy_main_of_run_deploy(args)
 
 
+class RequestSizeLimit:
+    """ASGI middleware: a request whose body is over ``max_bytes`` is answered with a 413 and never parsed. The
+    rest of its body is read and dropped first, a chunk at a time: a client still sending when the server closed
+    the connection would see it reset, not the answer. A body within the limit is passed on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _drain(receive)
+            return await self._refusal(int(declared))(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                if more:
+                    await _drain(receive)
+                return await self._refusal(None)(scope, receive, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal body
+            message, body = body, None
+            return message if message is not None else await receive()
+
+        await self.app(scope, replay, send)
+
+    def _refusal(self, size: Optional[int]):
+        over = "more than" if size is None else f"{size / MB:.1f} MB, more than"
+        return SwiftDeploy.create_error_response(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"the request's body is {over} the {self.max_bytes / MB:g} MB this server takes in one "
+            f"request ({MAX_REQUEST_MB_ENV}): give long videos as http(s) URLs rather than inline as data URLs, or "
+            f"send a shorter video")
+
+
+async def _drain(receive) -> None:
+    """Read the rest of a request's body and drop it."""
+    more = True
+    while more:
+        message = await receive()
+        more = message["type"] == "http.request" and message.get("more_body", False)
+
+
 async def create_chat_completion(self, request: SophiaChatCompletionRequest, raw_request: Request, *,
                                  return_cmpl_response: bool = False):
     answering = _Answering(request_videos(request.messages, request.videos))
@@ -246,7 +304,12 @@ def _register_app(self):
         self._sophia_limits = RequestLimits.from_template(self.template,
                                                           getattr(self.infer_engine, "max_model_len", None))
         _local_media = LocalMedia.for_server(self.args.host)
+        max_request_mb = _env_number(MAX_REQUEST_MB_ENV.lower(), float, DEFAULT_MAX_REQUEST_MB, 0,
+                                     "a number of MB >= 0 (0: no limit)")
+        if max_request_mb:
+            self.app.add_middleware(RequestSizeLimit, max_bytes=int(max_request_mb * MB))
         logger.info(f"[sophia] requests are checked before the model runs: {self._sophia_limits.describe()}, "
+                    f"one request {max_request_mb:g} MB ({MAX_REQUEST_MB_ENV}; 0: no limit), "
                     f"{_local_media.describe()}")
     if isinstance(self.infer_engine, TransformersEngine):
         self.infer_engine.strict = False  # each request of a batch gets its own error
@@ -264,4 +327,5 @@ SwiftDeploy._prepare_request_media = staticmethod(prepare_request_media)
 SafeMediaPath.check = classmethod(check_media_path)
 ms_deploy._deploy_main = serve_the_caller
 
-__all__ = ["OUT_OF_MEMORY_STATUS", "SophiaChatCompletionRequest", "SophiaCompletionRequest", "SophiaEmbeddingRequest"]
+__all__ = ["OUT_OF_MEMORY_STATUS", "MAX_REQUEST_MB_ENV", "RequestSizeLimit", "SophiaChatCompletionRequest",
+           "SophiaCompletionRequest", "SophiaEmbeddingRequest"]
