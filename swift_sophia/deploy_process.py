@@ -26,14 +26,15 @@ def free_port() -> int:
 
 
 class DeployProcess:
-    """`cmd` (`swift deploy ...` without --host / --port: they are appended, on 127.0.0.1 and a free port) started
-    in a session of its own, so that stopping it reaches the server it runs as its child; stdout and stderr go to
-    `log_path`. Also a context manager that stops it on exit."""
+    """`cmd` (`swift deploy ...` without --host / --port: they are appended, `host` (127.0.0.1 unless given) and a
+    free port) started in a session of its own, so that stopping it reaches the server it runs as its child; stdout
+    and stderr go to `log_path`. `url` is on 127.0.0.1 whatever `host` is (0.0.0.0 listens there too). Also a
+    context manager that stops it on exit."""
 
-    def __init__(self, cmd: Sequence, log_path, env: Optional[Mapping[str, str]] = None):
+    def __init__(self, cmd: Sequence, log_path, env: Optional[Mapping[str, str]] = None, host: str = HOST):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.cmd = [*map(str, cmd), "--host", HOST, "--port", str(self.port)]
+        self.cmd = [*map(str, cmd), "--host", host, "--port", str(self.port)]
         self.log_path = str(log_path)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

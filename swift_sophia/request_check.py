@@ -7,29 +7,45 @@ from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.FrameSam
 
 * it has no messages, or its `<video>` / `<image>` tags do not match its videos / images (a tag with no video at
   all included);
-* a video is missing, empty, not a readable video, or has no frames;
+* a video is missing, empty, not a readable video, or has no frames; it is a directory;
+* a video given inline (a data URL or base64) holds more than ``SWIFT_MAX_DOWNLOAD_SIZE_MB`` (ms-swift's cap on a
+  downloaded file, which ms-swift applies to URLs while downloading; default 1024, ``0``: no limit);
+* a video's frames have more than ``SOPHIA_MAX_FRAME_PIXELS`` pixels (width x height; default 8192 x 4320, the
+  largest 8K frame; ``0``: no limit), found from the file's header before anything is decoded;
 * its videos give more than ``REQUEST_MAX_FRAMES`` frames together (``--model_kwargs '{"request_max_frames": N}'``
   works too; unset: no frame limit);
 * its video and image tokens alone exceed ``--max_length`` (ms-swift's default: the model's ``max_model_len``), or
   leave no room for one new token in ``max_model_len``. A request whose text pushes it over is stopped by
   ms-swift's own length check once it is encoded, still before the model runs.
+
+Local files (:class:`LocalMedia`): a request may name files on the server's disk only inside the folders of
+``SOPHIA_ALLOWED_MEDIA_PATH`` (``:``-separated, as vLLM's ``--allowed-local-media-path``); unset, any file when
+the server listens on loopback only and none otherwise. The server checks each video and image of a request
+before reading or downloading anything (:mod:`swift_sophia.deploy_errors`).
 """
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import re
+import socket
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from swift.template.template_inputs import StdTemplateInputs
-from swift.utils import SafeMediaPath
+from swift.utils import SafeMediaPath, SafeUrlFetcher, get_env_args
 
-from .video import FrameSampling, VideoDecodeError, _env_int, open_reader
-from .video_source import describe, resolve_video_source
+from .video import FrameSampling, VideoDecodeError, _env_int, _env_number, open_reader
+from .video_source import describe, is_inline, resolve_video_source
 
 MAX_FRAMES_ENV = "REQUEST_MAX_FRAMES"
+ALLOWED_MEDIA_ENV = "SOPHIA_ALLOWED_MEDIA_PATH"
+MAX_VIDEO_MB_ENV = "SWIFT_MAX_DOWNLOAD_SIZE_MB"  # ms-swift's cap on a download, also applied to inline videos
+MAX_FRAME_PIXELS_ENV = "SOPHIA_MAX_FRAME_PIXELS"
+DEFAULT_MAX_FRAME_PIXELS = 8192 * 4320  # DCI 8K, the largest 8K frame
+MB = 1024 ** 2
 _DATA_URL = re.compile(r"data:[^,]*?;base64,(.*)", re.S)
 _SHOWN = 4  # videos listed in a message
 
@@ -70,6 +86,99 @@ class VideoPlan:
     frames: int  # frames the template will sample
 
 
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only (``127.0.0.1``, ``::1``,
+    ``localhost``); ``0.0.0.0``, ``::``, an interface's address or a name that cannot be resolved: no."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0].split("%")[0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+@dataclass(frozen=True)
+class LocalMedia:
+    """The files on the server's disk a request may name: any (``folders`` is None), those inside ``folders``
+    (real paths), or none (no folders)."""
+    folders: Optional[Tuple[str, ...]]
+
+    @classmethod
+    def for_server(cls, host: str) -> "LocalMedia":
+        """``SOPHIA_ALLOWED_MEDIA_PATH``'s folders (symlinks and ``..`` resolved; set but empty: none); unset,
+        any file when the server listens on loopback only, none otherwise."""
+        listed = get_env_args(ALLOWED_MEDIA_ENV.lower(), str, None)
+        if listed is None:
+            return cls(None if listens_on_loopback_only(host) else ())
+        return cls(tuple(os.path.realpath(os.path.expanduser(f.strip())) for f in listed.split(":") if f.strip()))
+
+    def check(self, media: Any) -> None:
+        """Raise :class:`RequestRejected` when ``media`` (a video or image of a request as the client gave it)
+        would be read from the server's disk outside the allowed folders. Only the path's text and its symlinks
+        are looked at, never whether the file is there: a path outside gets the same answer either way."""
+        path = _disk_path(media)
+        if self.folders is None or path is None:
+            return
+        name = describe(media if isinstance(media, str) else path)
+        if not self.folders:
+            raise RequestRejected(
+                f"{name} names a file on the server, and this server reads no files from its disk for a request: "
+                f"give videos and images as http(s) URLs or as data URLs (data:video/mp4;base64,...). The "
+                f"server's operator can allow the files inside chosen folders with "
+                f"{ALLOWED_MEDIA_ENV}=/folder1:/folder2.")
+        if not (os.path.isabs(path) and _inside(os.path.realpath(path), self.folders)):
+            raise RequestRejected(
+                f"{name} names a file outside the folders this server reads videos and images from "
+                f"({ALLOWED_MEDIA_ENV}): give an absolute path inside one of them, or the video or image as an "
+                f"http(s) URL or a data URL (data:video/mp4;base64,...).")
+
+    def check_request(self, infer_request) -> None:
+        """:meth:`check` for every video, image and audio of an ms-swift ``InferRequest``, in its messages and in
+        its ``videos`` / ``images`` / ``audios`` fields."""
+        for media in _request_media(infer_request):
+            self.check(media)
+
+    def describe(self) -> str:
+        if self.folders is None:
+            return "local files: any (the server listens on loopback only)"
+        if not self.folders:
+            return f"local files: none ({ALLOWED_MEDIA_ENV} to allow folders)"
+        return f"local files: inside {', '.join(self.folders)}"
+
+
+def _disk_path(media: Any) -> Optional[str]:
+    """The text of ``media`` that a reader would take for a path on the server's disk, None for a URL, a data
+    URL or bytes. Anything else is a path, base64 included (readers tell the two apart by asking the disk, so
+    base64 must come as a data URL)."""
+    if isinstance(media, dict):
+        media = None if media.get("bytes") else media.get("url", media.get("path"))
+    if isinstance(media, os.PathLike):
+        media = os.fspath(media)
+    if not isinstance(media, str):
+        return None
+    text = media.strip()
+    return None if text.startswith("data:") or text.lower().startswith(("http://", "https://")) else text
+
+
+def _inside(real_path: str, folders: Sequence[str]) -> bool:
+    return any(real_path == f or real_path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def _request_media(infer_request) -> Iterator[Any]:
+    for message in infer_request.messages or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type", "") if isinstance(part, dict) else ""
+            if kind.removesuffix("_url") in ("video", "image", "audio") and kind in part:
+                yield part[kind]
+    for field in ("videos", "images", "audios"):
+        values = getattr(infer_request, field, None) or []
+        yield from [values] if isinstance(values, (str, dict)) else values
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     sampling: FrameSampling
@@ -77,17 +186,25 @@ class RequestLimits:
     max_frames: Optional[int]  # REQUEST_MAX_FRAMES, None: no frame limit
     max_length: Optional[int]  # the template's --max_length
     max_model_len: Optional[int]
+    max_video_bytes: int = 0  # of a video given inline, 0: no limit
+    max_frame_pixels: int = 0  # 0: no limit
 
     @classmethod
     def from_template(cls, template, max_model_len: Optional[int]) -> "RequestLimits":
+        video_mb = _env_number(MAX_VIDEO_MB_ENV.lower(), float, SafeUrlFetcher.DEFAULT_MAX_DOWNLOAD_SIZE_MB, 0,
+                               "a number of MB >= 0 (0: no limit)")
         return cls(sampling=template.frame_sampling, tokens_per_frame=int(template.config.tokens_per_frame),
                    max_frames=_env_int(MAX_FRAMES_ENV.lower(), None), max_length=template.max_length,
-                   max_model_len=max_model_len)
+                   max_model_len=max_model_len, max_video_bytes=int(video_mb * MB),
+                   max_frame_pixels=_env_int(MAX_FRAME_PIXELS_ENV.lower(), DEFAULT_MAX_FRAME_PIXELS, minimum=0))
 
     def describe(self) -> str:
         frames = f"{MAX_FRAMES_ENV}={self.max_frames}" if self.max_frames else f"no {MAX_FRAMES_ENV}"
+        video = f"{self.max_video_bytes / MB:g} MB" if self.max_video_bytes else "no limit"
+        pixels = f"{self.max_frame_pixels:,}" if self.max_frame_pixels else "no limit"
         return (f"{self.sampling.describe()}, {frames}, --max_length {self.max_length}, "
-                f"max_model_len {self.max_model_len}")
+                f"max_model_len {self.max_model_len}, one video {video} ({MAX_VIDEO_MB_ENV}), pixels of a frame "
+                f"{pixels} ({MAX_FRAME_PIXELS_ENV})")
 
 
 def summary(plans: Sequence[VideoPlan]) -> str:
@@ -109,7 +226,7 @@ def check_request(infer_request, client_videos: Sequence[Any], limits: RequestLi
     client = list(client_videos) if len(client_videos) == len(inputs.videos) else list(inputs.videos)
     names = [describe(v) for v in client]
     _check_tags(inputs, names)
-    plans = [VideoPlan(name, _probe(i, server, given, name, limits.sampling))
+    plans = [VideoPlan(name, _probe(i, server, given, name, limits))
              for i, (server, given, name) in enumerate(zip(inputs.videos, client, names))]
     _check_limits(plans, len(inputs.images), limits)
     return plans
@@ -130,15 +247,17 @@ def _check_tags(inputs: StdTemplateInputs, names: List[str]) -> None:
                                   f"give exactly one tag per {kind}, or no tags at all")
 
 
-def _probe(index: int, server: Any, given: Any, name: str, sampling: FrameSampling) -> int:
+def _probe(index: int, server: Any, given: Any, name: str, limits: RequestLimits) -> int:
     """Frames the template will sample from one video; raises :class:`RequestRejected` naming it."""
     try:
-        return _count_frames(server, given, name, sampling)
+        return _count_frames(server, given, name, limits)
+    except RequestRejected:  # a local path refused: the same answer as where ms-swift's checks refuse it
+        raise
     except ValueError as exc:  # VideoError, SafeMediaPath's refusal, the checks below
         raise RequestRejected(f"video {index} of the request: {_renamed(exc, server, name)}") from None
 
 
-def _count_frames(server: Any, given: Any, name: str, sampling: FrameSampling) -> int:
+def _count_frames(server: Any, given: Any, name: str, limits: RequestLimits) -> int:
     if isinstance(given, str) and given.strip().startswith("data:"):
         match = _DATA_URL.match(given.strip())
         if match is None:
@@ -147,6 +266,7 @@ def _count_frames(server: Any, given: Any, name: str, sampling: FrameSampling) -
             raise ValueError(f"video {name} is empty (its data URL holds no data)")
     if isinstance(given, str) and given == server and not given.strip().startswith(("data:", "http://", "https://")):
         SafeMediaPath.check(given)  # before looking at the file, as ms-swift does (SWIFT_MEDIA_ALLOWED_DIRS)
+    _check_inline_size(server, name, limits.max_video_bytes)
     source, _ = resolve_video_source(server)
     if _size(source) == 0:
         raise ValueError(f"video {name} is empty (0 bytes)")
@@ -156,7 +276,29 @@ def _count_frames(server: Any, given: Any, name: str, sampling: FrameSampling) -
         if "zero frames" in str(exc):
             raise ValueError(f"video {name} has zero frames") from None
         raise ValueError(f"cannot decode video {name}: not a readable video file ({exc})") from None
-    return min(sampling.count(len(reader), reader.fps), len(reader))  # as sample_frame_indices takes them
+    _check_frame_size(reader, name, limits.max_frame_pixels)
+    return min(limits.sampling.count(len(reader), reader.fps), len(reader))  # as sample_frame_indices takes them
+
+
+def _check_inline_size(video: Any, name: str, max_bytes: int) -> None:
+    """A video in the request itself (data URL or base64), before it is decoded: ms-swift caps a download at the
+    same size while downloading it."""
+    if not isinstance(video, str) or not is_inline(video) or video.strip().startswith(("http://", "https://")):
+        return
+    text = video.strip()
+    size = len(text.partition(",")[2] if text.startswith("data:") else text) * 3 // 4
+    if max_bytes and size > max_bytes:
+        raise ValueError(f"video {name} holds {size / MB:.1f} MB, more than the {max_bytes / MB:g} MB this server "
+                         f"takes for one video ({MAX_VIDEO_MB_ENV}): send a shorter video or one of a lower "
+                         f"resolution or bitrate")
+
+
+def _check_frame_size(reader, name: str, max_pixels: int) -> None:
+    width, height = reader.width, reader.height
+    if max_pixels and width * height > max_pixels:
+        raise ValueError(f"video {name} has frames of {width}x{height} pixels ({width * height:,}), more than "
+                         f"the {max_pixels:,} this server decodes ({MAX_FRAME_PIXELS_ENV}): send the video at a "
+                         f"lower resolution")
 
 
 def _renamed(exc: BaseException, server: Any, name: str) -> str:
@@ -198,5 +340,6 @@ def _check_limits(plans: List[VideoPlan], images: int, limits: RequestLimits) ->
                                   f"per frame), more than {what}: send a shorter video or fewer videos")
 
 
-__all__ = ["MAX_FRAMES_ENV", "RequestRejected", "RequestLimits", "VideoPlan", "check_messages", "check_request",
+__all__ = ["MAX_FRAMES_ENV", "ALLOWED_MEDIA_ENV", "MAX_VIDEO_MB_ENV", "MAX_FRAME_PIXELS_ENV", "RequestRejected",
+           "RequestLimits", "LocalMedia", "VideoPlan", "check_messages", "check_request", "listens_on_loopback_only",
            "request_videos", "summary"]

@@ -10,10 +10,10 @@ Decoding (:func:`open_reader`, :func:`decode_frames`): PyAV, with frame threadin
 a sampled frame only when that skips decoding (``benchmarks/bench_video_decode.py`` measured it against decord);
 decord when PyAV cannot open the file. Frame ``i`` is the ``i``-th frame in presentation order for both (the
 same numbering as decord's ``VideoReader``, which the shot cache and older releases use; tested equal). The
-template asks for the vision tower's square input size: frames are decoded at full size a chunk at a time and
-resized with torch's antialiased bicubic on uint8 (:func:`decode_resized`), which keeps 4,096 frames of a 720p
-video at 2.5 GB instead of 11 GB of full-size RGB and, unlike swscale's single-threaded bicubic, is vectorised
-and uses every core.
+template asks for the vision tower's square input size: frames are decoded at full size a chunk at a time (64
+frames, fewer above 1080p: at most 398 MB of full-size RGB) and resized with torch's antialiased bicubic on uint8
+(:func:`decode_resized`), which keeps 4,096 frames of a 720p video at 2.5 GB instead of 11 GB of full-size RGB
+and, unlike swscale's single-threaded bicubic, is vectorised and uses every core.
 """
 from __future__ import annotations
 
@@ -235,9 +235,23 @@ class DecordReader:
             self.scaled = False
         self._size = size
         self.fps = float(self._vr.get_avg_fps() or 0.0)
+        self._shape: Optional[Tuple[int, ...]] = None
 
     def __len__(self) -> int:
         return len(self._vr)
+
+    @property
+    def width(self) -> int:
+        return self._frame_shape()[1]
+
+    @property
+    def height(self) -> int:
+        return self._frame_shape()[0]
+
+    def _frame_shape(self) -> Tuple[int, ...]:
+        if self._shape is None:  # decord tells a frame's size only by decoding one
+            self._shape = tuple(self._vr[0].shape)
+        return self._shape
 
     def get(self, indices: Sequence[int], size: Optional[Tuple[int, int]] = None, interpolation: str = 'AREA'
             ) -> np.ndarray:
@@ -265,17 +279,25 @@ def resize_frames(frames: np.ndarray, size: Tuple[int, int], mode: str = 'area')
 
 
 RESIZE_CHUNK_FRAMES = 64
+RESIZE_CHUNK_BYTES = RESIZE_CHUNK_FRAMES * 1920 * 1080 * 3  # 64 full-size RGB frames of 1080p, 398 MB
+
+
+def resize_chunk_frames(width: int, height: int) -> int:
+    """Frames decoded at full size at a time: ``RESIZE_CHUNK_FRAMES``, fewer where their RGB would exceed
+    ``RESIZE_CHUNK_BYTES`` (16 frames of 4K, 4 of 8K)."""
+    return max(1, min(RESIZE_CHUNK_FRAMES, RESIZE_CHUNK_BYTES // max(1, width * height * 3)))
 
 
 def decode_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
                    src: Optional[VideoSource] = None) -> np.ndarray:
-    """The frames at ``size``: decoded at full size ``RESIZE_CHUNK_FRAMES`` at a time and resized with torch's
-    antialiased bicubic. Memory stays that of the output plus one chunk. (Decoding straight to the size with
-    swscale's bicubic runs on one core: 17.7 of 31.4 s for 3,600 frames of an hour of 360p on 16 cores, more than
-    the decoding itself; docs/benchmarks.md.)"""
+    """The frames at ``size``: decoded at full size a chunk at a time (:func:`resize_chunk_frames`) and resized
+    with torch's antialiased bicubic, frame by frame the same bits whatever the chunk. Memory stays that of the
+    output plus one chunk. (Decoding straight to the size with swscale's bicubic runs on one core: 17.7 of 31.4 s
+    for 3,600 frames of an hour of 360p on 16 cores, more than the decoding itself; docs/benchmarks.md.)"""
     out = np.empty((len(indices), size[1], size[0], 3), np.uint8)
-    for start in range(0, len(indices), RESIZE_CHUNK_FRAMES):
-        part = decode_frames(reader, indices[start:start + RESIZE_CHUNK_FRAMES], None, src=src)
+    chunk = resize_chunk_frames(reader.width, reader.height)
+    for start in range(0, len(indices), chunk):
+        part = decode_frames(reader, indices[start:start + chunk], None, src=src)
         same = tuple(part.shape[1:3]) == (size[1], size[0])
         out[start:start + len(part)] = part if same else resize_frames(part, size, mode='bicubic')
     return out
@@ -390,4 +412,5 @@ def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int,
 
 __all__ = ["VideoClip", "VideoError", "VideoNotFoundError", "VideoDecodeError", "FrameSampling",
            "sample_frame_indices", "open_reader", "decode_frames", "video_info", "load_video",
-           "frames_to_pixel_values", "describe", "resize_frames", "decode_resized", "PyAVReader", "DecordReader"]
+           "frames_to_pixel_values", "describe", "resize_frames", "resize_chunk_frames", "decode_resized",
+           "PyAVReader", "DecordReader"]

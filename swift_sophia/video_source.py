@@ -16,6 +16,7 @@ from typing import Any, Optional, Tuple, Union
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
 
 _INLINE_PREFIXES = ('http://', 'https://', 'data:')
+_LONGEST_NAME = 1024  # characters of a video named as given; a longer string is base64 unless it is a path
 
 
 class VideoError(ValueError):
@@ -38,7 +39,7 @@ def describe(video) -> str:
         v = video.strip()
         if v.startswith('data:'):
             return f'<data URL, {len(v)} chars>'
-        if len(v) > 1024 and not os.path.exists(v[:1024]):
+        if len(v) > _LONGEST_NAME:  # base64, or a path no one writes: named without asking the disk which
             return f'<base64 video, {len(v)} chars>'
         return v
     if isinstance(video, (bytes, bytearray, memoryview)):
@@ -46,6 +47,13 @@ def describe(video) -> str:
     if isinstance(video, dict):
         return describe(video.get('path')) if video.get('path') and not video.get('bytes') else '<bytes>'
     return f'<{type(video).__name__}>'
+
+
+def is_inline(video: str) -> bool:
+    """Whether :func:`resolve_video_source` reads a video given as this text from the text itself (a URL to
+    fetch, a data URL, base64) rather than from a file."""
+    v = video.strip()
+    return v.startswith(_INLINE_PREFIXES) or (len(v) > _LONGEST_NAME and not os.path.exists(v[:_LONGEST_NAME]))
 
 
 def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_base: bool = True
@@ -71,7 +79,7 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
         raise VideoError(f'unsupported video entry {type(video).__name__}: {str(video)[:80]!r}')
     v = video.strip()
     name = describe(v)
-    if v.startswith(_INLINE_PREFIXES) or (len(v) > 1024 and not os.path.exists(v[:1024])):
+    if is_inline(v):
         from swift.template.vision_utils import load_file
         if v.startswith('data:') and not v.partition(',')[2].strip():
             raise VideoDecodeError(f'video {name} is empty (its data URL holds no data)')
@@ -82,8 +90,7 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
                              f'cannot read video {name}: {type(exc).__name__}') from exc
     expanded = os.path.expanduser(v)
     if os.path.isabs(expanded):
-        if not os.path.isfile(expanded):
-            raise VideoNotFoundError(f'video file not found: {expanded}')
+        _check_is_file(expanded, expanded)
         return expanded, expanded
     root = os.environ.get('ROOT_IMAGE_DIR')
     swift_rule = [os.path.abspath(expanded)] + ([os.path.join(root, expanded)] if root else [])
@@ -92,8 +99,17 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
     for c in candidates:
         if os.path.isfile(c):
             return os.path.abspath(c), v
+    if any(os.path.isdir(c) for c in candidates):
+        raise VideoError(f'video {v} is a directory, not a video file')
     looked = ', '.join(os.path.dirname(c) or '.' for c in candidates)
     raise VideoNotFoundError(f'video file not found: {v} (looked in: {looked})')
+
+
+def _check_is_file(path: str, name: str) -> None:
+    if os.path.isdir(path):
+        raise VideoError(f'video {name} is a directory, not a video file')
+    if not os.path.isfile(path):
+        raise VideoNotFoundError(f'video file not found: {name}')
 
 
 def fresh_stream(src: VideoSource):
@@ -117,5 +133,5 @@ def fresh_stream(src: VideoSource):
     raise TypeError(f'unsupported video source {type(src).__name__}')
 
 
-__all__ = ['VideoSource', 'VideoError', 'VideoNotFoundError', 'VideoDecodeError', 'describe',
+__all__ = ['VideoSource', 'VideoError', 'VideoNotFoundError', 'VideoDecodeError', 'describe', 'is_inline',
            'resolve_video_source', 'fresh_stream']

@@ -5,12 +5,19 @@ One server for the module, on sophia-tiny with a decoder MLP 32,768 wide (`wide_
 tokens then needs a real allocation of hundreds of MB in the MLP, while a short request needs a few MB. The
 out-of-memory test caps the server process's address space (RLIMIT_AS, as `ulimit -v` does) a little above what
 it uses: the large request's allocation really fails, inside the model, as a GPU's does when a video does not fit.
+It reads local files from the media folder only (SOPHIA_ALLOWED_MEDIA_PATH) and has small size limits; a second,
+short-lived server listens on 0.0.0.0 with the defaults.
 """
+import base64
+import http.client
 import http.server
+import json
+import os
 import re
 import resource
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +32,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 MAX_FRAMES, MAX_LENGTH = 1000, 3000  # the server's REQUEST_MAX_FRAMES and --max_length
+MAX_REQUEST_MB, MAX_VIDEO_MB, MAX_FRAME_PIXELS = 2, 1, 64 * 64  # its SOPHIA_MAX_REQUEST_MB, ... limits
 OOM_FRAMES = 600  # 600 frames x 4 tokens: one 592 MB tensor in the MLP, within both limits
 HEADROOM = 300 << 20  # address space the server may take beyond what it holds when the limit is set
 QUESTION = {"type": "text", "text": "What color is the background?"}
@@ -39,17 +47,29 @@ def _clip(path, frames, size=32):
     return str(path)
 
 
+def _data_url(data):
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
+    """The media folder (the module server's SOPHIA_ALLOWED_MEDIA_PATH) and a video outside it."""
     d = tmp_path_factory.mktemp("media")
     (d / "empty.mp4").write_bytes(b"")
     (d / "garbage.mp4").write_text("not a video")
+    (d / "big.bin").write_bytes(os.urandom(int(1.1 * MAX_VIDEO_MB * 2 ** 20)))  # over the limit of one video
+    (d / "folder").mkdir()
+    outside = Path(_clip(tmp_path_factory.mktemp("outside") / "outside.mp4", 16))
+    (d / "link.mp4").symlink_to(outside)
+    too_big = _data_url((d / "big.bin").read_bytes())
     return {"good": _clip(d / "good.mp4", 16), "other": _clip(d / "other.mp4", 12), "busy": _clip(d / "busy.mp4", 200),
             "over_frames": _clip(d / "over_frames.mp4", MAX_FRAMES + 100),
             "over_tokens": _clip(d / "over_tokens.mp4", MAX_LENGTH // 4 + 50),
-            "oom": _clip(d / "oom.mp4", OOM_FRAMES),
+            "oom": _clip(d / "oom.mp4", OOM_FRAMES), "large_frames": _clip(d / "large_frames.mp4", 4, size=96),
             "missing": str(d / "missing.mp4"), "empty": str(d / "empty.mp4"), "garbage": str(d / "garbage.mp4"),
-            "dir": str(d)}
+            "dir": str(d), "folder": str(d / "folder"), "too_big": too_big, "too_big_chars": str(len(too_big)),
+            "outside": str(outside), "outside_missing": str(outside.parent / "missing.mp4"),
+            "link_outside": str(d / "link.mp4"), "dots_outside": str(d / ".." / outside.parent.name / outside.name)}
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +115,28 @@ class Server:
             body = exc.body if isinstance(exc.body, dict) else {}
             return exc.status_code, str(body.get("message", exc.body))
 
+    def complete(self, prompt, videos):
+        """/v1/completions with top-level videos: (HTTP status, the answer or the error's message)."""
+        try:
+            reply = self.client.completions.create(model="sophia", prompt=prompt, max_tokens=2, temperature=0,
+                                                   extra_body={"videos": videos})
+            return 200, reply.choices[0].text
+        except openai.APIStatusError as exc:
+            return exc.status_code, str((exc.body if isinstance(exc.body, dict) else {}).get("message", exc.body))
+
     def answers(self, video):
         status, text = self.ask({"type": "video", "video": video}, QUESTION)
         assert status == 200 and text, (status, text, self.log()[-3000:])
 
 
 @pytest.fixture(scope="module")
-def server(wide_model, tmp_path_factory):
+def server(wide_model, media, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("deploy") / "deploy.log"
     extra = {"VIDEO_SEGMENTS": "100000",  # every frame of every test video
              "REQUEST_MAX_FRAMES": str(MAX_FRAMES),
              "SWIFT_ALLOW_INTERNAL_URL": "1",  # the media server is on 127.0.0.1
+             "SOPHIA_ALLOWED_MEDIA_PATH": media["dir"], "SOPHIA_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
+             "SWIFT_MAX_DOWNLOAD_SIZE_MB": str(MAX_VIDEO_MB), "SOPHIA_MAX_FRAME_PIXELS": str(MAX_FRAME_PIXELS),
              "MALLOC_ARENA_MAX": "2"}  # glibc's per-thread arenas are address space too: keep them out of HEADROOM
     with DeployProcess([SWIFT, "deploy", "--model", wide_model, "--model_type", "sophia",
                         "--external_plugins", plugin_path(), "--infer_backend", "transformers",
@@ -135,6 +166,15 @@ BAD = {  # case: (parts of the user message, what the 400's message must say); "
                             ["the request has 1 <video> tag(s) but no video"]),
     "two tags, one video": ([_video("{good}"), {"type": "text", "text": "<video>What color?"}],
                             ["the request has 2 <video> tag(s) but 1 video(s) [{good}]"]),
+    "a directory": ([_video("{folder}")], ["video 0 of the request: video {folder} is a directory, not a video file"]),
+    "frames over the pixel limit": ([_video("{large_frames}")], [
+        "video 0 of the request: video {large_frames} has frames of 96x96 pixels (9,216), more than the 4,096 this "
+        "server decodes (SOPHIA_MAX_FRAME_PIXELS): send the video at a lower resolution"]),
+    "data URL over the video size limit": ([{"type": "video_url", "video_url": {"url": "{too_big}"}}], [
+        "video 0 of the request: video <data URL, {too_big_chars} chars> holds 1.1 MB, more than the 1 MB this server "
+        "takes for one video (SWIFT_MAX_DOWNLOAD_SIZE_MB)"]),
+    "URL over the video size limit": ([{"type": "video_url", "video_url": {"url": "{url}/big.bin"}}], [
+        "Refusing to fetch '{url}/big.bin': the response is larger than 1MB"]),  # ms-swift's check
 }
 
 
@@ -158,6 +198,84 @@ def test_bad_request_gets_a_400_naming_the_video_and_the_reason(server, media, m
         assert text in message, message
     assert "swift-media" not in message  # not the server's downloaded copy
     server.answers(media["good"])  # the server keeps serving
+
+
+def _outside(name):
+    return (f"{name} names a file outside the folders this server reads videos and images from "
+            f"(SOPHIA_ALLOWED_MEDIA_PATH): give an absolute path inside one of them, or the video or image as an "
+            f"http(s) URL or a data URL (data:video/mp4;base64,...).")
+
+
+def test_local_files_outside_the_allowed_folders_get_the_same_400_whether_or_not_they_exist(server, media):
+    """Symlinks and `..` are resolved first; a relative path and base64 that is not a data URL are paths outside
+    too (readers tell base64 from a path by asking the disk)."""
+    raw_base64 = base64.b64encode(open(media["good"], "rb").read()).decode()
+    for path in ("outside", "outside_missing", "link_outside", "dots_outside"):
+        for part in (_video(media[path]), {"type": "video_url", "video_url": {"url": media[path]}},
+                     {"type": "image", "image": media[path]}):
+            assert server.ask(part, QUESTION) == (400, _outside(media[path])), part
+        assert server.complete("<video>What color?", [media[path]]) == (400, _outside(media[path]))
+    assert server.ask(_video("good.mp4"), QUESTION) == (400, _outside("good.mp4"))
+    assert server.ask(_video(raw_base64), QUESTION) == (400, _outside(f"<base64 video, {len(raw_base64)} chars>"))
+    server.answers(media["good"])
+    server.answers(_data_url(open(media["outside"], "rb").read()))
+    assert server.complete("<video>What color?", [media["good"]])[0] == 200
+
+
+def test_a_request_over_the_size_limit_gets_a_413_before_it_is_parsed(server, media):
+    data = os.urandom(int(0.8 * MAX_REQUEST_MB * 2 ** 20))  # 4/3 as much base64
+    status, message = server.ask({"type": "video_url", "video_url": {"url": _data_url(data)}}, QUESTION)
+    assert status == 413, (status, message)
+    assert re.fullmatch(rf"the request's body is 2\.\d MB, more than the {MAX_REQUEST_MB} MB this server takes in "
+                        rf"one request \(SOPHIA_MAX_REQUEST_MB\): give long videos as http\(s\) URLs rather than "
+                        rf"inline as data URLs, or send a shorter video", message), message
+    # a body sent in chunks, without its length
+    body = json.dumps({"model": "sophia", "messages": [{"role": "user", "content": [_video(media["good"])]}],
+                       "pad": "x" * (MAX_REQUEST_MB << 20)}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.deploy.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    reply = connection.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["message"].startswith(
+        f"the request's body is more than the {MAX_REQUEST_MB} MB this server takes in one request")
+    connection.close()
+    server.answers(media["good"])
+
+
+def test_a_server_listening_beyond_loopback_reads_no_local_files(tiny_model_dir, media, tmp_path):
+    """Without SOPHIA_ALLOWED_MEDIA_PATH, local files are refused on 0.0.0.0 (allowed on 127.0.0.1, where every
+    other server of the tests listens); URLs and data URLs are served."""
+    with DeployProcess([SWIFT, "deploy", "--model", tiny_model_dir, "--model_type", "sophia",
+                        "--external_plugins", plugin_path(), "--infer_backend", "transformers",
+                        "--served_model_name", "sophia", "--max_new_tokens", "2"],
+                       tmp_path / "deploy.log", env=env(), host="0.0.0.0") as deploy:
+        deploy.wait_until_serving(timeout=300)
+        open_server = Server(deploy)
+        for path in (media["good"], media["missing"]):
+            for part in (_video(path), {"type": "image", "image": path}):
+                assert open_server.ask(part, QUESTION) == (400, (
+                    f"{path} names a file on the server, and this server reads no files from its disk for a request: "
+                    f"give videos and images as http(s) URLs or as data URLs (data:video/mp4;base64,...). The "
+                    f"server's operator can allow the files inside chosen folders with "
+                    f"SOPHIA_ALLOWED_MEDIA_PATH=/folder1:/folder2."))
+        open_server.answers(_data_url(open(media["good"], "rb").read()))
+
+
+def test_local_files_are_allowed_by_the_address_the_server_listens_on_unless_folders_are_given(monkeypatch,
+                                                                                               tmp_path):
+    from swift_sophia.request_check import LocalMedia, listens_on_loopback_only
+
+    hosts = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "192.0.2.1")
+    assert [listens_on_loopback_only(h) for h in hosts] == [True] * 3 + [False] * 3
+    monkeypatch.delenv("SOPHIA_ALLOWED_MEDIA_PATH", raising=False)
+    assert LocalMedia.for_server("127.0.0.1").folders is None and LocalMedia.for_server("0.0.0.0").folders == ()
+    monkeypatch.setenv("SOPHIA_ALLOWED_MEDIA_PATH", "")  # set, but no folder: none
+    assert LocalMedia.for_server("127.0.0.1").folders == ()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv("SOPHIA_ALLOWED_MEDIA_PATH", f"{tmp_path}/link:{tmp_path}/real/../other:")
+    real = Path(os.path.realpath(tmp_path))
+    assert LocalMedia.for_server("0.0.0.0").folders == (str(real / "real"), str(real / "other"))
 
 
 def test_too_many_frames_are_refused_with_the_limit_named(server, media):

@@ -210,7 +210,7 @@ def _swift_eval(model, set_dir, out):
            "--eval_dataset_args", os.path.join(set_dir, "eval_dataset_args.json"), "--eval_output_dir", out,
            "--model_type", "sophia", "--external_plugins", plugin_path(),
            "--infer_backend", "transformers", "--max_new_tokens", "4", "--eval_num_proc", "2",
-           "--host", "127.0.0.1", "--port", str(free_port()),
+           "--port", str(free_port()),  # the server it starts listens on 127.0.0.1, not ms-swift's 0.0.0.0
            "--eval_generation_config", json.dumps({"retries": 1})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(VIDEO_SEGMENTS="4"), timeout=420,
                           cwd=os.path.dirname(os.path.abspath(out)))  # swift eval writes result/ in cwd

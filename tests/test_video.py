@@ -92,6 +92,21 @@ def test_frames_at_the_vision_size_are_resized_a_chunk_at_a_time(clip, monkeypat
     np.testing.assert_array_equal(decord, expected)
 
 
+def test_large_frames_are_decoded_fewer_at_a_time_with_the_same_bits(clip, monkeypatch):
+    """A chunk holds at most RESIZE_CHUNK_BYTES of full-size RGB (64 frames up to 1080p, 16 of 4K, 4 of 8K: 64 8K
+    frames were 6.4 GB at a time); the frames the model sees are the same whatever the chunk."""
+    sizes = ((640, 360), (1920, 1080), (3840, 2160), (7680, 4320), (30000, 30000))
+    assert [V.resize_chunk_frames(w, h) for w, h in sizes] == [64, 64, 16, 4, 1]
+    whole = V.load_video(clip, 9, size=32)
+    decoded = []
+    decode_frames = V.decode_frames
+    monkeypatch.setattr(V, "decode_frames", lambda reader, idx, *a, **k: decoded.append(len(idx)) or
+                        decode_frames(reader, idx, *a, **k))
+    monkeypatch.setattr(V, "RESIZE_CHUNK_BYTES", 2 * 64 * 48 * 3)  # two frames of the 64x48 clip
+    np.testing.assert_array_equal(V.load_video(clip, 9, size=32).frames, whole.frames)
+    assert decoded == [2, 2, 2, 2, 1]
+
+
 def test_pyav_frames_equal_decord_frames(clip):
     """The two decoders number and decode frames identically (the shot cache and older releases used decord)."""
     pyav, decord = V.open_reader(clip, backend="pyav"), V.open_reader(clip, backend="decord")
