@@ -41,6 +41,7 @@ from .pruning import FramePruner
 logger = logging.get_logger(__name__)
 
 Shot = Tuple[int, int]
+HOST_FEATURES_FROM_BYTES = 4 << 30  # frame features at least this large wait in host memory (see _features_on_host)
 
 
 class SophiaAggregator(nn.Module):
@@ -302,7 +303,7 @@ class SophiaModel(InternVLModel):
         images = 0 if pixel_values is None else pixel_values.shape[0]
         pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
         descriptors = None
-        if not images and self._features_on_host():
+        if not images and self._features_on_host(pixels.shape[0], text_embeds):
             frames, descriptors = self._frame_features_on_host(pixels, text_embeds.dtype)
         else:
             frames = self.video_frame_features(pixels).to(text_embeds.dtype)
@@ -387,11 +388,14 @@ class SophiaModel(InternVLModel):
             out.next_position_ids = plan.next_position
         return out
 
-    def _features_on_host(self) -> bool:
+    def _features_on_host(self, frames: int, like: torch.Tensor) -> bool:
         """Whether the frames' features wait in host memory while the pruner chooses: at inference with pruning or a
-        frame budget on a GPU, where most of an hour's features (21 GiB for 10,000 frames at the 8B shape) would
-        otherwise sit in GPU memory next to the KV cache, to be dropped."""
-        return not torch.is_grad_enabled() and self._pruning() and self.device.type == "cuda"
+        frame budget on a GPU, once they would take `HOST_FEATURES_FROM_BYTES` (most of an hour's features, 21 GiB
+        for 10,000 frames at the 8B shape, would otherwise sit in GPU memory next to the KV cache, to be dropped).
+        Below that the copies (about 0.5 s a GiB with pinning, measured at 10,000 frames) cost more than they save."""
+        size = frames * self.config.tokens_per_frame * like.shape[-1] * like.element_size()
+        return (not torch.is_grad_enabled() and self._pruning() and like.device.type == "cuda"
+                and size >= HOST_FEATURES_FROM_BYTES)
 
     def _frame_features_on_host(self, pixels: torch.Tensor, dtype: torch.dtype):
         """`video_frame_features` a chunk of frames at a time, each chunk's features copied to (pinned) host memory

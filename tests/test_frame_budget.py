@@ -231,7 +231,7 @@ def test_features_waiting_in_host_memory_give_the_same_answer(tiny_model_dir, mo
                   video_query_ids=ids[:, -5:], video_query_mask=torch.ones(2, 5, dtype=torch.long))
     results = {}
     for on_host in (False, True):
-        monkeypatch.setattr(SophiaModel, "_features_on_host", lambda self: on_host)
+        monkeypatch.setattr(SophiaModel, "_features_on_host", lambda self, frames, like: on_host)
         with torch.no_grad(), mock.patch.object(SophiaModel, "_frame_features_on_host",
                                                 wraps=model.model._frame_features_on_host) as spy:
             out = model(**inputs)
