@@ -15,9 +15,9 @@ autograd nothing needs them, so each layer here runs as:
 So one layer holds the residual, q (then the attention output) and k and v (a quarter of q each at the 8B shape, 8
 of 32 heads), and one chunk's intermediates; aggregated tokens' keys and values are gone with their layer. The
 arithmetic is the decoder's own, row by row (its modules, its rotary function), so the result is the same
-(tested against the decoder's forward). Used for decoders whose layers have the Llama layout (Llama, Qwen2,
-InternLM2 converted, Mistral: input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp); anything
-else runs through the decoder's own forward.
+(tested against the decoder's forward). Used for decoders whose layers have the Llama layout
+(`LLAMA_LAYOUT_LAYERS`: Llama, InternLM2 converted to it, Qwen2, Mistral); anything else runs through the decoder's
+own forward.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ from sophia_kernels import hierarchical_attention
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _NOT_HANDLED = ("q_norm", "k_norm")  # per-head norms (Qwen3, OLMo2): the decoder's own forward
+# Decoder layers whose forward is exactly norm -> attention -> residual -> norm -> MLP -> residual, and whose model
+# adds nothing between the embeddings and the first layer (Gemma scales them, Gemma 2 has four norms a layer).
+LLAMA_LAYOUT_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 
 
 def supports_lean_prefill(decoder: nn.Module) -> bool:
@@ -37,6 +40,8 @@ def supports_lean_prefill(decoder: nn.Module) -> bool:
     if not layers or getattr(decoder, "rotary_emb", None) is None or getattr(decoder, "norm", None) is None:
         return False
     for layer in layers:
+        if type(layer).__name__ not in LLAMA_LAYOUT_LAYERS:
+            return False
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, p) for p in _ATTENTION_PARTS) \
                 or any(hasattr(attn, p) for p in _NOT_HANDLED) or _rotary_function(attn) is None:

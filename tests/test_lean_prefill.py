@@ -55,6 +55,11 @@ def test_training_hidden_states_and_other_decoders_take_the_decoders_forward(tin
     layer = model.model.language_model.layers[0]
     layer.self_attn.q_norm = torch.nn.Identity()  # per-head norms (Qwen3-style): not the Llama layout
     assert not supports_lean_prefill(model.model.language_model)
+    del layer.self_attn.q_norm
+    assert supports_lean_prefill(model.model.language_model)
+    # a layer of another family (Gemma 2: four norms a layer), even with Llama's attribute names
+    layer.__class__ = type("Gemma2DecoderLayer", (type(layer),), {})
+    assert not supports_lean_prefill(model.model.language_model)
 
 
 def test_a_prefill_for_the_next_token_gathers_only_the_last_positions(tiny_model_dir):
