@@ -4,6 +4,9 @@ Import this module (or pass `swift_sophia/plugin.py` to `--external_plugins`) be
 """
 from __future__ import annotations
 
+import atexit
+
+import torch.distributed as dist
 from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
 from transformers import AutoModelForImageTextToText
 
@@ -18,6 +21,18 @@ from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE
 
 SOPHIA_MODEL_TYPE = "sophia"
+
+
+def _destroy_process_groups() -> None:
+    """At exit, before the interpreter's teardown: ms-swift, accelerate and DeepSpeed leave their process groups
+    alive, and a gloo rank whose groups were destroyed in the static teardown sometimes aborted after training had
+    finished ("terminate called without an active exception", exit status -6; seen under ZeRO-3 and sequence
+    parallelism on CPU processes)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_destroy_process_groups)  # every `swift` command that loads the plugin
 
 # Which modules --freeze_vit / --freeze_aligner / --freeze_llm and LoRA target. The frame pruner belongs to no
 # group: it only receives gradients when pruning is on (stage 3), where `--trainable_parameters model.pruner`

@@ -23,7 +23,6 @@ rank of a group); the decoder, where the tokens x hidden activations are, runs o
 """
 from __future__ import annotations
 
-import atexit
 import sys
 import zlib
 
@@ -239,14 +238,6 @@ def _patch_swift_loss() -> None:
     trainer.per_token_loss_func_sp = per_token_loss_func_sp
 
 
-def _destroy_process_groups() -> None:
-    """At exit, before the interpreter's teardown: ms-swift leaves the sequence-parallel groups alive, and a rank
-    whose gloo groups were destroyed in the static teardown sometimes aborted ("terminate called without an active
-    exception", exit status -6) after training had finished."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def patch_swift_prepare() -> None:
     """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia,
     and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `shift_labels`
@@ -265,7 +256,6 @@ def patch_swift_prepare() -> None:
         if sp_size > 1 and self.rp_world_size == 1 and attach(model, self):
             _patch_swift_loss()
             self.sophia_shift_labels = True
-            atexit.register(_destroy_process_groups)
 
     def prepare_inputs(self, inputs):
         original_prepare_inputs(self, inputs)
