@@ -36,7 +36,8 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(path)
     cfg = model.config
     m = cfg.tokens_per_frame
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu
     print(f"device: {device_name}; torch {torch.__version__}; tiny default (M={m}, A={cfg.hier_arity}, "
           f"L={cfg.hier_levels}, E={cfg.hier_neighbours}); median of {args.repeats}\n")
     print("| frames | alpha/beta | frames kept | plain tokens | extended tokens | prefill (ms) |")

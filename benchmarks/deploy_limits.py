@@ -14,10 +14,10 @@ Every frame of each generated video is taken (VIDEO_SEGMENTS=100000 on the serve
 request of F frames. On a GPU the --oom-frames video should not fit (at the 8B shape, all frames kept, 2,048
 frames took 98.7 GiB of an H200 beyond the weights and 4,096 did not fit; docs/benchmarks.md; 4,000 frames are
 1.02M tokens, within the shape's 2^20 positions); two of them batched together do not fit in any case. On a CPU
-nothing runs out of memory by itself: the server's address space is capped (RLIMIT_AS, like `ulimit -v`) --cpu-headroom-mb above what it
-holds after the first requests, so that the large request's allocation really fails; the default checkpoint is
-sophia-tiny with a decoder MLP 32,768 wide, so that this allocation is in the model (hundreds of MB for a
-prompt of a few thousand tokens), as on a GPU, and far above the cap.
+nothing runs out of memory by itself: the server's address space is capped (RLIMIT_AS, like `ulimit -v`)
+--cpu-headroom-mb above what it holds after the first requests, so that the large request's allocation really
+fails; the default checkpoint is sophia-tiny with a decoder MLP 32,768 wide, so that this allocation is in the
+model (hundreds of MB for a prompt of a few thousand tokens), as on a GPU, and far above the cap.
 """
 from __future__ import annotations
 

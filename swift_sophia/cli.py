@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     data = sub.add_parser("make-data", help="write the synthetic video QA dataset",
                           description="Synthetic video QA: short mp4 clips of coloured shots with moving shapes and "
                                       "questions about them (the background colour of the first or the last shot, "
-                                      "the shape in the first shot), as ms-swift jsonl rows (messages + videos), written "
+                                      "the shape in the first shot), as ms-swift jsonl rows (messages + videos), "
+                                      "written "
                                       "with PyAV. Nothing is downloaded.")
     data.add_argument("output_dir", help="folder to write: train.jsonl, val.jsonl and the clips (created)")
     data.add_argument("--num-train", type=int, default=64, help="training rows (default 64)")

@@ -26,8 +26,7 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import torch
 
 from .configuration_sophia import SophiaConfig
-from .convert_internvl_chat import (ConversionError, WeightConverter, check_layout, sophia_fields,
-                                    system_message)
+from .convert_internvl_chat import ConversionError, WeightConverter, check_layout, sophia_fields, system_message
 from .convert_tokenizer import load_source_tokenizer
 from .tokens import IMAGE_CONTEXT, SPECIAL_TOKENS, VIDEO_CONTEXT
 

@@ -37,11 +37,11 @@ INTERNVL_CHAT_DEFAULTS = dict(select_layer=-1, force_image_size=None, downsample
 
 # The system prompts of the conversation templates that InternVL checkpoints name in `template` (their
 # `conversation.py`); a config's own `system_message` wins.
-_INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+_INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"  # noqa: E501
 TEMPLATE_SYSTEM_MESSAGES = {
     "internlm2-chat": _INTERNVL2_SYSTEM,
     "Hermes-2": _INTERNVL2_SYSTEM,
-    "internvl2_5": "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
+    "internvl2_5": "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",  # noqa: E501
 }
 
 # Fields of an llm_config that describe the saved object rather than the decoder.
@@ -55,7 +55,7 @@ _VIT_LAYER, _TOWER_LAYER = r"vision_model\.encoder\.layers\.(\d+)\.", r"model.vi
 VISION_KEY_MAPPING = {
     r"vision_model\.embeddings\.class_embedding":                r"model.vision_tower.embeddings.cls_token",
     r"vision_model\.embeddings\.position_embedding":             r"model.vision_tower.embeddings.position_embeddings",
-    r"vision_model\.embeddings\.patch_embedding\.(weight|bias)": r"model.vision_tower.embeddings.patch_embeddings.projection.\1",
+    r"vision_model\.embeddings\.patch_embedding\.(weight|bias)": r"model.vision_tower.embeddings.patch_embeddings.projection.\1",  # noqa: E501
     _VIT_LAYER + r"attn\.qkv\.(weight|bias)":                    _TOWER_LAYER + r"attention.qkv.\2",  # split
     _VIT_LAYER + r"attn\.proj\.(weight|bias)":                   _TOWER_LAYER + r"attention.projection_layer.\2",
     _VIT_LAYER + r"attn\.(q_norm|k_norm)\.weight":               _TOWER_LAYER + r"attention.\2.weight",

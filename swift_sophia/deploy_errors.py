@@ -38,8 +38,18 @@ from swift.template.base import MaxLengthError
 from swift.utils import SafeMediaPath, get_logger
 
 from .out_of_memory import guard_engine, is_out_of_memory
-from .request_check import (MAX_FRAMES_ENV, MB, LocalMedia, RequestLimits, RequestRejected, VideoPlan,
-                            check_messages, check_request, request_videos, summary)
+from .request_check import (
+    MAX_FRAMES_ENV,
+    MB,
+    LocalMedia,
+    RequestLimits,
+    RequestRejected,
+    VideoPlan,
+    check_messages,
+    check_request,
+    request_videos,
+    summary,
+)
 from .template import SophiaTemplate
 from .video import _env_number
 from .video_source import describe

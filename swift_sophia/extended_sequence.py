@@ -6,8 +6,8 @@ kept level-0 frames are followed directly by its aggregated frames (levels 1 .. 
 a few integers per row and video, where every token goes (`ExtendedPlan`), and the layout the hierarchical
 attention kernel reads (`sophia_kernels.HierLayout`).
 
-Position ids (docs/hierarchical_attention.md): text and level-0 tokens keep the positions a plain VLM given only the kept
-frames would give them (consecutive within each sequence), so aggregated tokens never shift the text. Token m
+Position ids (docs/hierarchical_attention.md): text and level-0 tokens keep the positions a plain VLM given only the
+kept frames would give them (consecutive within each sequence), so aggregated tokens never shift the text. Token m
 of aggregated frame (l, n) takes the position of token m of the middle level-0 frame of the span it summarises,
 frame min(n * A**l + (A**l - 1) // 2, F' - 1).
 """

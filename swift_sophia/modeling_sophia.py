@@ -23,8 +23,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.cache_utils import Cache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.internvl.modeling_internvl import (InternVLForConditionalGeneration, InternVLModel,
-                                                            InternVLPreTrainedModel)
+from transformers.models.internvl.modeling_internvl import (
+    InternVLForConditionalGeneration,
+    InternVLModel,
+    InternVLPreTrainedModel,
+)
 from transformers.utils import can_return_tuple, logging
 
 from sophia_kernels import level_counts
@@ -32,8 +35,8 @@ from sophia_kernels import level_counts
 from . import attention, liger, sequence_parallel
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, prunes, resolve_runtime_settings
-from .frame_budget import frame_budgets
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
+from .frame_budget import frame_budgets
 from .kv_cache import PrefillCache, cache_index
 from .lean_prefill import lean_prefill, supports_lean_prefill
 from .pruning import FramePruner

@@ -10,12 +10,14 @@ import torch.distributed as dist
 from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
 from transformers import AutoModelForImageTextToText
 
-from . import batch_infer  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
-from . import deploy_errors  # noqa: F401  (`swift deploy`: bad requests get a 4xx naming the problem; out of memory)
-from . import interactive  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
+from . import (
+    batch_infer,  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
+    deploy_errors,  # noqa: F401  (`swift deploy`: bad requests get a 4xx naming the problem; out of memory)
+    interactive,  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
+    liger,
+    resume_check,  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)
+)
 from .evaluation import patches  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
-from . import resume_check  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)
-from . import liger
 from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
 from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE

@@ -203,7 +203,8 @@ def gather_token_loss(token_loss: torch.Tensor, labels: torch.Tensor, enable_dft
                       return_labels: bool = False, **kwargs):
     """ms-swift's `per_token_loss_func_sp` from the model's per-position cross-entropy instead of logits: DFT's
     reweighting, then the same gather over the group (its lines after the cross-entropy)."""
-    from swift.sequence_parallel import GatherLoss, sequence_parallel as sp
+    from swift.sequence_parallel import GatherLoss
+    from swift.sequence_parallel import sequence_parallel as sp
 
     loss = token_loss.reshape(-1).to(labels.device)
     if enable_dft_loss:

@@ -188,7 +188,6 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     answers: the row goes through the checkpoint's own template (its query text, the shot cache) and one forward
     pass, and the pruner's selection is recorded."""
     import torch
-
     from swift.model import get_model_processor
     from swift.template import get_template
 

@@ -15,7 +15,6 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-
 # A process forked after torch ran multi-threaded (OpenMP) code can hang in its first parallel region
 # (`datasets.map` forks a pool even for num_proc=1, and ms-swift preprocesses through it). The detector
 # therefore runs single-threaded in forked children (DataLoader workers already are).

@@ -28,8 +28,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .video_source import (VideoDecodeError, VideoError, VideoNotFoundError, VideoSource, describe, fresh_stream,
-                           resolve_video_source)
+from .video_source import (
+    VideoDecodeError,
+    VideoError,
+    VideoNotFoundError,
+    VideoSource,
+    describe,
+    fresh_stream,
+    resolve_video_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +371,8 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
                num_threads: int = 0) -> VideoClip:
     """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
     or a :class:`FrameSampling`. ``size``: frames at ``size x size`` (the vision tower's input; decoded a chunk
-    at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises :class:`VideoError` naming the video on any problem."""
+    at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises
+    :class:`VideoError` naming the video on any problem."""
     if not isinstance(sampling, FrameSampling):
         sampling = FrameSampling(num_frames=int(sampling))
     source, name = resolve_video_source(video)

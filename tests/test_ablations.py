@@ -4,10 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers import left_pad, video_prompt
 from swift_sophia.configuration_sophia import resolve_runtime_settings
 from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-
-from helpers import left_pad, video_prompt
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-from layouts import random_layout
 
+from layouts import random_layout
 from sophia_kernels import HierLayout, hierarchical_attention, level_counts
 
 

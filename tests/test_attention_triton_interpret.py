@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from layouts import INTERPRETER, INTERPRETER_PACKED, random_rows
 
 CASES = [

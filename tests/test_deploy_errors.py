@@ -377,9 +377,10 @@ def test_out_of_memory_gets_a_503_and_the_server_keeps_serving(server, media):
 def test_the_client_gets_the_allocators_reason_in_whole_sentences_without_the_operators_advice():
     from swift_sophia.out_of_memory import _reason
 
-    cuda = ("CUDA out of memory. Tried to allocate 3.66 GiB. GPU 0 has a total capacity of 139.80 GiB of which 1.42 GiB "
-            "is free. Including non-PyTorch memory, this process has 138.37 GiB memory in use. Of the allocated memory "
-            "137.52 GiB is allocated by PyTorch, and 182.59 MiB is reserved by PyTorch but unallocated. If reserved but "
+    cuda = ("CUDA out of memory. Tried to allocate 3.66 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
+            "1.42 GiB is free. Including non-PyTorch memory, this process has 138.37 GiB memory in use. Of the "
+            "allocated memory 137.52 GiB is allocated by PyTorch, and 182.59 MiB is reserved by PyTorch but "
+            "unallocated. If reserved but "
             "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid "
             "fragmentation.  See documentation for Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html)")
     assert _reason(torch.OutOfMemoryError(cuda)) == cuda[:cuda.index(" If reserved")]  # measured on an H200

@@ -393,9 +393,8 @@ def test_example_scripts_use_flags_this_ms_swift_takes(script, extra_env, tmp_pa
     """Run as written (with stub `swift`/`sophia`), each example's `swift sft` has only flags ms-swift 4.6 knows
     (4.x renamed --train_type to --tuner_type), is bounded by --ddp_timeout, and picks ms-swift's own zero2/zero3
     (on GPUs) or the shipped CPU variant, or DDP with --use_cpu on CPU processes."""
-    from transformers import HfArgumentParser
-
     from swift.arguments import SftArguments
+    from transformers import HfArgumentParser
 
     sft = [c for c in _commands(script, tmp_path, **extra_env) if c["prog"] == "swift" and c["argv"][0] == "sft"]
     assert len(sft) == 1

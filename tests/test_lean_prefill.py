@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers import left_pad, video_prompt
 from swift_sophia import modeling_sophia
 from swift_sophia.lean_prefill import supports_lean_prefill
 from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-
-from helpers import left_pad, video_prompt
 
 
 def _inputs(model, tokenizer, frames=(12, 5)):

@@ -4,12 +4,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from helpers import left_pad, video_prompt
 from swift_sophia import attention
 from swift_sophia.extended_sequence import build_extended_plan, find_video_runs
 from swift_sophia.kv_cache import PrefillCache, cache_index
 from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-
-from helpers import left_pad, video_prompt
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,8 @@ def _batch(model, tokenizer, frames=(6, 3), seed=0):
             enumerate(frames)]
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     g = torch.Generator().manual_seed(seed)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values_videos=torch.randn(sum(frames), 3, 56, 56, generator=g),
+    return dict(input_ids=ids, attention_mask=mask,
+                pixel_values_videos=torch.randn(sum(frames), 3, 56, 56, generator=g),
                 video_frame_counts=torch.tensor(frames))
 
 

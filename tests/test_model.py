@@ -3,10 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+from helpers import left_pad, video_prompt
 from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
 from swift_sophia.tiny import build_tiny
-
-from helpers import left_pad, video_prompt
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +208,7 @@ def test_zero_alpha_and_beta_is_exactly_the_unpruned_model(model_and_tokenizer, 
 def test_checkpoint_without_new_modules_initialises_them(tiny_model_dir, tmp_path):
     """An InternVL-style checkpoint lacks the aggregation CNN and the pruner: they get their documented init."""
     import shutil
+
     from safetensors.torch import load_file, save_file
 
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):

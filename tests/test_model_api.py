@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
-
 from helpers import video_prompt
+from swift_sophia.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +172,6 @@ def test_saved_pruner_and_schedule_survive_reloading(tiny_model_dir, tmp_path):
 def test_config_and_layout_agree_on_the_arity(arity):
     """The config rejected hier_arity < 2 while the kernel's layout took 1: both reject it now, with one message."""
     from sophia_kernels import HierLayout, level_counts
-
     from swift_sophia.configuration_sophia import SophiaConfig
 
     with pytest.raises(ValueError, match="must be >= 2"):

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from test_shots import write_clip
 
 from swift_sophia import precompute_shots as P
@@ -128,8 +127,11 @@ def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(da
     from swift.dataset import load_dataset
     from swift.dataset.register import DATASET_MAPPING
 
-    from swift_sophia.shots_preprocessor import (ShotCachePreprocessor, register_shot_dataset_preprocessor,
-                                                 registered_shot_datasets)
+    from swift_sophia.shots_preprocessor import (
+        ShotCachePreprocessor,
+        register_shot_dataset_preprocessor,
+        registered_shot_datasets,
+    )
     data = swift_env / 'mine'
     data.mkdir()
     (data / 'train.jsonl').write_text((dataset / 'data.jsonl').read_text().replace(

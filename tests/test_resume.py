@@ -53,9 +53,8 @@ def sft_raw(*args):
 
 @pytest.mark.parametrize("script", RECIPES)
 def test_recipes_save_what_resuming_needs(script, tmp_path):
-    from transformers import HfArgumentParser
-
     from swift.arguments import SftArguments
+    from transformers import HfArgumentParser
 
     commands = recipe_sft_commands(script, tmp_path)
     assert commands

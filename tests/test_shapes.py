@@ -48,9 +48,9 @@ def test_shape_names():
 def test_build_random_cli_writes_a_loadable_bf16_checkpoint(tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
+    from helpers import video_prompt
     from swift_sophia.cli import main
     from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-    from helpers import video_prompt
 
     out = str(tmp_path / "random")
     assert main(["build-random", "--shape", "tiny-test", out]) == 0

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from swift_sophia.synthetic import COLORS, SHAPES
-from swift_sophia.synthetic_shots import (SHAPE_COLOR, answer_seen, make_dataset, random_video_spec, render_video,
-                                          uniform_frames, user_text)
+from swift_sophia.synthetic_shots import (
+    SHAPE_COLOR,
+    answer_seen,
+    make_dataset,
+    random_video_spec,
+    render_video,
+    uniform_frames,
+    user_text,
+)
 
 
 def _frames(path):

@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 import pytest
-
-import swift_sophia.register  # noqa: F401
 from swift.model import get_model_processor
 from swift.template import get_template
+
+import swift_sophia.register  # noqa: F401
 from swift_sophia.synthetic import write_mp4
 
 

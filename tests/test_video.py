@@ -3,7 +3,6 @@ import io
 
 import numpy as np
 import pytest
-
 from test_shots import PALETTE, write_clip
 
 from swift_sophia import video as V

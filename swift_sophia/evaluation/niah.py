@@ -163,5 +163,6 @@ def run(args) -> int:
     unanswered = [c["cell"] for c in results["cells"] if eval_dir and not c["beyond_max_length"] and not c["answered"]]
     if unanswered:
         print(f"cells with no score: {', '.join(unanswered)}")
-    print(f"heatmap: {results['heatmap']}\nresults: {os.path.join(os.path.abspath(args.output_dir), 'niah_results.json')}")
+    saved = os.path.join(os.path.abspath(args.output_dir), "niah_results.json")
+    print(f"heatmap: {results['heatmap']}\nresults: {saved}")
     return 0

@@ -21,9 +21,10 @@ _PLACEHOLDER = re.compile(r"<(image|video)[_ ](\d+)>")
 
 class PromptLength:
     def __init__(self, model_dir: str):
-        import swift_sophia.register  # noqa: F401  (the sophia model type and template)
         from swift.model import get_processor
         from swift.template import get_template
+
+        import swift_sophia.register  # noqa: F401  (the sophia model type and template)
 
         self.processor = get_processor(model_dir, model_type="sophia")
         self.template = get_template(self.processor, template_type="sophia")
