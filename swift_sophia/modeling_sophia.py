@@ -241,12 +241,11 @@ class SophiaModel(InternVLModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         chunk_rotary_embedding(self.language_model, self.config.decoder_chunk_tokens)  # the setting may have changed
-        if pixel_values_videos is None:
-            kwargs.pop("sophia_plain_last", None)  # the plain sequence is all there is: nothing to save
-        else:
+        if pixel_values_videos is not None:
             return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
                                        position_ids, past_key_values, use_cache, video_frame_counts,
                                        video_frame_shots, video_query_ids, video_query_mask, **kwargs)
+        kwargs.pop("sophia_plain_last", None)  # the plain sequence is all there is: nothing to save
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         features = None
