@@ -25,6 +25,7 @@ RUNTIME_SETTINGS = {
     "decoder_chunk_tokens": "DECODER_CHUNK_TOKENS",
     "liger_kernel": "SOPHIA_LIGER_KERNEL",
     "lean_prefill": "SOPHIA_LEAN_PREFILL",
+    "offload_checkpoints": "SOPHIA_OFFLOAD_CHECKPOINTS",
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -63,6 +64,10 @@ class SophiaConfig(InternVLConfig):
         with the residual updated in place and q, k, v, attention, output projection and MLP over chunks of tokens
         (`lean_prefill.py`): the same result with about a third of the decoder's working memory. False: the
         decoder's own forward (for comparison).
+    offload_checkpoints (`bool`, defaults to False): in training with gradient checkpointing, keep what the
+        recompute needs (each decoder layer's input: one [tokens x hidden] tensor per layer, most of the training
+        memory at hour scale) in pinned host memory instead of on the GPU (transformers' `offload`). Costs a copy
+        to the host in forward and back in backward.
     liger_kernel (`bool`, defaults to False): Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the decoder (CUDA;
         `swift sft --use_liger_kernel true` does the same for training). Faster and leaner; not bit-identical.
     """
@@ -86,6 +91,7 @@ class SophiaConfig(InternVLConfig):
     use_hierarchy: bool = True
     liger_kernel: bool = False
     lean_prefill: bool = True
+    offload_checkpoints: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -13,10 +13,12 @@ Reads top to bottom like transformers' InternVL (docs/architecture.md has the pi
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
@@ -547,6 +549,14 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
         attention.install(self.model.language_model.config)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        if self.config.offload_checkpoints:
+            if "offload" not in inspect.signature(super().gradient_checkpointing_enable).parameters:
+                raise RuntimeError(f"offload_checkpoints needs a transformers whose gradient_checkpointing_enable "
+                                   f"takes `offload` (this is {transformers.__version__})")
+            kwargs.setdefault("offload", True)
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     @can_return_tuple
     def forward(

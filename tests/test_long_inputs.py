@@ -326,3 +326,44 @@ def test_every_batch_kind_calls_each_module_once_and_reaches_every_gradient(tiny
         missing = [n for n in trainable if dict(model.named_parameters())[n].grad is None]
         assert not missing, (frames, missing)
     del m
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_offloaded_checkpoints_train_exactly_with_every_layer_input_on_the_host(tiny_model_dir, tokenizer,
+                                                                                monkeypatch, reentrant):
+    """`offload_checkpoints` (ms-swift's default use_reentrant=True and torch's False): the same loss and gradients,
+    and what the recompute keeps of each decoder layer (its [tokens x hidden] input) waits in host memory."""
+    import transformers.modeling_utils as modeling_utils
+
+    hidden = _model(tiny_model_dir).config.text_config.hidden_size
+    offloaded = []
+
+    class RecordingSaveOnCpu(modeling_utils.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            def pack(tensor):
+                offloaded.append(tuple(tensor.shape))
+                return tensor.device, tensor.cpu()
+
+            torch.autograd.graph.saved_tensors_hooks.__init__(self, pack, lambda packed: packed[1].to(packed[0]))
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
+    inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(6, 3))
+    results = {}
+    for offload in (False, True):
+        model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, offload_checkpoints=offload).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        loss = model(**inputs, labels=_labels(inputs)).loss
+        loss.backward()
+        results[offload] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    layers = model.config.text_config.num_hidden_layers
+    assert len([s for s in offloaded if len(s) == 3 and s[0] == 2 and s[-1] == hidden]) == layers, offloaded
+    (loss0, grads0), (loss1, grads1) = results[False], results[True]
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=0, msg=name)
+
+
+def test_offload_checkpoints_is_a_runtime_setting(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("SOPHIA_OFFLOAD_CHECKPOINTS", "1")
+    assert SophiaForConditionalGeneration.from_pretrained(tiny_model_dir).config.offload_checkpoints is True
