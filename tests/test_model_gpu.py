@@ -169,3 +169,52 @@ def test_lean_prefill_agrees_with_the_decoders_forward(tiny, liger):
         for name, value in saved.items():
             setattr(modeling_qwen2, name, value)
     assert (logits[True] - logits[False]).norm() / logits[False].norm() < 1e-2
+
+
+def test_offloaded_checkpoints_give_the_same_gradients_with_layer_inputs_in_pinned_host_memory(tiny):
+    """bf16 on the GPU, Triton attention: `offload_checkpoints` gives bit-identical loss and gradients, and each
+    decoder layer's input (what the recompute needs) was copied to pinned host memory."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers import AutoTokenizer
+
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    packed, real = [], modeling_utils.save_on_cpu
+
+    class Recording(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pack = self.pack_hook
+
+            def recording_pack(tensor):
+                out = pack(tensor)
+                packed.append((tensor.device.type, out[1].device.type, out[1].is_pinned(), tuple(tensor.shape)))
+                return out
+
+            self.pack_hook = recording_pack
+
+    results = {}
+    modeling_utils.save_on_cpu = Recording
+    try:
+        for offload in (False, True):
+            model = SophiaForConditionalGeneration.from_pretrained(
+                tiny, dtype=torch.bfloat16, offload_checkpoints=offload, decoder_chunk_tokens=32).cuda().train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inputs = _inputs(tokenizer, model)
+            labels = inputs["input_ids"].clone()
+            labels[:, :-4] = -100
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
+            results[offload] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        modeling_utils.save_on_cpu = real
+    hidden = model.config.text_config.hidden_size
+    layer_inputs = [p for p in packed if len(p[3]) == 3 and p[3][-1] == hidden]
+    assert len(layer_inputs) >= model.config.text_config.num_hidden_layers, packed
+    assert all(p[:3] == ("cuda", "cpu", True) for p in layer_inputs), layer_inputs
+    (loss0, grads0), (loss1, grads1) = results[False], results[True]
+    assert torch.equal(loss1, loss0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        assert torch.equal(grads1[name], grads0[name]), name
