@@ -38,6 +38,7 @@ from . import attention, liger, sequence_parallel
 from .chunking import chunk_positionwise_layers, chunk_rotary_embedding
 from .configuration_sophia import SophiaConfig, prunes, resolve_runtime_settings
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
+from .feature_cache import FeatureSlot, VideoFeatureCache
 from .frame_budget import frame_budgets
 from .kv_cache import PrefillCache, cache_index
 from .lean_prefill import lean_prefill, supports_lean_prefill
@@ -146,6 +147,7 @@ class SophiaModel(InternVLModel):
         hidden = config.text_config.hidden_size
         self.aggregator = SophiaAggregator(hidden, config.hier_arity, config.hier_levels)
         self.pruner = FramePruner(hidden)
+        self.video_feature_cache = VideoFeatureCache()  # follow-up questions about a video (feature_cache.py)
         attention.install(self.language_model.config)
         chunk_positionwise_layers(self.language_model, config)
         chunk_rotary_embedding(self.language_model, config.decoder_chunk_tokens)
@@ -238,6 +240,7 @@ class SophiaModel(InternVLModel):
         video_frame_shots: Optional[torch.LongTensor] = None,
         video_query_ids: Optional[torch.LongTensor] = None,
         video_query_mask: Optional[torch.LongTensor] = None,
+        video_feature_slots: Optional[List[Optional[FeatureSlot]]] = None,
         **kwargs,
     ) -> SophiaModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -246,7 +249,8 @@ class SophiaModel(InternVLModel):
         if pixel_values_videos is not None:
             return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
                                        position_ids, past_key_values, use_cache, video_frame_counts,
-                                       video_frame_shots, video_query_ids, video_query_mask, **kwargs)
+                                       video_frame_shots, video_query_ids, video_query_mask,
+                                       video_feature_slots=video_feature_slots, **kwargs)
         kwargs.pop("sophia_plain_last", None)  # the plain sequence is all there is: nothing to save
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -267,7 +271,8 @@ class SophiaModel(InternVLModel):
 
     def _forward_video(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
                        position_ids, past_key_values, use_cache, video_frame_counts, video_frame_shots,
-                       video_query_ids, video_query_mask, **kwargs) -> SophiaModelOutputWithPast:
+                       video_query_ids, video_query_mask, video_feature_slots=None, **kwargs
+                       ) -> SophiaModelOutputWithPast:
         """A prefill (or training step) over videos. Every large intermediate is freed as soon as the next one
         exists, so that at hour scale the decoder runs beside the extended embeddings and little else."""
         config = self.config
@@ -278,9 +283,13 @@ class SophiaModel(InternVLModel):
         if video_frame_counts is None:
             raise ValueError("pixel_values_videos needs video_frame_counts (frames per video)")
         counts = [int(c) for c in video_frame_counts.tolist()]
-        if sum(counts) != pixel_values_videos.shape[0]:
-            raise ValueError(f"video_frame_counts sum to {sum(counts)} but {pixel_values_videos.shape[0]} frames "
-                             "were given")
+        slots = video_feature_slots or [None] * len(counts)
+        if len(slots) != len(counts):
+            raise ValueError(f"{len(slots)} video_feature_slots for {len(counts)} videos")
+        given = sum(c for c, slot in zip(counts, slots) if not (slot is not None and slot.hit))
+        if given != pixel_values_videos.shape[0]:
+            raise ValueError(f"video_frame_counts sum to {given} frames to encode (besides cached ones) but "
+                             f"{pixel_values_videos.shape[0]} frames were given")
         # Only the text needs token embeddings: at hour scale nearly every plain token is a video placeholder. The
         # pruning queries (when pruning is on) are embedded in the same call: one call of every module per step.
         queries = self._query_ids(video_query_ids, video_query_mask, len(counts)) if self._pruning() else []
@@ -307,7 +316,10 @@ class SophiaModel(InternVLModel):
         images = 0 if pixel_values is None else pixel_values.shape[0]
         pixels = pixel_values_videos if not images else torch.cat([pixel_values, pixel_values_videos.to(pixel_values)])
         descriptors = None
-        if not images and self._features_on_host(pixels.shape[0], text_embeds):
+        on_host = not images and self._features_on_host(sum(counts), text_embeds)
+        if not pixels.shape[0]:  # every video's features come from the cache
+            frames = None
+        elif on_host:
             frames, descriptors = self._frame_features_on_host(pixels, text_embeds.dtype)
         else:
             frames = self.video_frame_features(pixels).to(text_embeds.dtype)
@@ -317,6 +329,8 @@ class SophiaModel(InternVLModel):
                     else self.placeholder_mask(config.image_token_id, None, text_embeds[None])[0])
             text_embeds = self._scatter_images(mask, text_embeds, frames[:images])
             frames = frames[images:]
+        if any(slot is not None for slot in slots):
+            frames, descriptors = self._with_cached_features(frames, descriptors, counts, slots, text_embeds, on_host)
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
         # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
@@ -419,6 +433,40 @@ class SophiaModel(InternVLModel):
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the last copies are done before the chunks' memory is reused
         return host, descriptors
+
+    def _with_cached_features(self, computed, descriptors, counts, slots, like, on_host: bool):
+        """Every video's frame features in order: cached ones (`slot.hit`) from the cache, the others from
+        `computed` (the frames that were encoded, in order), which are stored for the next question about them.
+        Laid out as the encoded ones were: on the device, or in host memory with the pruner's descriptors."""
+        pieces, start = [], 0
+        for count, slot in zip(counts, slots):
+            if slot is not None and slot.hit:
+                pieces.append((slot.entry.features, None))
+                continue
+            piece = computed[start:start + count]
+            pieces.append((piece, None if descriptors is None else descriptors[start:start + count]))
+            start += count
+            if slot is not None and not torch.is_grad_enabled():
+                slot.entry.features = piece
+                self.video_feature_cache.put(slot.key, slot.entry)
+        if not on_host:
+            return torch.cat([p.to(device=like.device, dtype=like.dtype) for p, _ in pieces]), None
+        total = sum(counts)
+        host = torch.empty((total,) + tuple(pieces[0][0].shape[1:]), dtype=like.dtype, device="cpu",
+                           pin_memory=torch.cuda.is_available())
+        described = torch.empty(total, like.shape[-1], dtype=torch.float32, device=like.device)
+        chunk, offset = self.config.vision_chunk_frames or total, 0
+        for piece, piece_descriptors in pieces:
+            n = piece.shape[0]
+            host[offset:offset + n].copy_(piece)
+            if piece_descriptors is None:
+                for s in range(0, n, chunk):
+                    part = piece[s:s + chunk].to(device=like.device, dtype=like.dtype, non_blocking=True)
+                    described[offset + s:offset + s + part.shape[0]] = self.pruner.frame_descriptors(part)
+            else:
+                described[offset:offset + n] = piece_descriptors
+            offset += n
+        return host, described
 
     def _embedding_table(self, text_embeds, frames, runs: List[VideoRun], frame_shots, query_embeds,
                          descriptors: Optional[torch.Tensor] = None):
@@ -550,6 +598,10 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
         attention.install(self.model.language_model.config)
 
+    @property
+    def video_feature_cache(self) -> VideoFeatureCache:
+        return self.model.video_feature_cache
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         if self.config.offload_checkpoints:
             if "offload" not in inspect.signature(super().gradient_checkpointing_enable).parameters:
@@ -575,6 +627,7 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         video_frame_shots: Optional[torch.LongTensor] = None,
         video_query_ids: Optional[torch.LongTensor] = None,
         video_query_mask: Optional[torch.LongTensor] = None,
+        video_feature_slots: Optional[List[Optional[FeatureSlot]]] = None,
         shift_labels: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> SophiaCausalLMOutput:
@@ -593,8 +646,8 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                              use_cache=use_cache, pixel_values_videos=pixel_values_videos,
                              video_frame_counts=video_frame_counts, video_frame_shots=video_frame_shots,
-                             video_query_ids=video_query_ids, video_query_mask=video_query_mask, return_dict=True,
-                             **kwargs)
+                             video_query_ids=video_query_ids, video_query_mask=video_query_mask,
+                             video_feature_slots=video_feature_slots, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         loss = token_loss = None
         if (labels is not None or shift_labels is not None) and isinstance(logits_to_keep, int) and not logits_to_keep:
@@ -637,7 +690,7 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
             steps = model_inputs["input_ids"].shape[1]
             model_inputs["position_ids"] = next_position[:, None] + torch.arange(steps, device=next_position.device)
             for key in ("pixel_values_videos", "pixel_values", "video_frame_counts", "video_frame_shots",
-                        "video_query_ids", "video_query_mask"):
+                        "video_query_ids", "video_query_mask", "video_feature_slots"):
                 model_inputs.pop(key, None)
         return model_inputs
 

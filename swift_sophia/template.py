@@ -32,8 +32,10 @@ from swift.template.template_inputs import StdTemplateInputs
 from swift.template.templates.utils import ChatmlTemplateMeta
 from swift.template.utils import Context
 
+from .feature_cache import FeatureSlot, VideoFeatures, feature_key
 from .tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
-from .video import FrameSampling, VideoError, describe, frames_to_pixel_values, load_video
+from .video import FrameSampling, VideoClip, VideoError, describe, frames_to_pixel_values, load_video
+from .video_source import resolve_video_source
 
 SOPHIA_TEMPLATE = "sophia"
 _TAG = re.compile(r"<(video|image)>")
@@ -50,6 +52,9 @@ class SophiaTemplate(Template):
     # Packed rows (--padding_free / --packing) work in the template and the model (tested: same loss as the padded
     # batch); ms-swift's CLI allows them only with a flash attention --attn_impl, i.e. with flash-attn installed.
     support_padding_free = True
+    # ms-swift hands the model to the template (`self.model`): at inference its video feature cache
+    # (feature_cache.py) lets a follow-up question about a video skip decoding, shots and the vision tower.
+    use_model = True
 
     def init_env_args(self):
         super().init_env_args()
@@ -111,28 +116,68 @@ class SophiaTemplate(Template):
         if not inputs.is_multimodal:  # ms-swift checks tags only for rows with media: a tag without one is an error
             self._check_tags(inputs)
         size = self.config.vision_config.image_size[0]
-        clips = []
+        clips, slots = [], []
         for i, video in enumerate(inputs.videos):
             try:
-                clips.append(load_video(video, self.frame_sampling, size=size))
+                clip, slot = self._load_video(video, size)
             except VideoError as exc:
                 raise VideoError(f"video {i} of the sample: {exc}") from exc
+            clips.append(clip)
+            slots.append(slot)
         inputs._sophia_clips = clips
         encoded = super()._encode(inputs)
         if clips:
-            pixels = []
+            dtype = self.model_info.torch_dtype
+            pixels = [torch.empty((0, 3, size, size), dtype=dtype)]
             for clip in clips:  # the decoded frames go once converted: 2.4 GB at 4,096 frames of 448 px
-                pixels.append(frames_to_pixel_values(clip.frames, size, self.model_info.torch_dtype))
+                if clip.frames is not None:
+                    pixels.append(frames_to_pixel_values(clip.frames, size, dtype))
                 clip.frames = None
-            encoded["pixel_values_videos"] = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
+            encoded["pixel_values_videos"] = pixels[-1] if len(pixels) == 2 else torch.cat(pixels)
             encoded["video_frame_counts"] = torch.tensor([len(c.indices) for c in clips], dtype=torch.long)
             encoded["video_query_ids"] = self._video_queries(inputs)
-            shots = self._video_shots(clips)
+            shots = self._video_shots(clips, slots)
             if shots is not None:
                 encoded["video_frame_shots"] = shots
+            if any(slot is not None for slot in slots):
+                encoded["video_feature_slots"] = slots
         if inputs.images:
             encoded["pixel_values"] = frames_to_pixel_values(inputs.images, size, self.model_info.torch_dtype)
         return encoded
+
+    def _feature_cache(self):
+        """The model's video feature cache, at inference and when it is on; else None."""
+        if self.is_training or self.model is None:
+            return None
+        cache = getattr(self.model, "video_feature_cache", None)
+        return cache if cache is not None and cache.enabled else None
+
+    def _load_video(self, video, size: int):
+        """(clip, slot): the sampled frames decoded at `size`, or, when the model's feature cache holds this video
+        at these settings, its frame indices only (`clip.frames` None) and the cached entry in the slot."""
+        cache = self._feature_cache()
+        if cache is None:
+            return load_video(video, self.frame_sampling, size=size), None
+        from .shot_cache import content_hash
+
+        source, name = resolve_video_source(video)
+        key = feature_key(content_hash(source), vars(self.frame_sampling), size, self.model_info.torch_dtype,
+                          _active_adapter(self.model))
+        entry = cache.get(key)
+        if entry is not None:
+            from swift.utils import get_logger
+
+            get_logger().info(f"[sophia] video {name}: features of its {len(entry.indices)} frames reused "
+                              f"(feature cache)")
+            clip = VideoClip(frames=None, indices=entry.indices, total_frames=entry.total_frames, fps=entry.fps,
+                             source=source, name=name)
+            return clip, FeatureSlot(key, name, entry)
+        try:
+            clip = load_video(source, self.frame_sampling, size=size)
+        except VideoError as exc:  # name the video as the request gave it, not as the fetched bytes
+            raise type(exc)(str(exc).replace(describe(source), name)) from exc
+        clip.name = name
+        return clip, FeatureSlot(key, name, VideoFeatures(list(clip.indices), clip.total_frames, clip.fps))
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
         """Per video, in tag order (system prompt first, then the messages), the token ids of its pruning query:
@@ -158,19 +203,25 @@ class SophiaTemplate(Template):
 
         return prunes(self.config)
 
-    def _video_shots(self, clips) -> Optional[torch.Tensor]:
-        """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
+    def _video_shots(self, clips, slots) -> Optional[torch.Tensor]:
+        """Per-frame shot ids of every video, concatenated; only computed when pruning is on (and kept with the
+        video's cached features)."""
         if not self._prunes():
             return None
         from .shots import sampled_shots
 
         ids = []
-        for clip in clips:
+        for clip, slot in zip(clips, slots):
+            if slot is not None and slot.entry.frame_shots is not None:
+                ids.append(slot.entry.frame_shots)
+                continue
             frame_ids = torch.zeros(len(clip.indices), dtype=torch.long)
             for shot, (start, end) in enumerate(sampled_shots(clip.source, clip.indices,
                                                               total_frames=clip.total_frames)):
                 frame_ids[start:end] = shot
             ids.append(frame_ids)
+            if slot is not None:
+                slot.entry.frame_shots = frame_ids
         return torch.cat(ids)
 
     # --------------------------------------------------------------------------------------------- collate
@@ -180,6 +231,10 @@ class SophiaTemplate(Template):
             values = [b[key] for b in batch if b.get(key) is not None]
             if values:
                 res[key] = torch.cat(values)
+        slots = [s for b in batch for s in (b.get("video_feature_slots") or [])]
+        if slots:  # every row's videos, in order (None for a row encoded without the cache)
+            res["video_feature_slots"] = [
+                s for b in batch for s in b.get("video_feature_slots") or [None] * len(b.get("video_frame_counts", ()))]
         queries = []
         for b in batch:
             q = b.get("video_query_ids")
@@ -196,6 +251,15 @@ class SophiaTemplate(Template):
                 mask[i, :len(q)] = 1
             res["video_query_ids"], res["video_query_mask"] = ids, mask
         return res
+
+
+def _active_adapter(model):
+    """The adapter(s) a PEFT-wrapped model runs with (they may change the projector's features), else None."""
+    if not getattr(model, "peft_config", None):
+        return None
+    active = getattr(model, "active_adapters", None) or getattr(model, "active_adapter", None)
+    active = active() if callable(active) else active
+    return list(active) if isinstance(active, (list, tuple)) else active
 
 
 def _text_and_videos(content) -> tuple:
