@@ -188,6 +188,22 @@ def _fill(value, names):
     return value
 
 
+def test_clients_asking_about_one_video_share_its_features(server, media):
+    """Three clients ask about one video at once, then one more question: every answer comes, and the last question
+    is answered from the video's cached features (the server logs the reuse) without decoding the video again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    video, reused = media["other"], f"video {media['other']}: features of its 12 frames reused (feature cache)"
+    before = server.log().count(reused)
+    questions = ["What color is the background?", "Is it bright?", "What changes?"]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda q: server.ask(_video(video), {"type": "text", "text": q}), questions))
+    assert all(status == 200 and text for status, text in results), results
+    after_concurrent = server.log().count(reused)
+    server.answers(video)
+    assert server.log().count(reused) == after_concurrent + 1 > before, server.log()[-3000:]
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_request_gets_a_400_naming_the_video_and_the_reason(server, media, media_url, case):
     content, expected = _fill(BAD[case], dict(media, url=media_url))

@@ -169,3 +169,41 @@ def test_engine_answers_follow_up_questions_from_the_cache(tiny_model_dir, video
     monkeypatch.setenv("SOPHIA_FEATURE_CACHE_GB", "0")
     plain = TransformersEngine(tiny_model_dir, model_type="sophia")
     assert answers == [plain.infer([r], config)[0].choices[0].message.content for r in requests]
+
+
+def _infer_cli(model_dir, *args, extra_env=None, input=None):
+    from swift_cli import swift
+    from swift_sophia.cli import plugin_path
+
+    return swift("infer", "--model", model_dir, "--model_type", "sophia", "--external_plugins", plugin_path(),
+                 "--infer_backend", "transformers", "--max_new_tokens", "3", "--temperature", "0", *args,
+                 timeout=300, extra_env=extra_env, input=input)
+
+
+@pytest.mark.slow
+def test_swift_infer_batch_of_questions_about_one_video(tiny_model_dir, video, tmp_path):
+    """A dataset with several questions per video (the shape of Video-MME, MLVU, LVBench): the video is decoded and
+    encoded once, and the answers are those of a run without the cache."""
+    import json
+
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "videos": [video]}) + "\n"
+                            for q in QUESTIONS + ("<video>Is the last shot dark?",)))
+    responses = {}
+    for gb in ("8", "0"):
+        result = tmp_path / f"out{gb}.jsonl"
+        proc = _infer_cli(tiny_model_dir, "--val_dataset", str(data), "--result_path", str(result),
+                          "--max_batch_size", "1", extra_env={"SOPHIA_FEATURE_CACHE_GB": gb})
+        log = proc.stdout + proc.stderr
+        assert log.count("reused (feature cache)") == (2 if gb == "8" else 0), log[-3000:]
+        responses[gb] = [json.loads(line)["response"] for line in result.read_text().splitlines()]
+    assert len(responses["8"]) == 3 and responses["8"] == responses["0"]
+
+
+@pytest.mark.slow
+def test_swift_infer_interactive_follow_up_question(tiny_model_dir, video):
+    script = f"{QUESTIONS[0]}\n{video}\n{QUESTIONS[1]}\n{video}\nexit\n"
+    proc = _infer_cli(tiny_model_dir, "--stream", "false", input=script)
+    text = proc.stdout + proc.stderr
+    # The second request holds the conversation: the first question's video and the new one, both from the cache.
+    assert text.count("reused (feature cache)") == 2 and "Traceback" not in text, text[-3000:]
