@@ -18,6 +18,7 @@ and, unlike swscale's single-threaded bicubic, is vectorised and uses every core
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import math
 import os
@@ -142,15 +143,20 @@ class PyAVReader:
     :meth:`get` decodes forward through the file and converts only the wanted frames; it seeks to the
     keyframe before the next wanted frame when that keyframe lies beyond the current position (decoding the
     frames in between would be wasted). ``num_threads=0``: FFmpeg's automatic thread count, frame threading.
+    ``segments`` > 1: the wanted frames are split into that many runs of consecutive ones, each decoded by its own
+    demuxer and decoder in a thread (PyAV releases the GIL while FFmpeg decodes and converts), so that a long file
+    is decoded by several decoders at once; the same frames (each run starts at the keyframe before its first
+    frame). ``segments=0``: ``SOPHIA_DECODE_SEGMENTS``, else one per 4 cores, for at least 64 frames a run.
     """
     backend = 'pyav'
 
-    def __init__(self, src: VideoSource, num_threads: int = 0):
+    def __init__(self, src: VideoSource, num_threads: int = 0, segments: int = 0):
         import av
         from av.video.reformatter import VideoReformatter
 
         self._src = src
         self.num_threads = int(num_threads)
+        self.segments = int(segments)
         # one scaler for every frame: a frame's own (`frame.to_ndarray(width=...)`) builds its filters anew each
         # time, 1.9 ms a frame to 96x54 against 0.33 ms
         self._reformatter = VideoReformatter()
@@ -174,10 +180,24 @@ class PyAVReader:
     def __len__(self) -> int:
         return len(self.pts)
 
+    def worker(self, num_threads: int) -> 'PyAVReader':
+        """A reader of the same file for another thread: the same packet index, its own frame converter, one
+        decoder with `num_threads` threads."""
+        from av.video.reformatter import VideoReformatter
+
+        other = copy.copy(self)
+        other._reformatter, other.num_threads, other.segments = VideoReformatter(), num_threads, 1
+        return other
+
+    @property
+    def parallel(self) -> bool:
+        """Whether several decoders can read the source at once (a file object other than BytesIO is one read
+        position)."""
+        return isinstance(self._src, (str, os.PathLike, bytes, bytearray, memoryview, BytesIO))
+
     def get(self, indices: Sequence[int], size: Optional[Tuple[int, int]] = None,
             interpolation: str = 'BICUBIC') -> np.ndarray:
         """uint8 ``[len(indices), H, W, 3]`` RGB; ``size=(W, H)`` scales with swscale (``interpolation``)."""
-        import av
         idx = [int(i) for i in indices]
         n = len(self.pts)
         if any(i < 0 or i >= n for i in idx):
@@ -193,10 +213,24 @@ class PyAVReader:
         fmt = dict(format='rgb24')
         if size is not None and (w, h) != (self.width, self.height):
             fmt.update(width=w, height=h, interpolation=interpolation)
+        runs = decode_segments(len(wanted), self.segments) if self.parallel else 1
+        if runs == 1:
+            self._decode_run(wanted, where, out, fmt, self.num_threads, self._reformatter)
+            return out
+        threads = self.num_threads or max(1, (os.cpu_count() or 1) // runs)
+        workers = [(part, self.worker(threads)) for part in _split(wanted, runs)]
+        _in_threads([lambda p=part, w=worker: w._decode_run(p, where, out, fmt, threads, w._reformatter)
+                     for part, worker in workers])
+        return out
+
+    def _decode_run(self, wanted: List[int], where, out: np.ndarray, fmt: dict, num_threads: int,
+                    reformatter) -> None:
+        """Decode the sorted frame indices `wanted` with a demuxer and decoder of their own into `out`'s rows."""
+        import av
         with av.open(fresh_stream(self._src)) as container:
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
-            stream.codec_context.thread_count = self.num_threads
+            stream.codec_context.thread_count = num_threads
             frames = None
             cur = None  # pts of the last decoded frame
             for i in wanted:
@@ -216,10 +250,44 @@ class PyAVReader:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded: the file ends early')
                 if cur != target:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded (next frame: pts {cur})')
-                arr = self._reformatter.reformat(frame, **fmt).to_ndarray()
+                arr = reformatter.reformat(frame, **fmt).to_ndarray()
                 for k in where[i]:
                     out[k] = arr
-        return out
+
+
+SEGMENT_MIN_FRAMES = 64
+
+
+def _split(items: Sequence, parts: int) -> List[Sequence]:
+    bounds = [round(k * len(items) / parts) for k in range(parts + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _in_threads(jobs) -> None:
+    """Run the callables `jobs` in threads of their own; the first error is raised once all have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(job) for job in jobs]
+    for future in futures:
+        future.result()
+
+
+def decode_segments(frames: int, segments: int = 0) -> int:
+    """Decoders that decode `frames` wanted frames at once: `segments` when > 0, else `SOPHIA_DECODE_SEGMENTS`, else
+    one per 4 cores (at most 8); never more than one per `SEGMENT_MIN_FRAMES` frames."""
+    if segments <= 0:
+        raw = os.environ.get('SOPHIA_DECODE_SEGMENTS', '').strip()
+        if raw:
+            try:
+                segments = int(raw)
+            except ValueError:
+                raise ValueError(f'SOPHIA_DECODE_SEGMENTS={raw!r} is not valid: it must be an integer >= 1') from None
+            if segments < 1:
+                raise ValueError(f'SOPHIA_DECODE_SEGMENTS={raw!r} is not valid: it must be an integer >= 1')
+        else:
+            segments = min(8, max(1, (os.cpu_count() or 1) // 4))
+    return max(1, min(segments, frames // SEGMENT_MIN_FRAMES))
 
 
 class DecordReader:
@@ -303,10 +371,21 @@ def decode_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
     for 3,600 frames of an hour of 360p on 16 cores, more than the decoding itself; docs/benchmarks.md.)"""
     out = np.empty((len(indices), size[1], size[0], 3), np.uint8)
     chunk = resize_chunk_frames(reader.width, reader.height)
-    for start in range(0, len(indices), chunk):
-        part = decode_frames(reader, indices[start:start + chunk], None, src=src)
-        same = tuple(part.shape[1:3]) == (size[1], size[0])
-        out[start:start + len(part)] = part if same else resize_frames(part, size, mode='bicubic')
+
+    def decode_run(run_reader, first: int, last: int) -> None:
+        for start in range(first, last, chunk):
+            part = decode_frames(run_reader, indices[start:min(start + chunk, last)], None, src=src)
+            same = tuple(part.shape[1:3]) == (size[1], size[0])
+            out[start:start + len(part)] = part if same else resize_frames(part, size, mode='bicubic')
+
+    runs = decode_segments(len(indices)) if isinstance(reader, PyAVReader) and reader.parallel else 1
+    if runs == 1:
+        decode_run(reader, 0, len(indices))
+        return out
+    # Several decoders, each over a run of consecutive frames, one chunk at a time (memory: one chunk per run).
+    threads = reader.num_threads or max(1, (os.cpu_count() or 1) // runs)
+    bounds = [round(k * len(indices) / runs) for k in range(runs + 1)]
+    _in_threads([lambda a=a, b=b: decode_run(reader.worker(threads), a, b) for a, b in zip(bounds, bounds[1:])])
     return out
 
 

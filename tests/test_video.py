@@ -156,3 +156,43 @@ def test_pixel_values_are_converted_in_chunks_to_the_model_dtype():
     assert torch.equal(chunked, whole)
     half = frames_to_pixel_values(frames, 28, torch.bfloat16, chunk=2)
     assert half.dtype == torch.bfloat16 and torch.equal(half, whole.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("source", ["path", "bytes", "BytesIO"])
+def test_several_decoders_at_once_give_the_same_frames(clip, monkeypatch, source):
+    """SOPHIA_DECODE_SEGMENTS / segments: runs of consecutive wanted frames decoded by decoders of their own in
+    threads (each run from the keyframe before it); the frames are those one decoder gives, at full size, scaled,
+    and at the vision tower's size chunk by chunk."""
+    import threading
+
+    data = open(clip, "rb").read()
+    src = {"path": clip, "bytes": data, "BytesIO": io.BytesIO(data)}[source]
+    monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
+    threads = set()
+    run = V.PyAVReader._decode_run
+    monkeypatch.setattr(V.PyAVReader, "_decode_run", lambda self, *a: threads.add(threading.get_ident()) or
+                        run(self, *a))
+    idx = V.sample_frame_indices(100, 37) + [99, 3, 3, 60]
+    one = V.PyAVReader(src, segments=1)
+    full, small = one.get(idx), one.get(idx, (24, 16))
+    for segments in (2, 3, 5):
+        threads.clear()
+        many = V.PyAVReader(src, segments=segments)
+        np.testing.assert_array_equal(many.get(idx), full)
+        np.testing.assert_array_equal(many.get(idx, (24, 16)), small)
+        assert len(threads) > 1
+    monkeypatch.setattr(V, "RESIZE_CHUNK_FRAMES", 4)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "1")
+    expected = V.decode_resized(V.PyAVReader(src), idx, (32, 32))
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "3")
+    threads.clear()
+    np.testing.assert_array_equal(V.decode_resized(V.PyAVReader(src), idx, (32, 32)), expected)
+    assert len(threads) == 3
+
+
+def test_decode_segments_setting(monkeypatch):
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "4")
+    assert [V.decode_segments(n) for n in (10, 64, 200, 10_000)] == [1, 1, 3, 4]
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "many")
+    with pytest.raises(ValueError, match="SOPHIA_DECODE_SEGMENTS='many' is not valid"):
+        V.decode_segments(1000)
