@@ -29,7 +29,8 @@ def bytes_per_kept_frame(config, dtype: torch.dtype = torch.bfloat16) -> float:
     tokens = config.tokens_per_frame
     levels = config.hier_levels if config.use_hierarchy else 1
     extended = 1.0 + sum(config.hier_arity ** -level for level in range(1, levels))
-    kv_cache = tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * element
+    kv_element = element if getattr(config, "kv_cache_bits", 16) == 16 else 1 + element / head_dim  # int8 + scale
+    kv_cache = tokens * text.num_hidden_layers * 2 * kv_heads * head_dim * kv_element
     tensors = LEAN_WORKING_SET_TENSORS if getattr(config, "lean_prefill", False) else WORKING_SET_TENSORS
     working = tensors * extended * tokens * text.hidden_size * element
     return kv_cache + working

@@ -356,7 +356,7 @@ class SophiaModel(InternVLModel):
         cache = cache_mask = None
         if use_cache:
             index, cache_mask = cache_index(plan.cache_keep, device=extended.device)
-            cache = PrefillCache(index, config=config.text_config)
+            cache = PrefillCache(index, config=config.text_config, kv_bits=config.kv_cache_bits)
         if self._lean(kwargs):
             hidden = lean_prefill(self.language_model, extended, plan.position_ids, plan.layout, cache,
                                   chunk=config.decoder_chunk_tokens, backend=config.attention_backend)

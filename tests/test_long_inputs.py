@@ -367,3 +367,57 @@ def test_offloaded_checkpoints_train_exactly_with_every_layer_input_on_the_host(
 def test_offload_checkpoints_is_a_runtime_setting(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("SOPHIA_OFFLOAD_CHECKPOINTS", "1")
     assert SophiaForConditionalGeneration.from_pretrained(tiny_model_dir).config.offload_checkpoints is True
+
+
+def test_int8_quantization_error_is_within_half_a_step():
+    from swift_sophia.kv_cache import dequantize_int8, quantize_int8
+
+    x = torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 50)[:, None]
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (2, 3, 50, 1)
+    assert ((dequantize_int8(q, scale) - x).abs() <= scale / 2 + 1e-6 * x.abs()).all()
+    assert torch.equal(quantize_int8(dequantize_int8(q, scale))[0], q)  # requantizing changes nothing
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_int8_kv_cache_stores_int8_and_keeps_generation_close(tiny_model_dir, tokenizer, monkeypatch, lean):
+    """kv_cache_bits=8: the prefill cache holds int8 keys and values (a quarter of float32's bytes and the scales),
+    the latest tokens move into it every `residual_length` steps, and every step's logits stay within 2 % of the
+    full-precision cache's (relative norm), a padded batch of two videos."""
+    from swift_sophia import kv_cache
+
+    monkeypatch.setattr(kv_cache.Int8KVLayer.__init__, "__defaults__", (3,))  # requantize during the test
+    results = {}
+    for bits in (16, 8):
+        model = _model(tiny_model_dir, kv_cache_bits=bits, lean_prefill=lean).eval()
+        inputs = _batch(model, tokenizer, frames=(7, 2))
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                                 output_scores=True)
+        results[bits] = (out.sequences, torch.stack(out.scores), out.past_key_values)
+    (seq16, scores16, cache16), (seq8, scores8, cache8) = results[16], results[8]
+    layer = cache8.layers[0]
+    assert isinstance(layer, kv_cache.Int8KVLayer) and layer._quantized_keys[0].dtype == torch.int8
+    assert cache8.get_seq_length() == cache16.get_seq_length()
+    full = cache16.layers[0].keys
+    stored = layer._quantized_keys[0].numel() + layer._quantized_keys[1].numel() * 4 + layer.keys.numel() * 4
+    assert stored < 0.35 * full.numel() * 4
+    error = (scores8 - scores16).norm(dim=-1) / scores16.norm(dim=-1)
+    assert error.max() < 2e-2, error
+    assert torch.equal(seq8[:, :inputs["input_ids"].shape[1] + 2], seq16[:, :inputs["input_ids"].shape[1] + 2])
+
+
+def test_kv_cache_bits_setting(tiny_model_dir, monkeypatch):
+    from swift_sophia.frame_budget import bytes_per_kept_frame
+    from swift_sophia.shapes import shape_config
+
+    monkeypatch.setenv("SOPHIA_KV_CACHE_BITS", "8")
+    assert _model(tiny_model_dir).config.kv_cache_bits == 8
+    monkeypatch.setenv("SOPHIA_KV_CACHE_BITS", "4")
+    with pytest.raises(ValueError, match="kv_cache_bits=4 is not valid.*SOPHIA_KV_CACHE_BITS"):
+        _model(tiny_model_dir)
+    monkeypatch.delenv("SOPHIA_KV_CACHE_BITS")
+    config = shape_config("internvl2.5-8b")
+    full = bytes_per_kept_frame(config)
+    config.kv_cache_bits = 8
+    assert full - bytes_per_kept_frame(config) == pytest.approx(16 * 2**20 - 256 * 32 * 2 * 8 * 2)
