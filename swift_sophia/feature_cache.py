@@ -53,6 +53,7 @@ class VideoFeatures:
     fps: float
     features: Optional[torch.Tensor] = None
     frame_shots: Optional[torch.Tensor] = None
+    copied: Optional["torch.cuda.Event"] = field(default=None, repr=False)  # the copy off the GPU is done
 
     @property
     def nbytes(self) -> int:
@@ -99,13 +100,15 @@ class VideoFeatureCache:
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
-            return entry
+        if entry.copied is not None:
+            entry.copied.synchronize()
+        return entry
 
     def put(self, key: str, entry: VideoFeatures) -> bool:
         """Store `entry` (its features moved to host memory); False when it alone exceeds the bound."""
         if not self.enabled or entry.features is None or entry.nbytes > self.max_bytes:
             return False
-        entry.features = _to_host(entry.features)
+        entry.features, entry.copied = _to_host(entry.features)
         if entry.frame_shots is not None:
             entry.frame_shots = entry.frame_shots.detach().to("cpu")
         with self._lock:
@@ -122,13 +125,19 @@ class VideoFeatureCache:
             self._entries.clear()
 
 
-def _to_host(features: torch.Tensor) -> torch.Tensor:
+def _to_host(features: torch.Tensor):
+    """(host tensor, CUDA event of its copy or None). Features already in pinned host memory (an hour's, which the
+    model keeps there while pruning) are kept as they are when they are their buffer's only tensor; a GPU tensor is
+    copied off asynchronously on the current stream (the copy is ordered before whatever reuses its memory)."""
     features = features.detach()
     if features.device.type == "cpu":
-        return features.clone()
-    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=torch.cuda.is_available())
-    host.copy_(features)
-    return host
+        whole = features.untyped_storage().nbytes() == features.numel() * features.element_size()
+        return (features if features.is_pinned() and whole else features.clone()), None
+    host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+    host.copy_(features, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 __all__ = ["VideoFeatureCache", "VideoFeatures", "FeatureSlot", "feature_key", "cache_bytes_from_env",

@@ -218,3 +218,39 @@ def test_offloaded_checkpoints_give_the_same_gradients_with_layer_inputs_in_pinn
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         assert torch.equal(grads1[name], grads0[name]), name
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_feature_cache_follow_up_equals_the_uncached_prefill_on_gpu(tiny, monkeypatch, on_host):
+    """bf16, Triton attention, pruning on: a follow-up question answered from cached features (copied off the GPU
+    asynchronously, or kept in pinned host memory when the features wait there) gives the logits of the uncached
+    prefill of the same question."""
+    from transformers import AutoTokenizer
+
+    import swift_sophia.modeling_sophia as modeling
+    from swift_sophia.feature_cache import FeatureSlot, VideoFeatures
+    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+
+    if on_host:
+        monkeypatch.setattr(modeling, "HOST_FEATURES_FROM_BYTES", 0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    model = SophiaForConditionalGeneration.from_pretrained(tiny, dtype=torch.bfloat16, prune_alpha=30.0,
+                                                           prune_beta=30.0).cuda().eval()
+    inputs = _inputs(tokenizer, model)
+    counts = inputs["video_frame_counts"].tolist()
+    shots = torch.arange(sum(counts), device="cuda") // 4
+    inputs.update(video_frame_shots=shots, video_query_ids=torch.tensor([[5, 6, 7], [8, 9, 10]], device="cuda"),
+                  video_query_mask=torch.ones(2, 3, dtype=torch.long, device="cuda"))
+    slots = [FeatureSlot(f"v{i}", f"v{i}", VideoFeatures(list(range(c)), c, 25.0)) for i, c in enumerate(counts)]
+    with torch.no_grad():
+        first = model(**inputs, video_feature_slots=slots).logits
+        assert len(model.video_feature_cache) == 2
+        hits = [FeatureSlot(s.key, s.name, model.video_feature_cache.get(s.key)) for s in slots]
+        assert all(h.hit and h.entry.features.device.type == "cpu" for h in hits)
+        follow = dict(inputs, video_query_ids=inputs["video_query_ids"].flip(-1))
+        cached = model(**dict(follow, pixel_values_videos=inputs["pixel_values_videos"][:0]),
+                       video_feature_slots=hits).logits
+        plain = model(**follow).logits
+        again = model(**inputs).logits
+    assert torch.equal(cached, plain)
+    assert torch.equal(first, again)

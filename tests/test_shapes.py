@@ -100,3 +100,15 @@ def test_bench_8b_and_plot_run_on_cpu_at_tiny_shape(tmp_path):
     png = str(tmp_path / "plot.png")
     _module("plot_8b").main([path, "-o", png])
     assert os.path.getsize(png) > 10_000
+
+
+def test_bench_8b_end_to_end_with_a_follow_up_question_on_cpu(tmp_path):
+    """--e2e: a file to the first token, then a second question answered from the model's feature cache."""
+    bench = _module("bench_8b")
+    path = str(tmp_path / "e2e.json")
+    assert bench.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--e2e", "--make-video",
+                       "--video", str(tmp_path / "v.mp4"), "--video-seconds", "12", "--video-size", "64", "48",
+                       "--json", path]) == 0
+    e2e = json.load(open(path))["e2e"]
+    assert e2e["status"] == "ok" and e2e["frames"] == 12
+    assert e2e["follow_up"]["status"] == "ok" and 0 < e2e["follow_up"]["kept"] <= 12
