@@ -18,6 +18,9 @@ except the resized ones):
   sampled ones to RGB
 * ``pyav-seek``: PyAV as ``pyav-seq``, but seeking to the keyframe before a sampled frame when that keyframe lies
   beyond the current position (``swift_sophia.video.PyAVReader``, full size)
+* ``pyav-seek xN``, ``load_video-448 xN`` (N in --decoders, > 1): the same with N decoders at once, each over a run
+  of consecutive sampled frames in a thread of its own (``PyAVReader(segments=N)``, ``SOPHIA_DECODE_SEGMENTS=N``;
+  at least 64 frames a run)
 * ``load_video-448``: the production path (``swift_sophia.video.load_video`` with the template's FPS sampling,
   PyAV seek, full-size frames resized to 448x448, the real model's vision input)
 * ``shots-apart-448``: ``load_video-448``, then every frame decoded for the shot detector (``decode_small_frames``:
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
                     help='seconds of timing after which every remaining cell runs once')
     ap.add_argument('--size', type=int, default=448, help='vision input size of the production path')
     ap.add_argument('--strategies', nargs='+', default=None, help='a subset of the strategies')
+    ap.add_argument('--decoders', type=int, nargs='+', default=None,
+                    help='decoders at once for the "xN" strategies (default: 2 and one per 4 cores)')
     args = ap.parse_args(argv)
 
     gen_note = ''
@@ -140,6 +145,26 @@ def main(argv=None) -> int:
         f'load_video-{args.size}': lambda ix, n: load_video(path, by_rate(n), size=args.size).frames,
         f'shots-apart-{args.size}': lambda ix, n: frames_and_shot_input_apart(n),
     }
+    decoders = args.decoders or sorted({2, max(2, (os.cpu_count() or 1) // 4)})
+
+    def with_decoders(n_decoders, fn):
+        def run(ix, n):
+            old = os.environ.get('SOPHIA_DECODE_SEGMENTS')
+            os.environ['SOPHIA_DECODE_SEGMENTS'] = str(n_decoders)
+            try:
+                return fn(ix, n)
+            finally:
+                os.environ.pop('SOPHIA_DECODE_SEGMENTS') if old is None else os.environ.update(
+                    SOPHIA_DECODE_SEGMENTS=old)
+        return run
+
+    for d in decoders:
+        if d > 1:
+            strategies[f'pyav-seek x{d}'] = lambda ix, n, d=d: PyAVReader(path, segments=d).get(ix)
+            strategies[f'load_video-{args.size} x{d}'] = with_decoders(
+                d, lambda ix, n: load_video(path, by_rate(n), size=args.size).frames)
+    strategies['pyav-seek'] = with_decoders(1, strategies['pyav-seek'])
+    strategies[f'load_video-{args.size}'] = with_decoders(1, strategies[f'load_video-{args.size}'])
     if args.strategies:
         strategies = {k: v for k, v in strategies.items() if any(k.startswith(s) for s in args.strategies)}
 

@@ -23,7 +23,10 @@ environment overrides to the config once, here; shots are computed only when pru
 """
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from typing import Any, Dict, List, Literal, Optional
 
 import torch
@@ -116,15 +119,18 @@ class SophiaTemplate(Template):
         if not inputs.is_multimodal:  # ms-swift checks tags only for rows with media: a tag without one is an error
             self._check_tags(inputs)
         size = self.config.vision_config.image_size[0]
-        clips, slots = [], []
-        for i, video in enumerate(inputs.videos):
-            try:
-                clip, slot = self._load_video(video, size)
-            except VideoError as exc:
-                raise VideoError(f"video {i} of the sample: {exc}") from exc
-            clips.append(clip)
-            slots.append(slot)
+        clips, slots, shots = [], [], []
+        with ThreadPoolExecutor(1) as detector:  # shots found while the sampled frames decode
+            for i, video in enumerate(inputs.videos):
+                start = self._shots_starter(detector, shots, i)
+                try:
+                    clip, slot = self._load_video(video, size, start)
+                except VideoError as exc:
+                    raise VideoError(f"video {i} of the sample: {exc}") from exc
+                clips.append(clip)
+                slots.append(slot)
         inputs._sophia_clips = clips
+        inputs._sophia_shots = shots
         encoded = super()._encode(inputs)
         if clips:
             dtype = self.model_info.torch_dtype
@@ -136,9 +142,9 @@ class SophiaTemplate(Template):
             encoded["pixel_values_videos"] = pixels[-1] if len(pixels) == 2 else torch.cat(pixels)
             encoded["video_frame_counts"] = torch.tensor([len(c.indices) for c in clips], dtype=torch.long)
             encoded["video_query_ids"] = self._video_queries(inputs)
-            shots = self._video_shots(clips, slots)
-            if shots is not None:
-                encoded["video_frame_shots"] = shots
+            frame_shots = self._video_shots(clips, slots, shots)
+            if frame_shots is not None:
+                encoded["video_frame_shots"] = frame_shots
             if any(slot is not None for slot in slots):
                 encoded["video_feature_slots"] = slots
         if inputs.images:
@@ -152,12 +158,26 @@ class SophiaTemplate(Template):
         cache = getattr(self.model, "video_feature_cache", None)
         return cache if cache is not None and cache.enabled else None
 
-    def _load_video(self, video, size: int):
+    def _shots_starter(self, detector: ThreadPoolExecutor, shots: list, video: int):
+        """With pruning on: a callback for `load_video` that starts finding video `video`'s shots in `detector`'s
+        thread once its sampled frames are known (`shots[video]`: the future), while the frames decode. Sources
+        one reader cannot share (file objects other than BytesIO) are left to `_video_shots`."""
+        shots.append(None)
+        if not self._prunes():
+            return None
+        from .shots import sampled_shots
+
+        def start(source, indices, total):
+            if isinstance(source, (str, os.PathLike, bytes, BytesIO)):
+                shots[video] = detector.submit(sampled_shots, source, indices, total_frames=total)
+        return start
+
+    def _load_video(self, video, size: int, on_indices=None):
         """(clip, slot): the sampled frames decoded at `size`, or, when the model's feature cache holds this video
         at these settings, its frame indices only (`clip.frames` None) and the cached entry in the slot."""
         cache = self._feature_cache()
         if cache is None:
-            return load_video(video, self.frame_sampling, size=size), None
+            return load_video(video, self.frame_sampling, size=size, on_indices=on_indices), None
         from .shot_cache import content_hash
 
         source, name = resolve_video_source(video)
@@ -173,7 +193,7 @@ class SophiaTemplate(Template):
                              source=source, name=name)
             return clip, FeatureSlot(key, name, entry)
         try:
-            clip = load_video(source, self.frame_sampling, size=size)
+            clip = load_video(source, self.frame_sampling, size=size, on_indices=on_indices)
         except VideoError as exc:  # name the video as the request gave it, not as the fetched bytes
             raise type(exc)(str(exc).replace(describe(source), name)) from exc
         clip.name = name
@@ -203,21 +223,26 @@ class SophiaTemplate(Template):
 
         return prunes(self.config)
 
-    def _video_shots(self, clips, slots) -> Optional[torch.Tensor]:
+    def _video_shots(self, clips, slots, started) -> Optional[torch.Tensor]:
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on (and kept with the
-        video's cached features)."""
+        video's cached features). `started`: per video, the future of its shots when they were started while its
+        frames decoded."""
         if not self._prunes():
             return None
         from .shots import sampled_shots
 
         ids = []
-        for clip, slot in zip(clips, slots):
+        for i, (clip, slot) in enumerate(zip(clips, slots)):
             if slot is not None and slot.entry.frame_shots is not None:
                 ids.append(slot.entry.frame_shots)
                 continue
+            try:
+                shots = started[i].result() if started[i] is not None else \
+                    sampled_shots(clip.source, clip.indices, total_frames=clip.total_frames)
+            except VideoError as exc:
+                raise VideoError(f"video {i} of the sample: {exc}") from exc
             frame_ids = torch.zeros(len(clip.indices), dtype=torch.long)
-            for shot, (start, end) in enumerate(sampled_shots(clip.source, clip.indices,
-                                                              total_frames=clip.total_frames)):
+            for shot, (start, end) in enumerate(shots):
                 frame_ids[start:end] = shot
             ids.append(frame_ids)
             if slot is not None:

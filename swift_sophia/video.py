@@ -447,11 +447,12 @@ class VideoClip:
 
 
 def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None,
-               num_threads: int = 0) -> VideoClip:
+               num_threads: int = 0, on_indices=None) -> VideoClip:
     """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
     or a :class:`FrameSampling`. ``size``: frames at ``size x size`` (the vision tower's input; decoded a chunk
     at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises
-    :class:`VideoError` naming the video on any problem."""
+    :class:`VideoError` naming the video on any problem. ``on_indices(source, indices, total_frames)`` is called
+    once the sampled frames are known, before they are decoded (the template starts the shot detector then)."""
     if not isinstance(sampling, FrameSampling):
         sampling = FrameSampling(num_frames=int(sampling))
     source, name = resolve_video_source(video)
@@ -465,6 +466,8 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
         raise VideoDecodeError(f'cannot decode video {name}: not a readable video file ({exc})') from exc
     total = len(reader)
     indices = sample_frame_indices(total, sampling.count(total, reader.fps))
+    if on_indices is not None:
+        on_indices(source, indices, total)
     try:
         frames = (decode_frames(reader, indices, None, src=source) if size is None
                   else decode_resized(reader, indices, (int(size), int(size)), src=source))

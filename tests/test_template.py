@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from swift.model import get_model_processor
 from swift.template import get_template
 
@@ -250,3 +251,37 @@ def test_queries_from_content_parts():
              {"type": "video_url", "video_url": {"url": "b.mp4"}}]
     assert _text_and_videos(parts) == ("What happens?", 2)
     assert _text_and_videos("<video>Why <image>here?") == ("Why here?", 1)
+
+
+def test_shots_are_found_while_the_frames_decode(template, sample, monkeypatch):
+    """With pruning on, the shot detector starts on a video's sampled frames in a thread of its own as soon as they
+    are known, while the main thread decodes them; the shots are the same as found one after the other."""
+    import threading
+
+    import swift_sophia.shots as shots_module
+    import swift_sophia.video as video_module
+
+    config = template.config
+    expected = None
+    try:
+        config.prune_alpha = 30.0
+        expected = template.encode(sample)["video_frame_shots"]
+        started, threads = threading.Event(), []
+        find, decode = shots_module.sampled_shots, video_module.decode_resized
+
+        def finding(*args, **kwargs):
+            threads.append(threading.get_ident())
+            started.set()
+            return find(*args, **kwargs)
+
+        def decoding(*args, **kwargs):
+            assert started.wait(timeout=30), "the shot detector did not start before the frames were decoded"
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(shots_module, "sampled_shots", finding)
+        monkeypatch.setattr(video_module, "decode_resized", decoding)
+        got = template.encode(sample)["video_frame_shots"]
+    finally:
+        config.prune_alpha = 0.0
+    assert threads and threads[0] != threading.get_ident()
+    assert torch.equal(got, expected)
