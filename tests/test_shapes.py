@@ -112,3 +112,4 @@ def test_bench_8b_end_to_end_with_a_follow_up_question_on_cpu(tmp_path):
     e2e = json.load(open(path))["e2e"]
     assert e2e["status"] == "ok" and e2e["frames"] == 12
     assert e2e["follow_up"]["status"] == "ok" and 0 < e2e["follow_up"]["kept"] <= 12
+    assert e2e["overlapped_equal"] is True and e2e["total_overlapped_s"] > 0
