@@ -12,12 +12,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
-def plugin_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 
 def main(argv=None) -> int:
@@ -35,7 +32,7 @@ def main(argv=None) -> int:
                                                                   "FPS says otherwise (default 8)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     rand = sub.add_parser("build-random", help="build a random-weight checkpoint of a named real shape",
-                          description="Random weights of a real shape (swift_sophia/shapes.py), for speed and "
+                          description="Random weights of a real shape (swift_sophia/tools/shapes.py), for speed and "
                                       "memory measurements: `swift sft/infer --model DIR --model_type sophia` load it.")
     rand.add_argument("output_dir")
     rand.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test")
@@ -65,7 +62,7 @@ def main(argv=None) -> int:
     conv.add_argument("source", metavar="SRC", help="folder or hub name of the InternVL checkpoint")
     conv.add_argument("output_dir", metavar="DIR", help="folder to write the Sophia checkpoint to")
     conv.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
-    from .evaluation import breakdown, convert_cli, niah
+    from swift_sophia.evaluation import breakdown, convert_cli, niah
 
     convert_cli.add_arguments(sub.add_parser(
         "convert-benchmark", help="turn a benchmark's published files into a local video MCQ set for swift eval"))
@@ -80,14 +77,14 @@ def main(argv=None) -> int:
     if args.command == "plugin-path":
         print(plugin_path())
     elif args.command == "build-tiny":
-        from .tiny import build_tiny
+        from swift_sophia.tools.tiny import build_tiny
 
         path = build_tiny(args.output_dir, seed=args.seed, decoder=args.decoder, num_frames=args.num_frames)
         print(f"sophia-tiny written to {path}")
     elif args.command == "build-random":
         import torch
 
-        from .shapes import build_random, resolve_shape
+        from swift_sophia.tools.shapes import build_random, resolve_shape
 
         try:
             resolve_shape(args.shape)
@@ -97,12 +94,12 @@ def main(argv=None) -> int:
                             seed=args.seed, num_frames=args.num_frames, verbose=True)
         print(f"random {args.shape} checkpoint written to {path}")
     elif args.command == "make-data":
-        from .synthetic import make_dataset
+        from swift_sophia.tools.synthetic import make_dataset
 
         paths = make_dataset(args.output_dir, args.num_train, args.num_val, seed=args.seed)
         print(f"train: {paths['train']}\nval: {paths['val']}")
     elif args.command == "init-from-internvl":
-        from .convert import ConversionError, init_from_internvl
+        from swift_sophia.tools.convert import ConversionError, init_from_internvl
 
         try:
             path = init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)

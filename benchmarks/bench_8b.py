@@ -402,8 +402,8 @@ class Bench:
         self.clock = Clock(self.device)
         self.mem = Memory(self.device)
         self.t_start = time.perf_counter()
-        from swift_sophia.shapes import internvl_config, resolve_shape, shape_config
-        from swift_sophia.tiny import build_tokenizer
+        from swift_sophia.tools.shapes import internvl_config, resolve_shape, shape_config
+        from swift_sophia.tools.tiny import build_tokenizer
 
         self.shape = resolve_shape(args.shape)
         self.tokenizer = build_tokenizer()
@@ -465,13 +465,13 @@ class Bench:
         if self.model_kind == kind:
             return self.model
         self.drop_model()
-        from swift_sophia.shapes import build_model
+        from swift_sophia.tools.shapes import build_model
 
         if dense:
             from transformers import InternVLForConditionalGeneration as cls
             config = self.dense_config
         else:
-            from swift_sophia.modeling_sophia import SophiaForConditionalGeneration as cls
+            from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration as cls
             config = self.sophia_config
         self.clock.sync()
         t0 = time.perf_counter()
@@ -705,9 +705,9 @@ class Bench:
     # .................................................................. (c) end to end
     def run_e2e(self):
         a = self.args
-        from swift_sophia import shots as shots_mod
-        from swift_sophia.shot_cache import clear_content_hash_memo
-        from swift_sophia.video import FrameSampling, frames_to_pixel_values, load_video, video_info
+        from swift_sophia.video import shots as shots_mod
+        from swift_sophia.video.frames import FrameSampling, frames_to_pixel_values, load_video, video_info
+        from swift_sophia.video.shot_cache import clear_content_hash_memo
 
         path = a.video
         res = dict(stages={}, variant=a.e2e_variant)
@@ -1028,7 +1028,7 @@ def main(argv=None):
         parse_variant(v)
     if not (args.prefill or args.train or args.e2e):
         args.prefill = args.train = True
-    from swift_sophia.shapes import resolve_shape
+    from swift_sophia.tools.shapes import resolve_shape
 
     family = "tiny" if resolve_shape(args.shape) == "tiny-test" else "full"
     d = DEFAULTS[family]

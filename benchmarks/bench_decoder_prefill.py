@@ -29,7 +29,7 @@ def decoder(attn: str, shape: str = "internvl2.5-8b", device: str = "cuda"):
     """The decoder of a named shape (swift_sophia/shapes.py), random bf16 weights built on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from swift_sophia.shapes import shape_config
+    from swift_sophia.tools.shapes import shape_config
 
     config = shape_config(shape, attn_implementation=None)
     cfg = config.text_config
@@ -44,7 +44,7 @@ def _sync(device):
 
 
 def time_prefill(model, n: int, repeats: int, **kwargs) -> tuple[float, float]:
-    from swift_sophia.attention import hierarchical_step
+    from swift_sophia.model.attention import hierarchical_step
 
     device = model.device
     cuda = device.type == "cuda"
@@ -80,8 +80,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from sophia_kernels import HierLayout
-    from swift_sophia.attention import install
-    from swift_sophia.shapes import resolve_shape
+    from swift_sophia.model.attention import install
+    from swift_sophia.tools.shapes import resolve_shape
 
     tiny = resolve_shape(args.shape) == "tiny-test"
     args.device = args.device or ("cpu" if tiny else "cuda")

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shot_detector as S  # noqa: E402
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import video_info  # noqa: E402
+from swift_sophia.video import shot_detector as S  # noqa: E402
+from swift_sophia.video.frames import video_info  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 rows.append(('decode', f'{name}, all {n} frames at full size (decord)', n / t))
 
                 def sampled():
-                    from swift_sophia.video import load_video
+                    from swift_sophia.video.frames import load_video
                     load_video(path, 32)
                 t = median_time(sampled, args.repeats)
                 rows.append(('decode', f'{name}, 32 sampled frames at full size (load_video, PyAV)', n / t))

@@ -39,8 +39,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import DecordReader, FrameSampling, PyAVReader, load_video, sample_frame_indices  # noqa: E402
+from swift_sophia.video.frames import DecordReader, FrameSampling, PyAVReader, load_video, sample_frame_indices  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shots import cpu_name  # noqa: E402  (the machine's name, as the shot benchmark prints it)

@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shot_boundaries as S  # noqa: E402
-from swift_sophia.shot_detector import INPUT_H, INPUT_W, ShotDetector  # noqa: E402
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import open_reader  # noqa: E402
+from swift_sophia.video import shot_boundaries as S  # noqa: E402
+from swift_sophia.video.frames import open_reader  # noqa: E402
+from swift_sophia.video.shot_detector import INPUT_H, INPUT_W, ShotDetector  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 
 def wheel_clip() -> str:
@@ -52,7 +52,7 @@ def wheel_clip() -> str:
 
 def sample_frame_indices(total: int, n: int) -> List[int]:
     try:
-        from swift_sophia.video import sample_frame_indices as f
+        from swift_sophia.video.frames import sample_frame_indices as f
         return f(total, n)
     except ImportError:  # same rule, for checkouts without the video module
         if total <= n:

@@ -4,8 +4,8 @@
 `AutoModel` -> `SophiaModel`, `AutoModelForImageTextToText` -> `SophiaForConditionalGeneration`). Registration
 with ms-swift happens in `swift_sophia.register`, which the plugin file (`sophia plugin-path`) imports.
 """
-from .configuration_sophia import SophiaConfig
-from .modeling_sophia import SophiaForConditionalGeneration, SophiaModel
+from .model.configuration_sophia import SophiaConfig
+from .model.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
 
 __version__ = "0.1.0"
 

@@ -2,4 +2,4 @@
 
 Get its path with `sophia plugin-path` (or `python -m swift_sophia plugin-path`).
 """
-import swift_sophia.register  # noqa: F401
+import swift_sophia.ms_swift.register  # noqa: F401

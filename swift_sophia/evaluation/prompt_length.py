@@ -24,7 +24,7 @@ class PromptLength:
         from swift.model import get_processor
         from swift.template import get_template
 
-        import swift_sophia.register  # noqa: F401  (the sophia model type and template)
+        import swift_sophia.ms_swift.register  # noqa: F401  (the sophia model type and template)
 
         self.processor = get_processor(model_dir, model_type="sophia")
         self.template = get_template(self.processor, template_type="sophia")
@@ -52,7 +52,7 @@ class PromptLength:
         from evalscope.utils.multi_choices import prompt
         from swift.infer_engine.protocol import ChatCompletionRequest
 
-        from ..synthetic import write_mp4
+        from ..tools.synthetic import write_mp4
 
         text = prompt(question=question, choices=list(options), template=PROMPT_TEMPLATE)
         if text not in self._cache:

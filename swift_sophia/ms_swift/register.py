@@ -10,15 +10,15 @@ import torch.distributed as dist
 from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
 from transformers import AutoModelForImageTextToText
 
-from . import (
+from ..model import liger
+from ..model.modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
+from .patches import (
     batch_infer,  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
     deploy_errors,  # noqa: F401  (`swift deploy`: bad requests get a 4xx naming the problem; out of memory)
     interactive,  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
-    liger,
     resume_check,  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)
+    swift_eval,  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
 )
-from .evaluation import patches  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
-from .modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
 from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE
 

@@ -37,8 +37,8 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 from swift.template.template_inputs import StdTemplateInputs
 from swift.utils import SafeMediaPath, SafeUrlFetcher, get_env_args
 
-from .video import FrameSampling, VideoDecodeError, _env_int, _env_number, open_reader
-from .video_source import describe, is_inline, resolve_video_source
+from ..video.frames import FrameSampling, VideoDecodeError, _env_int, _env_number, open_reader
+from ..video.source import describe, is_inline, resolve_video_source
 
 MAX_FRAMES_ENV = "REQUEST_MAX_FRAMES"
 ALLOWED_MEDIA_ENV = "SOPHIA_ALLOWED_MEDIA_PATH"

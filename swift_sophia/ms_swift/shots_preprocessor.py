@@ -36,9 +36,9 @@ from swift.dataset import AutoPreprocessor, DatasetMeta, RowPreprocessor, regist
 from swift.dataset.register import DATASET_MAPPING
 from swift.utils import get_logger
 
-from .shot_cache import ShotCache
-from .shots import DetectionSettings, ensure_cached, get_default_detector
-from .video_source import resolve_video_source
+from ..video.shot_cache import ShotCache
+from ..video.shots import DetectionSettings, ensure_cached, get_default_detector
+from ..video.source import resolve_video_source
 
 logger = get_logger()  # ms-swift's logger: it prints from the forked workers `datasets.map` runs rows in
 

@@ -32,8 +32,8 @@ from swift.template.template_inputs import StdTemplateInputs
 from swift.template.templates.utils import ChatmlTemplateMeta
 from swift.template.utils import Context
 
-from .tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
-from .video import FrameSampling, VideoError, describe, frames_to_pixel_values, load_video
+from ..model.tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
+from ..video.frames import FrameSampling, VideoError, describe, frames_to_pixel_values, load_video
 
 SOPHIA_TEMPLATE = "sophia"
 _TAG = re.compile(r"<(video|image)>")
@@ -54,7 +54,7 @@ class SophiaTemplate(Template):
     def init_env_args(self):
         super().init_env_args()
         if self.config is not None:
-            from .configuration_sophia import resolve_runtime_settings
+            from ..model.configuration_sophia import resolve_runtime_settings
 
             self.config = resolve_runtime_settings(self.config)
             if self._prunes():
@@ -154,7 +154,7 @@ class SophiaTemplate(Template):
         return queries
 
     def _prunes(self) -> bool:
-        from .configuration_sophia import prunes
+        from ..model.configuration_sophia import prunes
 
         return prunes(self.config)
 
@@ -162,7 +162,7 @@ class SophiaTemplate(Template):
         """Per-frame shot ids of every video, concatenated; only computed when pruning is on."""
         if not self._prunes():
             return None
-        from .shots import sampled_shots
+        from ..video.shots import sampled_shots
 
         ids = []
         for clip in clips:

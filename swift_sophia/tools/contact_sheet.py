@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .pruning import FramePruner, FrameSelection
+from ..model.pruning import FramePruner, FrameSelection
 
 Shot = Tuple[int, int]
 
@@ -179,8 +179,8 @@ def pixel_features(frames: np.ndarray, size: int = 64, patch: int = 8) -> torch.
 def _model_features(model_dir: str, frames: np.ndarray, query: str, device: str):
     from transformers import AutoTokenizer
 
-    from .modeling_sophia import SophiaForConditionalGeneration
-    from .video import frames_to_pixel_values
+    from ..model.modeling_sophia import SophiaForConditionalGeneration
+    from ..video.frames import frames_to_pixel_values
     model = SophiaForConditionalGeneration.from_pretrained(model_dir).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     inner = getattr(model, 'model', model)
@@ -219,8 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--columns', type=int, default=8)
     args = ap.parse_args(argv)
 
-    from .shots import sampled_shots
-    from .video import FrameSampling, VideoError, load_video
+    from ..video.frames import FrameSampling, VideoError, load_video
+    from ..video.shots import sampled_shots
     try:
         clip = load_video(args.video, args.num_frames or FrameSampling.from_env(32))
         shots = sampled_shots(clip.source, clip.indices, total_frames=clip.total_frames, cache=not args.no_cache)

@@ -25,10 +25,10 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
-from .configuration_sophia import SophiaConfig
+from ..model.configuration_sophia import SophiaConfig
+from ..model.tokens import IMAGE_CONTEXT, SPECIAL_TOKENS, VIDEO_CONTEXT
 from .convert_internvl_chat import ConversionError, WeightConverter, check_layout, sophia_fields, system_message
 from .convert_tokenizer import load_source_tokenizer
-from .tokens import IMAGE_CONTEXT, SPECIAL_TOKENS, VIDEO_CONTEXT
 
 # What a checkpoint needs, when it is fetched from the hub (no custom code, no other weight formats).
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -177,8 +177,8 @@ def weights_dtype(weights: SafetensorsCheckpoint) -> torch.dtype:
 def new_module_tensors(config: SophiaConfig, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """Sophia's modules in their documented start: the aggregator averages the children, the pruner's query map is
     the identity and its temperature schedule is at step 0."""
-    from .modeling_sophia import SophiaAggregator
-    from .pruning import FramePruner
+    from ..model.modeling_sophia import SophiaAggregator
+    from ..model.pruning import FramePruner
 
     hidden = config.text_config.hidden_size
     with torch.random.fork_rng():
@@ -190,7 +190,7 @@ def new_module_tensors(config: SophiaConfig, dtype: torch.dtype) -> Dict[str, to
 
 
 def sophia_layout(config: SophiaConfig) -> Dict[str, Tuple[int, ...]]:
-    from .modeling_sophia import SophiaForConditionalGeneration
+    from ..model.modeling_sophia import SophiaForConditionalGeneration
 
     with torch.device("meta"):
         model = SophiaForConditionalGeneration(config)
@@ -260,7 +260,7 @@ def write_swift_args(output_dir: str, system: Optional[str]) -> None:
     plugin and system prompt from it (`swift sft` reads it with `--load_args true`)."""
     from importlib.metadata import version
 
-    from .cli import plugin_path
+    from ..ms_swift.plugin_path import plugin_path
 
     args = {"model_type": "sophia", "template": "sophia", "external_plugins": [plugin_path()],
             "swift_version": version("ms-swift")}
@@ -274,7 +274,7 @@ def write_swift_args(output_dir: str, system: Optional[str]) -> None:
 def from_transformers_internvl(folder: str, output_dir: str, source: str, **overrides) -> str:
     from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
-    from .modeling_sophia import SophiaForConditionalGeneration
+    from ..model.modeling_sophia import SophiaForConditionalGeneration
 
     base = AutoConfig.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -27,9 +27,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .shot_cache import ShotCache
-from .shots import DETECTION_MODE, DetectionSettings
-from .video_source import resolve_video_source
+from ..video.shot_cache import ShotCache
+from ..video.shots import DETECTION_MODE, DetectionSettings
+from ..video.source import resolve_video_source
 
 
 @dataclass
@@ -106,13 +106,13 @@ def _init_worker(cache_dir: Optional[str], settings: DetectionSettings, device: 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(max(1, threads))
-    from .shot_detector import ShotDetector
+    from ..video.shot_detector import ShotDetector
     _W.update(cache=ShotCache(cache_dir), settings=settings, detector=ShotDetector(device))
 
 
 def _process(paths: List[str]) -> List[Tuple[str, str, float]]:
     """-> [(path, 'cached' | 'computed' | 'error: ...', seconds)] for a batch of videos."""
-    from .shots import ensure_cached_many
+    from ..video.shots import ensure_cached_many
     t0 = time.perf_counter()
     try:
         res = ensure_cached_many(paths, cache=_W['cache'], detector=_W['detector'], settings=_W['settings'],

@@ -1,6 +1,6 @@
 """Named real model shapes: random-weight Sophia checkpoints (and their dense InternVL twins) for benchmarks.
 
-    from swift_sophia.shapes import shape_config, internvl_config, build_random
+    from swift_sophia.tools.shapes import shape_config, internvl_config, build_random
     config = shape_config("internvl2.5-8b")          # a SophiaConfig, nothing written, no weights
     build_random("internvl2.5-8b", "/tmp/sophia-8b", device="cuda")   # `sophia build-random` does this
 
@@ -30,8 +30,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .configuration_sophia import SophiaConfig
-from .tokens import IMAGE_CONTEXT, VIDEO_CONTEXT
+from ..model.configuration_sophia import SophiaConfig
+from ..model.tokens import IMAGE_CONTEXT, VIDEO_CONTEXT
 
 MAX_POSITIONS = 1 << 20
 
@@ -130,7 +130,7 @@ def internvl_config(name: str, tokenizer=None, *, attn_implementation: Optional[
 def parameter_count(config, cls=None) -> int:
     """Parameters of the model a config describes, counted on the meta device (no memory, no init)."""
     if cls is None:
-        from .modeling_sophia import SophiaForConditionalGeneration as cls
+        from ..model.modeling_sophia import SophiaForConditionalGeneration as cls
     with torch.device("meta"):
         model = cls(copy.deepcopy(config))
     return sum(p.numel() for p in model.parameters())
@@ -139,7 +139,7 @@ def parameter_count(config, cls=None) -> int:
 def build_model(config, *, device="cpu", dtype=torch.bfloat16, cls=None, seed: int = 0):
     """Random-weight model built directly on ``device`` in ``dtype`` (transformers' init: normal, std 0.02)."""
     if cls is None:
-        from .modeling_sophia import SophiaForConditionalGeneration as cls
+        from ..model.modeling_sophia import SophiaForConditionalGeneration as cls
     torch.manual_seed(seed)
     with torch.device(device):
         model = cls._from_config(copy.deepcopy(config), dtype=dtype)

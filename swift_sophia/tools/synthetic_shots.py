@@ -101,7 +101,7 @@ def user_text(question: str, options: List[str]) -> str:
     ms-swift's `<video>` tag where the video goes."""
     from evalscope.utils.multi_choices import prompt
 
-    from .evaluation.vmcq import PROMPT_TEMPLATE
+    from ..evaluation.vmcq import PROMPT_TEMPLATE
 
     text = prompt(question="<video 1>\n" + question, choices=list(options), template=PROMPT_TEMPLATE)
     return text.replace("<video 1>", "<video>")
@@ -112,7 +112,7 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
                  num_options: int = NUM_OPTIONS) -> Dict:
     """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, and
     `manifest.json`; return the manifest."""
-    from .evaluation.vmcq import LETTERS, Question, write_set
+    from ..evaluation.vmcq import LETTERS, Question, write_set
 
     rng = random.Random(seed)
     video_dir = os.path.join(output_dir, "videos")
@@ -156,8 +156,8 @@ def cache_true_shots(manifest: Dict, cache_dir: Optional[str] = None) -> int:
     template looks up (the video's content and the detection settings of this environment), so pruning uses them
     instead of TransNetV2's. Returns the number of entries written. Use a cache folder of its own
     (`SOPHIA_SHOT_CACHE`), since these entries are not the detector's."""
-    from .shot_cache import ShotCache, content_hash
-    from .shots import DetectionSettings, _store_entry, shot_cache_key
+    from ..video.shot_cache import ShotCache, content_hash
+    from ..video.shots import DetectionSettings, _store_entry, shot_cache_key
 
     settings = DetectionSettings.from_env()
     store = ShotCache(cache_dir)
@@ -177,7 +177,7 @@ def answer_seen(frames: List[int], answer_frames: List[int]) -> bool:
 
 def uniform_frames(total: int, k: int) -> List[int]:
     """The native frames that `VIDEO_SEGMENTS=k` samples from a `total`-frame video (the template's rule)."""
-    from .video import sample_frame_indices
+    from ..video.frames import sample_frame_indices
 
     return list(sample_frame_indices(total, k))
 
@@ -191,7 +191,7 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     from swift.model import get_model_processor
     from swift.template import get_template
 
-    from . import register  # noqa: F401
+    from ..ms_swift import register  # noqa: F401
     os.environ.update(PRUNE_ALPHA=str(alpha), PRUNE_BETA=str(beta), VIDEO_SEGMENTS=str(frames))
     model, processor = get_model_processor(checkpoint, model_type="sophia", torch_dtype=torch.float32)
     template = get_template(processor, template_type="sophia")

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from .configuration_sophia import SophiaConfig
-from .tokens import SPECIAL_TOKENS
+from ..model.configuration_sophia import SophiaConfig
+from ..model.tokens import SPECIAL_TOKENS
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -72,7 +72,7 @@ def build_tiny(output_dir: str, *, seed: int = 0, decoder: str = "qwen2", num_fr
     """Write a randomly initialised sophia-tiny checkpoint (safetensors, config, tokenizer) to `output_dir`."""
     from transformers import GenerationConfig
 
-    from .modeling_sophia import SophiaForConditionalGeneration
+    from ..model.modeling_sophia import SophiaForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()

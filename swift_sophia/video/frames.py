@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .video_source import (
+from .source import (
     VideoDecodeError,
     VideoError,
     VideoNotFoundError,

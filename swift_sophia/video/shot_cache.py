@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from .video_source import VideoSource
+from .source import VideoSource
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .frames import DecordReader, PyAVReader, resize_frames
 from .shot_detector import INPUT_H, INPUT_W
+from .source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 from .transnet_isolation import fork_guard
-from .video import DecordReader, PyAVReader, resize_frames
-from .video_source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 
 logger = logging.getLogger(__name__)
 

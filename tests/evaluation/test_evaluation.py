@@ -10,14 +10,14 @@ import sys
 import pandas as pd
 import pytest
 
+from deploy_process import free_port
 from swift_cli import SWIFT, env
-from swift_sophia.cli import plugin_path
-from swift_sophia.deploy_process import free_port
 from swift_sophia.evaluation.benchmarks import BENCHMARKS, converter
 from swift_sophia.evaluation.breakdown import breakdown
 from swift_sophia.evaluation.report import latest_run, overall, predictions, subset_scores
 from swift_sophia.evaluation.vmcq import SetError
-from swift_sophia.synthetic import random_clip_spec, render_clip, write_mp4
+from swift_sophia.ms_swift.plugin_path import plugin_path
+from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
 
 SOPHIA = [sys.executable, "-m", "swift_sophia"]
 
@@ -275,7 +275,7 @@ def test_local_server_gets_video_paths_remote_gets_data_urls(tmp_path):
     from evalscope.api.messages import ContentVideo
     from evalscope.models.utils import openai as es_openai
 
-    import swift_sophia.evaluation.patches  # noqa: F401
+    import swift_sophia.ms_swift.patches.swift_eval  # noqa: F401
 
     video = _clip(str(tmp_path / "v.mp4"), 0)
     part = es_openai.openai_chat_completion_part(ContentVideo(video=video, format="mp4"),

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deploy_process import free_port
 from swift_cli import env
-from swift_sophia.deploy_process import free_port
 from swift_sophia.evaluation.heatmap import BEYOND_COLOR, draw
 from swift_sophia.evaluation.niah_set import PATTERNS, build_cells, load_needle, pattern_frame
 from swift_sophia.evaluation.report import latest_run, predictions
-from swift_sophia.synthetic import random_clip_spec, render_clip, write_mp4
+from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
 
 
 def _frames(path):

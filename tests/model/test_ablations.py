@@ -5,8 +5,8 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import left_pad, video_prompt
-from swift_sophia.configuration_sophia import resolve_runtime_settings
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.model.configuration_sophia import resolve_runtime_settings
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
 
 @pytest.fixture(scope="module")

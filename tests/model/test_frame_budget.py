@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swift_sophia import frame_budget
-from swift_sophia.configuration_sophia import SophiaConfig, resolve_runtime_settings
-from swift_sophia.pruning import FramePruner
+from swift_sophia.model import frame_budget
+from swift_sophia.model.configuration_sophia import SophiaConfig, resolve_runtime_settings
+from swift_sophia.model.pruning import FramePruner
 
 D = 16
 SHOTS = [(0, 3), (3, 5), (5, 9), (9, 12)]
@@ -119,7 +119,7 @@ def test_the_setting_is_read_from_the_environment_and_bad_values_are_named(monke
 
 
 def test_auto_shares_what_free_memory_holds_among_the_videos_by_frame_count(monkeypatch):
-    from swift_sophia.shapes import shape_config
+    from swift_sophia.tools.shapes import shape_config
 
     config = shape_config("internvl2.5-8b")
     config.prune_max_frames = "auto"
@@ -137,7 +137,7 @@ def test_the_model_keeps_at_most_the_budget(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from helpers import left_pad, video_prompt
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, prune_max_frames=3).eval()
@@ -159,7 +159,7 @@ def test_the_model_keeps_at_most_the_budget(tiny_model_dir):
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory):
     """A 'long' video for the tiny model: 8 shots of 6 frames."""
-    from swift_sophia.synthetic import random_clip_spec, render_clip, write_mp4
+    from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
 
     path = str(tmp_path_factory.mktemp("budget") / "long.mp4")
     write_mp4(path, render_clip(random_clip_spec(random.Random(0), num_shots=8), frames_per_shot=6, size=64))
@@ -171,7 +171,7 @@ BUDGET_ENV = {"VIDEO_SEGMENTS": "32", "PRUNE_MAX_FRAMES": "6"}
 
 def test_swift_infer_reads_a_long_video_under_the_budget(tiny_model_dir, long_video, tmp_path):
     from swift_cli import swift
-    from swift_sophia.cli import plugin_path
+    from swift_sophia.ms_swift.plugin_path import plugin_path
 
     data = tmp_path / "val.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "<video>What color is the first shot?"}],
@@ -189,9 +189,9 @@ def test_swift_infer_reads_a_long_video_under_the_budget(tiny_model_dir, long_vi
 
 def test_swift_deploy_answers_a_long_video_under_the_budget_and_logs_what_it_kept(tiny_model_dir, long_video,
                                                                                   tmp_path):
+    from deploy_process import DeployProcess
     from swift_cli import SWIFT, env
-    from swift_sophia.cli import plugin_path
-    from swift_sophia.deploy_process import DeployProcess
+    from swift_sophia.ms_swift.plugin_path import plugin_path
 
     cmd = [SWIFT, "deploy", "--model", tiny_model_dir, "--model_type", "sophia", "--external_plugins", plugin_path(),
            "--infer_backend", "transformers", "--served_model_name", "sophia", "--max_new_tokens", "3"]
@@ -216,7 +216,7 @@ def test_features_waiting_in_host_memory_give_the_same_answer(tiny_model_dir, mo
     from transformers import AutoTokenizer
 
     from helpers import left_pad, video_prompt
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, prune_max_frames=5, prune_alpha=30,

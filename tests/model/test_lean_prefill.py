@@ -7,9 +7,9 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import left_pad, video_prompt
-from swift_sophia import modeling_sophia
-from swift_sophia.lean_prefill import supports_lean_prefill
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.model import modeling_sophia
+from swift_sophia.model.lean_prefill import supports_lean_prefill
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
 
 def _inputs(model, tokenizer, frames=(12, 5)):

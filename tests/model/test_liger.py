@@ -7,9 +7,9 @@ pytest.importorskip("liger_kernel")
 from transformers.models.llama import modeling_llama  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2  # noqa: E402
 
-from swift_sophia import liger  # noqa: E402
-from swift_sophia.chunking import _ChunkedForward, chunk_rotary_embedding  # noqa: E402
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration  # noqa: E402
+from swift_sophia.model import liger  # noqa: E402
+from swift_sophia.model.chunking import _ChunkedForward, chunk_rotary_embedding  # noqa: E402
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration  # noqa: E402
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_use_liger_kernel_finds_sophia_in_ligers_table(tiny_model_dir, restore_l
     """What `swift sft --use_liger_kernel true` runs: transformers' Trainer -> Liger's model-type table."""
     from transformers.integrations.liger import apply_liger_kernel
 
-    import swift_sophia.register  # noqa: F401  (the plugin registers the table entry)
+    import swift_sophia.ms_swift.register  # noqa: F401  (the plugin registers the table entry)
 
     model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir)
     apply_liger_kernel(model, {})

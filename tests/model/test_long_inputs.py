@@ -5,10 +5,10 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import left_pad, video_prompt
-from swift_sophia import attention
-from swift_sophia.extended_sequence import build_extended_plan, find_video_runs
-from swift_sophia.kv_cache import PrefillCache, cache_index
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.model import attention
+from swift_sophia.model.extended_sequence import build_extended_plan, find_video_runs
+from swift_sophia.model.kv_cache import PrefillCache, cache_index
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ class RecordingCache(PrefillCache):
 
 
 def test_prefill_cache_holds_exactly_the_text_and_level0_keys(tiny_model_dir, tokenizer, monkeypatch):
-    import swift_sophia.modeling_sophia as modeling
+    import swift_sophia.model.modeling_sophia as modeling
 
     model = _model(tiny_model_dir).eval()
     inputs = _batch(model, tokenizer)
@@ -203,7 +203,7 @@ def test_chunked_decoder_layers_run_one_chunk_at_a_time_and_keep_lora_targets(ti
     lengths = []
     original = qwen2.apply_rotary_pos_emb.__wrapped__
     qwen2.apply_rotary_pos_emb.__wrapped__ = original  # (functools.wraps keeps the original reachable)
-    from swift_sophia import chunking
+    from swift_sophia.model import chunking
 
     chunked = chunking._chunked_rotary(lambda q, k, cos, sin: lengths.append(q.shape[2]) or original(q, k, cos, sin))
     real, qwen2.apply_rotary_pos_emb = qwen2.apply_rotary_pos_emb, chunked

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from helpers import left_pad, video_prompt
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-from swift_sophia.tiny import build_tiny
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.tools.tiny import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_save_and_reload_with_auto_classes(model_and_tokenizer, tmp_path):
 
 
 def test_decoder_routes_attention_through_sophia(model_and_tokenizer):
-    from swift_sophia.attention import is_installed
+    from swift_sophia.model.attention import is_installed
 
     model, _ = model_and_tokenizer
     config = model.model.language_model.config
@@ -246,8 +246,8 @@ def test_packed_row_equals_separate_sequences(model_and_tokenizer):
 
 def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkeypatch):
     """After prefill, each generated token is plain causal attention over text and level-0 tokens."""
-    import swift_sophia.attention as sophia_attention
-    import swift_sophia.lean_prefill as lean_prefill
+    import swift_sophia.model.attention as sophia_attention
+    import swift_sophia.model.lean_prefill as lean_prefill
 
     model, tokenizer = model_and_tokenizer
     calls = []

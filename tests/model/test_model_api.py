@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from helpers import video_prompt
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration, SophiaModel
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_return_dict_false_gives_tuples(model_and_tokenizer):
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 def test_setting_the_attention_implementation_keeps_the_hierarchy(tiny_model_dir, implementation, monkeypatch):
-    import swift_sophia.attention as sophia_attention
+    import swift_sophia.model.attention as sophia_attention
 
     # the decoder's own forward, where the router does the work (the lean prefill calls the kernel itself)
     model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, lean_prefill=False).eval()
@@ -172,7 +172,7 @@ def test_saved_pruner_and_schedule_survive_reloading(tiny_model_dir, tmp_path):
 def test_config_and_layout_agree_on_the_arity(arity):
     """The config rejected hier_arity < 2 while the kernel's layout took 1: both reject it now, with one message."""
     from sophia_kernels import HierLayout, level_counts
-    from swift_sophia.configuration_sophia import SophiaConfig
+    from swift_sophia.model.configuration_sophia import SophiaConfig
 
     with pytest.raises(ValueError, match="must be >= 2"):
         SophiaConfig(hier_arity=arity)

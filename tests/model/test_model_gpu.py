@@ -14,8 +14,8 @@ def tiny(tmp_path_factory):
 
 
 def _build(tmp_path_factory):
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-    from swift_sophia.tiny import build_tokenizer, tiny_config
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.tools.tiny import build_tokenizer, tiny_config
 
     tokenizer = build_tokenizer()
     config = tiny_config(tokenizer)
@@ -45,7 +45,7 @@ def _inputs(tokenizer, model, frames=(16, 5)):
 def test_triton_and_reference_backends_agree(tiny, dtype):
     from transformers import AutoTokenizer
 
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     model = SophiaForConditionalGeneration.from_pretrained(tiny, dtype=dtype).cuda()
@@ -70,7 +70,7 @@ def test_triton_and_reference_backends_agree(tiny, dtype):
 def test_generate_on_gpu_with_cache_equals_recomputation(tiny):
     from transformers import AutoTokenizer
 
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     model = SophiaForConditionalGeneration.from_pretrained(tiny).cuda().eval()
@@ -112,7 +112,7 @@ def test_liger_kernels_agree_with_the_plain_decoder_in_inference_and_training(ti
     from transformers import AutoTokenizer
     from transformers.models.qwen2 import modeling_qwen2
 
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     saved = {n: getattr(modeling_qwen2, n) for n in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}
@@ -150,7 +150,7 @@ def test_lean_prefill_agrees_with_the_decoders_forward(tiny, liger):
     from transformers import AutoTokenizer
     from transformers.models.qwen2 import modeling_qwen2
 
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     saved = {n: getattr(modeling_qwen2, n) for n in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP")}

@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swift_sophia.pruning import FramePruner, GumbelTemperature, drop_count, explicit_similarity, representative_frame
+from swift_sophia.model.pruning import (
+    FramePruner,
+    GumbelTemperature,
+    drop_count,
+    explicit_similarity,
+    representative_frame,
+)
 
 
 def random_shots(rng, nf):

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
+from deploy_process import DeployProcess
 from swift_cli import SWIFT, env
-from swift_sophia.cli import plugin_path
-from swift_sophia.deploy_process import DeployProcess
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 openai = pytest.importorskip("openai")
 
@@ -39,7 +39,7 @@ QUESTION = {"type": "text", "text": "What color is the background?"}
 
 
 def _clip(path, frames, size=32):
-    from swift_sophia.synthetic import write_mp4
+    from swift_sophia.tools.synthetic import write_mp4
 
     pixels = np.zeros((frames, size, size, 3), np.uint8)
     pixels[..., 0] = (np.arange(frames) * 7 % 256)[:, None, None]
@@ -74,7 +74,7 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
-    from swift_sophia.tiny import build_tiny
+    from swift_sophia.tools.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("sophia-wide")), text_overrides={"intermediate_size": 32768})
 
@@ -263,7 +263,7 @@ def test_a_server_listening_beyond_loopback_reads_no_local_files(tiny_model_dir,
 
 def test_local_files_are_allowed_by_the_address_the_server_listens_on_unless_folders_are_given(monkeypatch,
                                                                                                tmp_path):
-    from swift_sophia.request_check import LocalMedia, listens_on_loopback_only
+    from swift_sophia.ms_swift.request_check import LocalMedia, listens_on_loopback_only
 
     hosts = ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "192.0.2.1")
     assert [listens_on_loopback_only(h) for h in hosts] == [True] * 3 + [False] * 3
@@ -375,7 +375,7 @@ def test_out_of_memory_gets_a_503_and_the_server_keeps_serving(server, media):
 
 
 def test_the_client_gets_the_allocators_reason_in_whole_sentences_without_the_operators_advice():
-    from swift_sophia.out_of_memory import _reason
+    from swift_sophia.ms_swift.patches.out_of_memory import _reason
 
     cuda = ("CUDA out of memory. Tried to allocate 3.66 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
             "1.42 GiB is free. Including non-PyTorch memory, this process has 138.37 GiB memory in use. Of the "

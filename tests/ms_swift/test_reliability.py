@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from swift_cli import SWIFT, env, swift
-from swift_sophia.cli import plugin_path
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ def test_batch_resumes_and_strict_mode_exits_nonzero(tiny_model_dir, batch_run, 
 
 
 def test_a_batch_that_fails_after_encoding_is_answered_row_by_row():
-    from swift_sophia.batch_infer import _infer_rows
+    from swift_sophia.ms_swift.patches.batch_infer import _infer_rows
 
     class Pipeline:
         infer_kwargs = {}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from swift_cli import CPU_TRAIN, SWIFT, env, swift
-from swift_sophia.cli import plugin_path
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["quickstart.sh", "cpu_multiprocess.sh", "train_8gpu/stage1_align.sh", "train_8gpu/stage2_finetune.sh",
            "train_8gpu/stage3_prune.sh"]
 STUB = """#!/usr/bin/env python3
@@ -106,8 +106,8 @@ def test_what_a_checkpoint_lacks(tmp_path, monkeypatch):
     """The files each setup needs (without training): DeepSpeed keeps the optimizer in global_step*/, a DeepSpeed
     config with its own scheduler needs no scheduler.pt, each process of a multi-process run has its RNG file; a
     missing RNG file alone only warns."""
-    from swift_sophia import resume_check
-    from swift_sophia.resume_check import check_resumable, missing_resume_state
+    from swift_sophia.ms_swift.patches import resume_check
+    from swift_sophia.ms_swift.patches.resume_check import check_resumable, missing_resume_state
 
     warnings = []
     monkeypatch.setattr(resume_check.logger, "warning", warnings.append)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy_process import free_port
 from swift_cli import CPU_TRAIN, SWIFT, env, train_losses
-from swift_sophia.cli import plugin_path
-from swift_sophia.deploy_process import free_port
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 TIMEOUT = 150  # a run takes about 40 s on 2 idle cores; a hang in a collective fails here
 
@@ -35,7 +35,7 @@ import torch, torch.distributed as dist
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from layouts import random_layout
 from sophia_kernels import hierarchical_attention
-from swift_sophia.sequence_parallel import sharded_hierarchical_attention
+from swift_sophia.model.sequence_parallel import sharded_hierarchical_attention
 
 dist.init_process_group("gloo", init_method=os.environ["INIT"], rank=int(os.environ["RANK"]), world_size=2)
 rank, errors, scale = dist.get_rank(), [], []
@@ -96,7 +96,7 @@ def test_sharded_kernel_equals_the_unsharded_kernel(tmp_path):
             procs.append(subprocess.Popen(
                 [sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env=env(RANK=str(rank), INIT=init, RESULT=str(results[-1]),
-                        TESTS_DIR=str(Path(__file__).parent), OMP_NUM_THREADS="1")))
+                        TESTS_DIR=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")))
     _wait(procs, logs, TIMEOUT)
     for result in results:
         got = json.loads(result.read_text())
@@ -107,7 +107,7 @@ def test_sharded_kernel_equals_the_unsharded_kernel(tmp_path):
 @pytest.fixture(scope="module")
 def mixed_rows(tmp_path_factory):
     """Two batches of two rows: (8-frame video, 3-frame video), (text only, 5-frame video)."""
-    from swift_sophia.synthetic import QUESTIONS, random_clip_spec, render_clip, write_mp4
+    from swift_sophia.tools.synthetic import QUESTIONS, random_clip_spec, render_clip, write_mp4
 
     root, rng = tmp_path_factory.mktemp("sp_data"), random.Random(3)
 
@@ -129,7 +129,7 @@ def mixed_rows(tmp_path_factory):
 # LM head ran on, the rank's target count and whether logits came back.
 LM_HEAD_OBSERVER = r'''
 import json, os
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
 _forward = SophiaForConditionalGeneration.forward
 

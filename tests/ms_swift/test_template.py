@@ -6,8 +6,8 @@ import pytest
 from swift.model import get_model_processor
 from swift.template import get_template
 
-import swift_sophia.register  # noqa: F401
-from swift_sophia.synthetic import write_mp4
+import swift_sophia.ms_swift.register  # noqa: F401
+from swift_sophia.tools.synthetic import write_mp4
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_video_becomes_contiguous_frame_tokens(template, sample):
 
 def test_decoded_frames_are_not_kept_after_encoding(template, sample, monkeypatch):
     """At hour scale the uint8 frames are gigabytes: once converted to pixel values no clip holds them."""
-    import swift_sophia.template as T
+    import swift_sophia.ms_swift.template as T
 
     clips, load = [], T.load_video
     monkeypatch.setattr(T, "load_video", lambda *a, **k: clips.append(load(*a, **k)) or clips[-1])
@@ -69,7 +69,7 @@ def test_frame_count_follows_video_segments(template, sample, monkeypatch):
 @pytest.fixture()
 def clip100(tmp_path):
     """100 frames at 25 fps: 4 seconds."""
-    from test_shots import write_clip
+    from clips import write_clip
     return write_clip(tmp_path / "four_seconds.mp4", [50, 50])
 
 
@@ -108,7 +108,7 @@ def test_bad_sampling_values_name_the_variable(template, monkeypatch, name, valu
 def test_pruning_settings_are_resolved_once(template, sample, monkeypatch):
     import inspect
 
-    import swift_sophia.template as T
+    import swift_sophia.ms_swift.template as T
     assert "modeling_sophia" not in inspect.getsource(T)
     config = template.config
     try:
@@ -244,7 +244,7 @@ def test_each_video_gets_the_question_asked_about_it(template, sample):
 
 
 def test_queries_from_content_parts():
-    from swift_sophia.template import _text_and_videos
+    from swift_sophia.ms_swift.template import _text_and_videos
 
     parts = [{"type": "video", "video": "a.mp4"}, {"type": "text", "text": "What happens?"},
              {"type": "video_url", "video_url": {"url": "b.mp4"}}]

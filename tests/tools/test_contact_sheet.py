@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from swift_sophia import contact_sheet as CS
-from swift_sophia.pruning import FramePruner, representative_frame
+from swift_sophia.model.pruning import FramePruner, representative_frame
+from swift_sophia.tools import contact_sheet as CS
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40)]
 
@@ -73,7 +73,7 @@ def test_sheet_edge_cases(tmp_path):
 
 
 def test_cli_without_model(tmp_path, monkeypatch, capsys):
-    from test_shots import write_clip
+    from clips import write_clip
     monkeypatch.setenv('SOPHIA_SHOT_CACHE', str(tmp_path / 'cache'))
     video = write_clip(tmp_path / 'v.mp4', [12, 12, 12])
     out = tmp_path / 'sheet.png'
@@ -90,7 +90,7 @@ def test_cli_reports_a_missing_video(tmp_path, capsys):
 
 
 def test_cli_with_a_model(tmp_path, monkeypatch, tiny_model_dir):
-    from test_shots import write_clip
+    from clips import write_clip
     monkeypatch.setenv('SOPHIA_SHOT_CACHE', str(tmp_path / 'cache'))
     video = write_clip(tmp_path / 'v.mp4', [8, 8, 8, 8])
     out = tmp_path / 'sheet.png'

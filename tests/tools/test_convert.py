@@ -5,8 +5,8 @@ import sys
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-from swift_sophia.tiny import build_tokenizer
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.tools.tiny import build_tokenizer
 
 
 def test_init_from_internvl_keeps_weights_and_adds_tokens(tmp_path):

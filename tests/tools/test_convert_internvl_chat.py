@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from swift_sophia.convert import ConversionError, init_from_internvl
-from swift_sophia.convert_internvl_chat import TEMPLATE_SYSTEM_MESSAGES
-from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-from swift_sophia.tokens import SPECIAL_TOKENS
+from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+from swift_sophia.model.tokens import SPECIAL_TOKENS
+from swift_sophia.tools.convert import ConversionError, init_from_internvl
+from swift_sophia.tools.convert_internvl_chat import TEMPLATE_SYSTEM_MESSAGES
 
 INTERNLM2_SPECIALS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
                       "<|im_start|>"]
@@ -492,7 +492,7 @@ def test_tokenizer_encodes_a_chat_turn_to_the_same_ids(tmp_path):
     assert added == [last + 1, last + 2, last + 3]
     assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == "</s>"
 
-    from swift_sophia.convert_tokenizer import load_source_tokenizer
+    from swift_sophia.tools.convert_tokenizer import load_source_tokenizer
 
     texts = [CHAT_TURN, "def f(x):\n    return x  # ok\n\tindent  ", "  leading and trailing  ",
              "ＡＢＣ ｆｕｌｌ ① ½ 🐉 é", "raw <s> and </s> text <tool>x shot    y", "\n\n", "a<|im_end|>b"]

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-from test_shots import write_clip
 
-from swift_sophia import precompute_shots as P
+from clips import write_clip
+from swift_sophia.tools import precompute_shots as P
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def row(video, question='<video>What colour comes first?'):
@@ -67,7 +67,7 @@ def test_errors_are_reported_per_row_and_the_rest_is_cached(dataset, tmp_path, c
 
 
 def test_precomputed_shots_are_what_training_reads(dataset, tmp_path, capsys):
-    from swift_sophia.shots import ShotDetector, sampled_shots
+    from swift_sophia.video.shots import ShotDetector, sampled_shots
     cache = tmp_path / 'cache'
     rc, _ = run_main([str(dataset / 'good.jsonl'), '--workers', '0', '--cache-dir', str(cache),
                       '--num-frames', '30'], capsys)
@@ -87,7 +87,7 @@ def test_interrupt_then_rerun(tmp_path, capsys):
     jl.write_text(''.join(json.dumps(row(f'v/{i}.mp4')) + '\n' for i in range(n)))
     cache = tmp_path / 'cache'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + sys.path))
-    proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia.precompute_shots', str(jl), '--workers', '1',
+    proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia.tools.precompute_shots', str(jl), '--workers', '1',
                              '--threads', '1', '--cache-dir', str(cache), '--no-progress'],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             # as in a terminal (a run started with `&` has SIGINT ignored)
@@ -127,7 +127,7 @@ def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(da
     from swift.dataset import load_dataset
     from swift.dataset.register import DATASET_MAPPING
 
-    from swift_sophia.shots_preprocessor import (
+    from swift_sophia.ms_swift.shots_preprocessor import (
         ShotCachePreprocessor,
         register_shot_dataset_preprocessor,
         registered_shot_datasets,
@@ -168,7 +168,7 @@ def test_registered_preprocessor_caches_shots_when_ms_swift_loads_the_dataset(da
     assert len(list((swift_env / 'shots').rglob('*.json'))) == 2
     assert train[0]['messages'][0]['content'] == '<video>What colour comes first?'
     # the registered name works as well, and rows whose shots failed can be kept instead
-    from swift_sophia.shots_preprocessor import register_shot_dataset
+    from swift_sophia.ms_swift.shots_preprocessor import register_shot_dataset
     register_shot_dataset(data / 'train.jsonl', name='sophia-shots/keep', on_error='keep')
     train, _ = load_dataset(['sophia-shots/keep'], num_proc=1, load_from_cache_file=False)
     assert len(train) == 5

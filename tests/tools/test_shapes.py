@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from swift_sophia.shapes import internvl_config, parameter_count, resolve_shape, shape_config
+from swift_sophia.tools.shapes import internvl_config, parameter_count, resolve_shape, shape_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _module(name):
@@ -49,8 +49,8 @@ def test_build_random_cli_writes_a_loadable_bf16_checkpoint(tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
     from helpers import video_prompt
-    from swift_sophia.cli import main
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from sophia_cli import main
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
 
     out = str(tmp_path / "random")
     assert main(["build-random", "--shape", "tiny-test", out]) == 0

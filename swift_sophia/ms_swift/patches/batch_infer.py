@@ -30,7 +30,7 @@ from swift.infer_engine import InferRequest
 from swift.pipelines.infer.infer import SwiftInfer
 from swift.utils import get_logger, is_master
 
-from .video_source import describe
+from ...video.source import describe
 
 logger = get_logger()
 

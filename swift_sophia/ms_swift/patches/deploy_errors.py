@@ -37,8 +37,9 @@ from swift.pipelines.infer.deploy import SwiftDeploy
 from swift.template.base import MaxLengthError
 from swift.utils import SafeMediaPath, get_logger
 
-from .out_of_memory import guard_engine, is_out_of_memory
-from .request_check import (
+from ...video.frames import _env_number
+from ...video.source import describe
+from ..request_check import (
     MAX_FRAMES_ENV,
     MB,
     LocalMedia,
@@ -50,9 +51,8 @@ from .request_check import (
     request_videos,
     summary,
 )
-from .template import SophiaTemplate
-from .video import _env_number
-from .video_source import describe
+from ..template import SophiaTemplate
+from .out_of_memory import guard_engine, is_out_of_memory
 
 logger = get_logger()
 

@@ -13,7 +13,7 @@ import shlex
 
 from swift.pipelines.infer.utils import InferCliState
 
-from .video import VideoError, load_video
+from ...video.frames import VideoError, load_video
 
 _TAGS = re.compile(r"<(image|video|audio)>")
 _ms_input_text = InferCliState.input_text

@@ -1,0 +1,11 @@
+"""The file to pass to ms-swift's `--external_plugins` (`sophia plugin-path`)."""
+from __future__ import annotations
+
+import os
+
+
+def plugin_path() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugin.py")
+
+
+__all__ = ["plugin_path"]
