@@ -1,6 +1,9 @@
-"""Registers Sophia with ms-swift: model type, model architecture keys and chat template.
+"""Registers Sophia with ms-swift: model type, model architecture keys and chat template (and Sophia in Liger's
+model-type table, the shot-caching preprocessor for the datasets named in $SOPHIA_SHOT_DATASETS).
 
-Import this module (or pass `swift_sophia/plugin.py` to `--external_plugins`) before ms-swift resolves models.
+Import this module before ms-swift resolves models; `swift_sophia/plugin.py` (`--external_plugins`) imports it and
+also applies Sophia's changes to ms-swift's commands (`swift_sophia.ms_swift.patches`), which importing this
+module does not.
 """
 from __future__ import annotations
 
@@ -12,13 +15,6 @@ from transformers import AutoModelForImageTextToText
 
 from ..model import liger
 from ..model.modeling_sophia import SophiaForConditionalGeneration  # noqa: F401  (registers the Auto classes)
-from .patches import (
-    batch_infer,  # noqa: F401  (`swift infer --val_dataset`: bad rows recorded, not fatal; resume)
-    deploy_errors,  # noqa: F401  (`swift deploy`: bad requests get a 4xx naming the problem; out of memory)
-    interactive,  # noqa: F401  (re-asks for unreadable videos in `swift infer` interactive mode)
-    resume_check,  # noqa: F401  (`swift sft --resume_from_checkpoint`: a model-only checkpoint is refused)
-    swift_eval,  # noqa: F401  (`swift eval`: without OpenCompass; local videos sent as paths)
-)
 from .shots_preprocessor import register_shot_dataset_preprocessor
 from .template import SOPHIA_TEMPLATE
 

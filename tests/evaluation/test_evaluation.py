@@ -271,11 +271,14 @@ def test_breakdown_counts_overlapping_categories_and_unscored_questions(tmp_path
 
 
 def test_local_server_gets_video_paths_remote_gets_data_urls(tmp_path):
-    """The patch (swift_sophia.evaluation.patches): no base64 copy of a local video for a server on this machine."""
+    """The patch (swift_sophia/ms_swift/patches/swift_eval.py): no base64 copy of a local video for a server on this
+    machine."""
     from evalscope.api.messages import ContentVideo
     from evalscope.models.utils import openai as es_openai
 
-    import swift_sophia.ms_swift.patches.swift_eval  # noqa: F401
+    from swift_sophia.ms_swift.patches import swift_eval
+
+    swift_eval.apply()
 
     video = _clip(str(tmp_path / "v.mp4"), 0)
     part = es_openai.openai_chat_completion_part(ContentVideo(video=video, format="mp4"),

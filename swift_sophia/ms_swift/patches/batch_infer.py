@@ -226,7 +226,9 @@ def _batch_infer(self, val_dataset, request_config):
     return result_list
 
 
-SwiftInfer.infer_dataset = infer_dataset
-SwiftInfer._batch_infer = _batch_infer
+def apply() -> None:
+    SwiftInfer.infer_dataset = infer_dataset
+    SwiftInfer._batch_infer = _batch_infer
 
-__all__ = ["STRICT_ENV"]
+
+__all__ = ["STRICT_ENV", "apply"]

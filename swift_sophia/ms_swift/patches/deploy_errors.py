@@ -181,7 +181,8 @@ def serve_the_caller(args):
     """The server that ms-swift's ``run_deploy`` starts for ``swift eval`` and ``swift app`` in a child process:
     the process that started it asks it on 127.0.0.1 and no one else does, so it listens there only (ms-swift's
     default is 0.0.0.0), which also lets it read the local videos that ``swift eval`` sends as paths. The child
-    finds this function by its module's name (multiprocessing's spawn), which loads the plugin there first."""
+    finds this function by its module's name (multiprocessing's spawn); ms-swift's ``_deploy_main``, which it runs,
+    loads the plugin there, and the plugin applies these patches before the server starts."""
     args.host = "127.0.0.1"
     return _ms_deploy_main_of_run_deploy(args)
 
@@ -328,14 +329,17 @@ def _register_app(self):
     _ms_register_app(self)
 
 
-SwiftDeploy.create_chat_completion = create_chat_completion
-SwiftDeploy.create_completion = create_completion
-SwiftDeploy.create_embedding = create_embedding
-SwiftDeploy.infer_async = infer_async
-SwiftDeploy._register_app = _register_app
-SwiftDeploy._prepare_request_media = staticmethod(prepare_request_media)
-SafeMediaPath.check = classmethod(check_media_path)
-ms_deploy._deploy_main = serve_the_caller
+def apply() -> None:
+    """Install all of the above in ms-swift's server (``SwiftDeploy``), its media path check and ``run_deploy``."""
+    SwiftDeploy.create_chat_completion = create_chat_completion
+    SwiftDeploy.create_completion = create_completion
+    SwiftDeploy.create_embedding = create_embedding
+    SwiftDeploy.infer_async = infer_async
+    SwiftDeploy._register_app = _register_app
+    SwiftDeploy._prepare_request_media = staticmethod(prepare_request_media)
+    SafeMediaPath.check = classmethod(check_media_path)
+    ms_deploy._deploy_main = serve_the_caller
 
-__all__ = ["OUT_OF_MEMORY_STATUS", "MAX_REQUEST_MB_ENV", "RequestSizeLimit", "SophiaChatCompletionRequest",
+
+__all__ = ["apply", "OUT_OF_MEMORY_STATUS", "MAX_REQUEST_MB_ENV", "RequestSizeLimit", "SophiaChatCompletionRequest",
            "SophiaCompletionRequest", "SophiaEmbeddingRequest"]

@@ -72,5 +72,6 @@ def input_text(self) -> str:
         return "exit"
 
 
-InferCliState.input_mm_data = input_mm_data
-InferCliState.input_text = input_text
+def apply() -> None:
+    InferCliState.input_mm_data = input_mm_data
+    InferCliState.input_text = input_text

@@ -95,7 +95,6 @@ def _next(self):
     return value
 
 
-TokensIteratorStreamer.__next__ = _next
 
 
 def guard_engine(engine) -> None:
@@ -171,4 +170,10 @@ def _guarded_stream(stream: Iterator, size: int) -> Iterator:
     raise failure
 
 
-__all__ = ["OutOfMemory", "guard_engine", "is_out_of_memory", "release_memory"]
+def apply() -> None:
+    """A stream whose ``generate`` raised ends with the error (:func:`guard_engine` puts it in the stream's queue;
+    `swift deploy`'s patch installs it on the server's engine)."""
+    TokensIteratorStreamer.__next__ = _next
+
+
+__all__ = ["OutOfMemory", "guard_engine", "is_out_of_memory", "release_memory", "apply"]

@@ -100,6 +100,8 @@ def _get_resume_checkpoint(self, trainer):
     return checkpoint
 
 
-SwiftSft._get_resume_checkpoint = _get_resume_checkpoint
+def apply() -> None:
+    SwiftSft._get_resume_checkpoint = _get_resume_checkpoint
 
-__all__ = ["check_resumable", "missing_resume_state"]
+
+__all__ = ["check_resumable", "missing_resume_state", "apply"]

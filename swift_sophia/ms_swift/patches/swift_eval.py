@@ -1,4 +1,4 @@
-"""What `swift eval` on a Sophia checkpoint needs from ms-swift 4.6 and EvalScope 1.10, patched at import.
+"""What `swift eval` on a Sophia checkpoint needs from ms-swift 4.6 and EvalScope 1.10 (`apply`).
 
 1. ms-swift checks `--eval_dataset` against the datasets of every backend, and listing OpenCompass's imports the
    `opencompass` package (ms-opencompass, which pins numpy < 2) even when `--eval_backend Native` is asked for.
@@ -39,9 +39,6 @@ def _list_eval_dataset(eval_backend=None):
     return res
 
 
-EvalArguments.list_eval_dataset = staticmethod(_list_eval_dataset)
-
-
 def is_loopback(base_url) -> bool:
     host = urlsplit(str(base_url or "")).hostname or ""
     if host == "localhost":
@@ -58,6 +55,8 @@ def _patch_evalscope_video_parts():
     except ImportError:  # EvalScope not installed: `swift eval` itself will say so
         return
     original = es_openai.openai_chat_completion_part
+    if getattr(original, "sophia", False):
+        return
 
     def part(content, *args, **kwargs):
         base_url = kwargs.get("base_url", args[0] if args else None)
@@ -66,7 +65,10 @@ def _patch_evalscope_video_parts():
             return {"type": "video", "video": os.path.abspath(video)}
         return original(content, *args, **kwargs)
 
+    part.sophia = True
     es_openai.openai_chat_completion_part = part
 
 
-_patch_evalscope_video_parts()
+def apply() -> None:
+    EvalArguments.list_eval_dataset = staticmethod(_list_eval_dataset)
+    _patch_evalscope_video_parts()
