@@ -91,7 +91,6 @@ def install(text_config) -> str:
     mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(name)
     if not getattr(mask, "sophia_router", False):
         AttentionMaskInterface.register(name, _mask_router(mask))
-    sequence_parallel.patch_swift_prepare()
     return name
 
 

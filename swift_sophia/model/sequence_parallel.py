@@ -1,4 +1,6 @@
-"""Sequence parallelism (ms-swift's `--sequence_parallel_size`, Ulysses) over Sophia's extended sequence.
+"""Sequence parallelism (ms-swift's `--sequence_parallel_size`, Ulysses) over Sophia's extended sequence: the torch
+half, which knows nothing of ms-swift (its half, which hooks this one into ms-swift's `SequenceParallel`, is
+`swift_sophia/ms_swift/sequence_parallel.py`).
 
 ms-swift (`swift.sequence_parallel.SequenceParallel.prepare`) pads and splits the inputs of the language model
 (`get_llm_model`: here the decoder, `model.language_model`) in a forward pre-hook, so each rank runs the decoder
@@ -8,29 +10,25 @@ already splits the extended sequence; what Sophia adds here:
 
 * the hierarchical kernel under the same all-to-all: sequence-sharded q, k, v [B, H, N/P, D] -> head-sharded
   [B, H/P, N, D], the kernel over the full layout on this rank's heads, back to [B, H, N/P, D]
-  (`sharded_hierarchical_attention`, called by the attention router);
+  (`sharded_hierarchical_attention`, called by the attention router for the group `active_group` names);
 * the decoder's output gathered back to the full extended sequence (the plain sequence is a gather from it), and
-  the plain hidden states split again the way ms-swift splits the labels;
-* the loss from the label positions only. ms-swift's trainer takes the labels out of the model's inputs under
-  sequence parallelism and computes the loss from logits over the rank's whole slice ([B, N/P, vocab]: at 1M
-  tokens on 8 ranks, 48 GB of float32 logits per rank). Here the rank's labels also go to the model as
-  `shift_labels` (`SequenceParallel.prepare_inputs`), the model returns the cross-entropy per position
-  (`token_loss`, the LM head run at the label positions only) and no logits in training, and ms-swift's
-  `per_token_loss_func_sp` gathers that instead of computing it from logits.
+  the plain hidden states split again the way ms-swift splits the labels (`hook_model`);
+* the loss from the label positions only: the model returns the cross-entropy per position (`token_loss`) for the
+  rank's labels, given as `shift_labels` (the ms-swift half gathers it over the group).
 
 Every rank builds the same extended sequence (vision tower, pruning, aggregation run on the full batch on every
 rank of a group); the decoder, where the tokens x hidden activations are, runs on 1/P of the tokens.
 """
 from __future__ import annotations
 
-import sys
 import zlib
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-_SWIFT_SP = "swift.sequence_parallel.sequence_parallel"
+_group_source: Optional[Callable[[], object]] = None
 
 
 def _all_to_all(x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
@@ -89,23 +87,16 @@ def sharded_hierarchical_attention(query, key, value, layout, group, *, in_place
     return _AllToAll.apply(out, group, False)
 
 
-def _swift_sequence_parallel():
-    module = sys.modules.get(_SWIFT_SP)  # not imported: ms-swift's sequence parallelism cannot be on
-    sp = getattr(module, "sequence_parallel", None)
-    return sp if sp is not None and sp.enabled() else None
+def set_group_source(source: Optional[Callable[[], object]]) -> None:
+    """Where `active_group` finds the sequence-parallel process group: a function that returns it, or None while
+    sequence parallelism is off (ms-swift's, set by swift_sophia.ms_swift.sequence_parallel); None: never on."""
+    global _group_source
+    _group_source = source
 
 
 def active_group():
-    """The sequence-parallel process group while ms-swift's sequence parallelism is on, else None."""
-    sp = _swift_sequence_parallel()
-    if sp is None:
-        return None
-    if sp.rp_world_size > 1:
-        raise NotImplementedError(
-            f"Sophia's hierarchical attention supports Ulysses sequence parallelism only: --sequence_parallel_size "
-            f"{sp.world_size} needs ring attention ({sp.rp_world_size} rings) because the decoder has "
-            f"{sp.num_heads} key/value heads; use a size that divides the key/value head count")
-    return sp.sp_group if sp.sp_world_size > 1 else None
+    """The sequence-parallel process group of the step in flight, else None."""
+    return _group_source() if _group_source is not None else None
 
 
 def _layout_fingerprint(layout, length: int, device) -> torch.Tensor:
@@ -181,91 +172,9 @@ def _model_hooks(sophia_model, group):
             sophia_model.register_forward_hook(split, with_kwargs=True)]
 
 
-def attach(model, sp) -> list:
-    """Hook every SophiaModel inside `model` (after ms-swift's `prepare`); returns the hook handles."""
-    from .modeling_sophia import SophiaModel
-
-    group = sp.sp_group
-    handles = []
-    for module in model.modules():
-        if isinstance(module, SophiaModel) and not getattr(module, "_sophia_sequence_parallel", False):
-            handles += _decoder_hooks(module.language_model, group) + _model_hooks(module, group)
-            module._sophia_sequence_parallel = True
-    if handles:
-        from swift.utils import get_logger
-
-        get_logger().info(f"Sophia: the extended sequence is split over {sp.sp_world_size} ranks; hierarchical "
-                          "attention runs on each rank's heads over the full sequence")
-    return handles
+def hook_model(sophia_model, group) -> list:
+    """Hook one SophiaModel (and its decoder) for sequence parallelism over `group`; returns the hook handles."""
+    return _decoder_hooks(sophia_model.language_model, group) + _model_hooks(sophia_model, group)
 
 
-def gather_token_loss(token_loss: torch.Tensor, labels: torch.Tensor, enable_dft_loss: bool = False,
-                      return_labels: bool = False, **kwargs):
-    """ms-swift's `per_token_loss_func_sp` from the model's per-position cross-entropy instead of logits: DFT's
-    reweighting, then the same gather over the group (its lines after the cross-entropy)."""
-    from swift.sequence_parallel import GatherLoss
-    from swift.sequence_parallel import sequence_parallel as sp
-
-    loss = token_loss.reshape(-1).to(labels.device)
-    if enable_dft_loss:
-        with torch.no_grad():
-            target_probs = torch.exp(-loss)
-        loss = loss * target_probs
-    batch = labels.shape[0]
-    position_ids = sp.real_position_ids
-    if position_ids is not None:
-        position_ids = sp.pad(position_ids, padding_value=-1, position_ids=position_ids)
-    loss, labels = GatherLoss.apply(loss.reshape(batch, -1), labels.reshape(batch, -1), 1, position_ids)
-    if position_ids is not None and position_ids.min() == -1:
-        real = position_ids >= 0
-        loss, labels = loss[real].contiguous(), labels[real].contiguous()
-    return (loss, labels) if return_labels else loss
-
-
-def _patch_swift_loss() -> None:
-    import swift.trainers.seq2seq_trainer as trainer
-
-    original = trainer.per_token_loss_func_sp
-    if getattr(original, "sophia", False):
-        return
-
-    def per_token_loss_func_sp(outputs, labels, **kwargs):
-        token_loss = getattr(outputs, "token_loss", None)
-        if token_loss is None:  # not Sophia, or a model output without targets
-            return original(outputs, labels, **kwargs)
-        return gather_token_loss(token_loss, labels, **kwargs)
-
-    per_token_loss_func_sp.sophia = True
-    trainer.per_token_loss_func_sp = per_token_loss_func_sp
-
-
-def patch_swift_prepare() -> None:
-    """Make ms-swift's `SequenceParallel.prepare` (which `swift sft` calls after loading the model) hook Sophia,
-    and its `prepare_inputs` (which splits the labels) give the model this rank's labels as `shift_labels`
-    (transformers' name for already-shifted targets).
-    Only where ms-swift's module is already imported (`swift sft` imports it before it loads the model): importing
-    Sophia alone does not import ms-swift."""
-    SequenceParallel = getattr(sys.modules.get(_SWIFT_SP), "SequenceParallel", None)
-    if SequenceParallel is None:
-        return
-    original, original_prepare_inputs = SequenceParallel.prepare, SequenceParallel.prepare_inputs
-    if getattr(original, "sophia", False):
-        return
-
-    def prepare(self, sp_size, model, *args, **kwargs):
-        original(self, sp_size, model, *args, **kwargs)
-        if sp_size > 1 and self.rp_world_size == 1 and attach(model, self):
-            _patch_swift_loss()
-            self.sophia_shift_labels = True
-
-    def prepare_inputs(self, inputs):
-        original_prepare_inputs(self, inputs)
-        if getattr(self, "sophia_shift_labels", False) and inputs.get("labels") is not None:
-            inputs["shift_labels"] = inputs["labels"]  # already shifted and split: this rank's targets
-
-    prepare.sophia = True
-    SequenceParallel.prepare, SequenceParallel.prepare_inputs = prepare, prepare_inputs
-
-
-__all__ = ["sharded_hierarchical_attention", "active_group", "split_plain", "attach", "gather_token_loss",
-           "patch_swift_prepare"]
+__all__ = ["sharded_hierarchical_attention", "set_group_source", "active_group", "split_plain", "hook_model"]

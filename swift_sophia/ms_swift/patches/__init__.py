@@ -9,7 +9,9 @@ module changes nothing. `apply()` here runs them all and is called in one place,
     interactive     `swift infer` interactive mode: unreadable videos asked for again, quoted paths, Ctrl-D
     resume_check    `swift sft --resume_from_checkpoint`: a checkpoint that cannot resume its run is refused
     swift_eval      `swift eval`: no OpenCompass needed; local videos sent to a local server as paths
+and ms-swift's sequence parallelism driving Sophia's (`swift_sophia/ms_swift/sequence_parallel.py`).
 """
+from .. import sequence_parallel
 from . import batch_infer, deploy_errors, interactive, out_of_memory, resume_check, swift_eval
 
 
@@ -21,6 +23,7 @@ def apply() -> None:
     interactive.apply()
     resume_check.apply()
     swift_eval.apply()
+    sequence_parallel.apply()
 
 
 __all__ = ["apply"]
