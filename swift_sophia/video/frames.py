@@ -48,11 +48,12 @@ DEFAULT_FPS_MAX_FRAMES = 768
 
 # ------------------------------------------------------------------------------------------------ how many frames
 def _env_number(name: str, kind, default, minimum, what: str):
-    """``swift.utils.get_env_args(name)`` (so ``--model_kwargs '{"<name>": ...}'`` works as for ms-swift's own
+    """The environment variable ``NAME`` (``name`` upper-cased) as ``kind``, ``default`` when it is unset, read as
+    ms-swift's ``get_env_args`` reads it (ms-swift sets it from ``--model_kwargs '{"<name>": ...}'``, as for its own
     templates), with an error that names the variable and says what it accepts."""
-    from swift.utils import get_env_args
+    text = os.environ.get(name.upper())
     try:
-        value = get_env_args(name, kind, default)
+        value = default if text is None else kind(text)
     except (TypeError, ValueError):
         raise ValueError(f'{name.upper()}={os.environ.get(name.upper())!r} is not valid: it must be {what} '
                          f'(set it with the environment variable or --model_kwargs \'{{"{name}": ...}}\')') from None

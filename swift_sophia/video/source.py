@@ -1,22 +1,25 @@
 """Where a video comes from: the one resolver that turns any video entry into something the decoders read.
 
 A video arrives as a local path (absolute, or relative to the dataset file, the current folder or
-``$ROOT_IMAGE_DIR``, ms-swift's rule), an ``http(s)://`` URL, a ``data:`` URL or a base64 string (ms-swift's
-``load_file`` turns those into a ``BytesIO``), raw bytes, a ``{'bytes': ..., 'path': ...}`` dict (HF datasets) or
-a binary file object. :func:`resolve_video_source` returns ``(source, name)``: ``source`` is a path or an
-in-memory file, ``name`` is what error messages print. Used by the template (:func:`swift_sophia.video.load_video`),
-shot detection and shot precomputation alike.
+``$ROOT_IMAGE_DIR``, ms-swift's rule), an ``http(s)://`` URL, a ``data:`` URL or a base64 string (the inline loader
+turns those into a ``BytesIO``: ms-swift's ``load_file``, which ``import swift_sophia`` sets, see
+:func:`set_inline_loader`), raw bytes, a ``{'bytes': ..., 'path': ...}`` dict (HF datasets) or a binary file object.
+:func:`resolve_video_source` returns ``(source, name)``: ``source`` is a path or an in-memory file, ``name`` is what
+error messages print. Used by the template (:func:`swift_sophia.video.frames.load_video`), shot detection and shot
+precomputation alike.
 """
 from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 VideoSource = Union[str, os.PathLike, bytes, bytearray, memoryview, io.IOBase]
+InlineLoader = Callable[[str], io.IOBase]
 
 _INLINE_PREFIXES = ('http://', 'https://', 'data:')
 _LONGEST_NAME = 1024  # characters of a video named as given; a longer string is base64 unless it is a path
+_inline_loader: Optional[InlineLoader] = None
 
 
 class VideoError(ValueError):
@@ -56,14 +59,22 @@ def is_inline(video: str) -> bool:
     return v.startswith(_INLINE_PREFIXES) or (len(v) > _LONGEST_NAME and not os.path.exists(v[:_LONGEST_NAME]))
 
 
+def set_inline_loader(loader: Optional[InlineLoader]) -> None:
+    """What reads a video given as text to fetch or decode (an ``http(s)://`` URL, a ``data:`` URL, base64) into a
+    file object. ``import swift_sophia`` sets ms-swift's ``load_file`` (ms-swift's timeout and retries), so that such
+    a video is read the way ms-swift reads one; None: such videos are refused."""
+    global _inline_loader
+    _inline_loader = loader
+
+
 def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_base: bool = True
                          ) -> Tuple[VideoSource, str]:
     """Turn a video entry into ``(source, name)``; ``source`` is an absolute path, bytes or a file object.
 
     Relative paths are looked up in ``base_dir`` (the dataset file's folder), the current folder and
     ``$ROOT_IMAGE_DIR``, ``base_dir`` first when ``prefer_base``. URLs, data URLs and base64 strings go through
-    ms-swift's ``load_file`` (a ``BytesIO``). Raises :class:`VideoNotFoundError` for a missing file and
-    :class:`VideoError` for an entry that is no video at all or cannot be fetched.
+    the inline loader (a ``BytesIO``, :func:`set_inline_loader`). Raises :class:`VideoNotFoundError` for a missing
+    file and :class:`VideoError` for an entry that is no video at all or cannot be fetched.
     """
     if isinstance(video, dict):
         if video.get('bytes'):
@@ -80,11 +91,12 @@ def resolve_video_source(video: Any, base_dir: Optional[str] = None, *, prefer_b
     v = video.strip()
     name = describe(v)
     if is_inline(v):
-        from swift.template.vision_utils import load_file
         if v.startswith('data:') and not v.partition(',')[2].strip():
             raise VideoDecodeError(f'video {name} is empty (its data URL holds no data)')
+        if _inline_loader is None:
+            raise VideoError(f'cannot read video {name}: no loader for URLs, data URLs and base64 is set')
         try:
-            return load_file(v), name
+            return _inline_loader(v), name
         except Exception as exc:  # bad base64, unreachable URL, ...
             raise VideoError(f'cannot read video {name}: {exc}' if str(exc) else
                              f'cannot read video {name}: {type(exc).__name__}') from exc
@@ -134,4 +146,4 @@ def fresh_stream(src: VideoSource):
 
 
 __all__ = ['VideoSource', 'VideoError', 'VideoNotFoundError', 'VideoDecodeError', 'describe', 'is_inline',
-           'resolve_video_source', 'fresh_stream']
+           'set_inline_loader', 'resolve_video_source', 'fresh_stream']
