@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # deploy_process: `swift deploy
 
 from deploy_process import DeployProcess  # noqa: E402
 from swift_sophia.ms_swift.plugin_path import plugin_path  # noqa: E402
-from swift_sophia.tools.synthetic import write_mp4  # noqa: E402
+from swift_sophia.video.synthetic_clips import write_mp4  # noqa: E402
 
 QUESTION = {"type": "text", "text": "What color is the background?"}
 SHORT, OVER, TOO_LARGE = (200,), (400,), (503, 200)  # the statuses each request may get

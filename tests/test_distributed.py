@@ -147,7 +147,8 @@ def mixed(tmp_path_factory):
 
     from PIL import Image
 
-    from swift_sophia.tools.synthetic import QUESTIONS, random_clip_spec, render_clip, write_mp4
+    from swift_sophia.tools.synthetic import QUESTIONS
+    from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
     root = tmp_path_factory.mktemp("mixed")
     rng = random.Random(7)

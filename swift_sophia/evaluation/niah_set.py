@@ -9,7 +9,7 @@ haystack never sits in memory whole.
 
 Generated needle (no --needle): a black-and-white pattern frame (checkerboard, stripes, rings) that appears nowhere
 in the coloured haystack; the question asks which pattern it is. Generated haystack (no --haystack): shots of a
-plain colour with a drifting shape (swift_sophia.synthetic).
+plain colour with a drifting shape (swift_sophia.video.synthetic_clips).
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _video_haystack(path: str, n: int, size: int) -> Iterator[np.ndarray]:
 
 
 def _generated_haystack(n: int, size: int, rng: random.Random) -> Iterator[np.ndarray]:
-    from ..tools.synthetic import random_clip_spec, render_clip
+    from ..video.synthetic_clips import random_clip_spec, render_clip
 
     made = 0
     while made < n:

@@ -52,7 +52,7 @@ class PromptLength:
         from evalscope.utils.multi_choices import prompt
         from swift.infer_engine.protocol import ChatCompletionRequest
 
-        from ..tools.synthetic import write_mp4
+        from ..video.synthetic_clips import write_mp4
 
         text = prompt(question=question, choices=list(options), template=PROMPT_TEMPLATE)
         if text not in self._cache:

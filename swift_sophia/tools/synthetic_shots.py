@@ -7,10 +7,10 @@ background colour of that shot, so the answer is in that one shot and nowhere el
 
     "What color is the background of the shot that shows a triangle?"  ->  "yellow"
 
-The options are the six colours of swift_sophia.synthetic.COLORS in a fixed order by default (`--num-options 4`:
-the answer and three others, shuffled, which also makes the model match the colour against the option texts).
-The answer colour also appears as the background of other shots (consecutive shots always differ), so the colour
-alone does not give it away. Rows are written twice from the same videos:
+The options are the six colours of swift_sophia.video.synthetic_clips.COLORS in a fixed order by default
+(`--num-options 4`: the answer and three others, shuffled, which also makes the model match the colour against the
+option texts). The answer colour also appears as the background of other shots (consecutive shots always differ), so
+the colour alone does not give it away. Rows are written twice from the same videos:
 
 - ms-swift jsonl (`train.jsonl`, `val.jsonl`), the user turn being exactly the text that EvalScope's `general_vmcq`
   sends (swift_sophia.evaluation.vmcq.PROMPT_TEMPLATE: instruction, question, lettered options) with `<video>` where
@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .synthetic import COLORS, SHAPES, _shape_mask, write_mp4
+from ..video.synthetic_clips import COLORS, SHAPES, _shape_mask, write_mp4
 
 SHAPE_COLOR = (10, 10, 10)  # black: not in COLORS, so the shape shot is the only one with black pixels
 QUESTION = "What color is the background of the shot that shows a {shape}?"

@@ -17,7 +17,7 @@ from swift_sophia.evaluation.breakdown import breakdown
 from swift_sophia.evaluation.report import latest_run, overall, predictions, subset_scores
 from swift_sophia.evaluation.vmcq import SetError
 from swift_sophia.ms_swift.plugin_path import plugin_path
-from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
+from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
 SOPHIA = [sys.executable, "-m", "swift_sophia"]
 

@@ -17,7 +17,7 @@ from swift_cli import env
 from swift_sophia.evaluation.heatmap import BEYOND_COLOR, draw
 from swift_sophia.evaluation.niah_set import PATTERNS, build_cells, load_needle, pattern_frame
 from swift_sophia.evaluation.report import latest_run, predictions
-from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
+from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
 
 def _frames(path):
@@ -27,7 +27,7 @@ def _frames(path):
 
 def _grey(frames):
     """Indices of the black-and-white frames (the needle): grey everywhere and a good part black; the haystack's
-    frames have no black (swift_sophia.synthetic's colours)."""
+    frames have no black (swift_sophia.video.synthetic_clips' colours)."""
     frames = frames.astype(int)
     spread = (frames.max(axis=3) - frames.min(axis=3)).mean(axis=(1, 2))
     dark = (frames.max(axis=3) < 60).mean(axis=(1, 2))

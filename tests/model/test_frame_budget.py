@@ -159,7 +159,7 @@ def test_the_model_keeps_at_most_the_budget(tiny_model_dir):
 @pytest.fixture(scope="module")
 def long_video(tmp_path_factory):
     """A 'long' video for the tiny model: 8 shots of 6 frames."""
-    from swift_sophia.tools.synthetic import random_clip_spec, render_clip, write_mp4
+    from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
     path = str(tmp_path_factory.mktemp("budget") / "long.mp4")
     write_mp4(path, render_clip(random_clip_spec(random.Random(0), num_shots=8), frames_per_shot=6, size=64))

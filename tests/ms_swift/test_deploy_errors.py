@@ -39,7 +39,7 @@ QUESTION = {"type": "text", "text": "What color is the background?"}
 
 
 def _clip(path, frames, size=32):
-    from swift_sophia.tools.synthetic import write_mp4
+    from swift_sophia.video.synthetic_clips import write_mp4
 
     pixels = np.zeros((frames, size, size, 3), np.uint8)
     pixels[..., 0] = (np.arange(frames) * 7 % 256)[:, None, None]

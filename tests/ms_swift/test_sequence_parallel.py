@@ -107,7 +107,8 @@ def test_sharded_kernel_equals_the_unsharded_kernel(tmp_path):
 @pytest.fixture(scope="module")
 def mixed_rows(tmp_path_factory):
     """Two batches of two rows: (8-frame video, 3-frame video), (text only, 5-frame video)."""
-    from swift_sophia.tools.synthetic import QUESTIONS, random_clip_spec, render_clip, write_mp4
+    from swift_sophia.tools.synthetic import QUESTIONS
+    from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
     root, rng = tmp_path_factory.mktemp("sp_data"), random.Random(3)
 

@@ -7,7 +7,7 @@ from swift.model import get_model_processor
 from swift.template import get_template
 
 import swift_sophia.ms_swift.register  # noqa: F401
-from swift_sophia.tools.synthetic import write_mp4
+from swift_sophia.video.synthetic_clips import write_mp4
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import av
 import numpy as np
 import pytest
 
-from swift_sophia.tools.synthetic import COLORS, SHAPES
 from swift_sophia.tools.synthetic_shots import (
     SHAPE_COLOR,
     answer_seen,
@@ -17,6 +16,7 @@ from swift_sophia.tools.synthetic_shots import (
     uniform_frames,
     user_text,
 )
+from swift_sophia.video.synthetic_clips import COLORS, SHAPES
 
 
 def _frames(path):
