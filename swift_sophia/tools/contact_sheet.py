@@ -1,6 +1,6 @@
 """A contact sheet of shot-adaptive frame pruning for one video and one query (like the paper's Figure 5).
 
-    python -m swift_sophia.contact_sheet --video clip.mp4 --query "What does the man hold?" --out sheet.png \
+    sophia contact-sheet --video clip.mp4 --query "What does the man hold?" --out sheet.png \
         [--model CHECKPOINT] [--alpha 30] [--beta 30] [--num-frames 32]
 
 One row per shot (wrapping when a shot has many frames): the shot's range, its inter-shot score and whether
@@ -11,7 +11,7 @@ pruning framed in orange and struck through. A legend and the settings are print
 With ``--model`` the features are the checkpoint's (``video_frame_features``: vision tower + projector), the
 query goes through its embedding table and trained pruner. Without a model there is no text encoder: the
 features are raw pixels (8x8 patches of a 64x64 copy of each frame, 64 tokens of 192 values) and a fresh
-:class:`~swift_sophia.pruning.FramePruner` runs without a query, so the sheet shows the shots and the
+:class:`~swift_sophia.model.pruning.FramePruner` runs without a query, so the sheet shows the shots and the
 intra-shot redundancy pruning, and no inter-shot pruning.
 """
 from __future__ import annotations
@@ -200,7 +200,7 @@ def _model_features(model_dir: str, frames: np.ndarray, query: str, device: str)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog='python -m swift_sophia.contact_sheet', description=__doc__,
+    ap = argparse.ArgumentParser(prog='sophia contact-sheet', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--video', required=True)
     ap.add_argument('--query', default='')
@@ -249,7 +249,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          columns=args.columns, frame_numbers=clip.indices, title=title)
     print(f'{args.out}: {sel.summary()}')
     return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -17,11 +17,12 @@ checkpoint also remembers the plugin there). Stage 1 then trains the new modules
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 from collections import Counter
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -300,4 +301,26 @@ def from_transformers_internvl(folder: str, output_dir: str, source: str, **over
     return output_dir
 
 
-__all__ = ["ConversionError", "init_from_internvl", "resolve_checkpoint"]
+# ---------------------------------------------------------------------------------------------------- command
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia init-from-internvl SRC DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="sophia init-from-internvl",
+        description="SRC: a local folder or a Hugging Face Hub name of an InternVL checkpoint, in OpenGVLab's original "
+                    "layout (model_type internvl_chat: InternVL 1.5, InternVL2, InternVL2.5 and the original InternVL3 "
+                    "repositories, with InternLM2, Qwen2 or Llama decoders, e.g. OpenGVLab/InternVL2-8B) or in "
+                    "transformers' (model_type internvl: the -hf repositories, e.g. OpenGVLab/InternVL3-8B-hf). "
+                    "Nothing of the checkpoint's custom code runs. docs/checkpoints.md has the details.")
+    parser.add_argument("source", metavar="SRC", help="folder or hub name of the InternVL checkpoint")
+    parser.add_argument("output_dir", metavar="DIR", help="folder to write the Sophia checkpoint to")
+    parser.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
+    args = parser.parse_args(argv)
+    try:
+        path = init_from_internvl(args.source, args.output_dir, num_frames=args.num_frames)
+    except ConversionError as exc:
+        parser.exit(1, f"sophia init-from-internvl: {exc}\n")
+    print(f"Sophia checkpoint written to {path}")
+    return 0
+
+
+__all__ = ["ConversionError", "init_from_internvl", "resolve_checkpoint", "main"]

@@ -1,6 +1,6 @@
 """Precompute the shot boundaries of every video of one or more ms-swift dataset files.
 
-    python -m swift_sophia.precompute_shots train.jsonl [val.jsonl ...] --num-frames 32 --workers 2
+    sophia precompute-shots train.jsonl [val.jsonl ...] --workers 2
 
 Rows are ms-swift rows with a ``videos`` list (or a single ``video``/``videos`` string); relative paths are
 looked up next to the jsonl file first, then in the current folder and ``$ROOT_IMAGE_DIR``. Every distinct
@@ -127,7 +127,7 @@ def _process(paths: List[str]) -> List[Tuple[str, str, float]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog='python -m swift_sophia.precompute_shots', description=__doc__,
+    ap = argparse.ArgumentParser(prog='sophia precompute-shots', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('datasets', nargs='+', help='ms-swift dataset files (.jsonl or .json)')
     ap.add_argument('--num-frames', type=int, default=None,
@@ -226,7 +226,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print('interrupted: rerun the same command to finish (finished videos are skipped)', file=sys.stderr)
         return 130
     return 1 if failed_rows or counts['failed'] else 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -16,17 +16,18 @@ Shapes (vision tower + decoder; the vision tower is InternViT-300M-448px in ever
   and ``--shape tiny`` CPU runs of the benchmarks.
 
 Every shape has ``max_position_embeddings`` = 2^20 (room for 1M-token prompts) and uses the offline tokenizer of
-:mod:`swift_sophia.tiny` (its ids are far below the model's vocabulary; the special tokens' ids are the
+:mod:`swift_sophia.tools.tiny` (its ids are far below the model's vocabulary; the special tokens' ids are the
 config's ``image_token_id`` / ``video_token_id``). Weights are random (normal, std 0.02, as transformers
 initialises them): for speed and memory measurements only.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -186,5 +187,30 @@ def build_random(name: str, output_dir: str, *, device: str = "cpu", dtype: torc
     return output_dir
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia build-random --shape NAME DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="sophia build-random",
+        description="Random weights of a real shape (swift_sophia/tools/shapes.py), for speed and memory "
+                    "measurements: `swift sft/infer --model DIR --model_type sophia` load it.")
+    parser.add_argument("output_dir")
+    parser.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test")
+    parser.add_argument("--device", default="cpu", help="where to build it: cuda is fast (seconds), cpu takes "
+                                                        "minutes at 8B")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="weight dtype (default bfloat16)")
+    parser.add_argument("--num-frames", type=int, default=32, help="frames sampled per video by default (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        resolve_shape(args.shape)
+    except ValueError as exc:
+        parser.error(str(exc))
+    path = build_random(args.shape, args.output_dir, device=args.device, dtype=getattr(torch, args.dtype),
+                        seed=args.seed, num_frames=args.num_frames, verbose=True)
+    print(f"random {args.shape} checkpoint written to {path}")
+    return 0
+
+
 __all__ = ["SHAPES", "shape_names", "resolve_shape", "shape_config", "internvl_config", "parameter_count",
-           "build_model", "build_random"]
+           "build_model", "build_random", "main"]

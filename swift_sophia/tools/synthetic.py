@@ -6,10 +6,11 @@ answer them by looking. Clips are real H.264 mp4 files (PyAV); rows are ms-swift
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 from ..video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
@@ -56,4 +57,21 @@ def make_dataset(output_dir: str, num_train: int = 64, num_val: int = 8, *, fram
     return paths
 
 
-__all__ = ["make_dataset", "answer", "QUESTIONS"]
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia make-data DIR`."""
+    parser = argparse.ArgumentParser(
+        prog="sophia make-data",
+        description="Synthetic video QA: short mp4 clips of coloured shots with moving shapes and questions about them "
+                    "(the background colour of the first or the last shot, the shape in the first shot), as ms-swift "
+                    "jsonl rows (messages + videos), written with PyAV. Nothing is downloaded.")
+    parser.add_argument("output_dir", help="folder to write: train.jsonl, val.jsonl and the clips (created)")
+    parser.add_argument("--num-train", type=int, default=64, help="training rows (default 64)")
+    parser.add_argument("--num-val", type=int, default=8, help="held-out rows (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clips and questions (default 0)")
+    args = parser.parse_args(argv)
+    paths = make_dataset(args.output_dir, args.num_train, args.num_val, seed=args.seed)
+    print(f"train: {paths['train']}\nval: {paths['val']}")
+    return 0
+
+
+__all__ = ["make_dataset", "answer", "QUESTIONS", "main"]

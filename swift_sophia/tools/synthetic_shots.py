@@ -20,7 +20,7 @@ the colour alone does not give it away. Rows are written twice from the same vid
 
 `manifest.json` records every video's shots (colours, texture, which shot has the shape, its frame span).
 
-    python -m swift_sophia.synthetic_shots OUT --num-train 256 --num-val 64
+    sophia synthetic-shots OUT --num-train 256 --num-val 64
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import random
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -223,8 +223,9 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     return out  # sampled positions; with `frames` = the video's frame count these are its native frames
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m swift_sophia.synthetic_shots", description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia synthetic-shots OUT`."""
+    p = argparse.ArgumentParser(prog="sophia synthetic-shots", description=__doc__.split("\n\n")[0])
     p.add_argument("output_dir")
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
@@ -245,11 +246,8 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
     if a.cache_true_shots:
         print(f"true shots of {cache_true_shots(m, a.cache_true_shots)} videos cached in {a.cache_true_shots}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
 
 __all__ = ["make_dataset", "random_video_spec", "render_video", "options_for", "user_text", "cache_true_shots",
-           "answer_seen", "uniform_frames", "pruned_frames",
+           "answer_seen", "uniform_frames", "pruned_frames", "main",
            "QUESTION"]

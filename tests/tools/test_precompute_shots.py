@@ -87,7 +87,7 @@ def test_interrupt_then_rerun(tmp_path, capsys):
     jl.write_text(''.join(json.dumps(row(f'v/{i}.mp4')) + '\n' for i in range(n)))
     cache = tmp_path / 'cache'
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + sys.path))
-    proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia.tools.precompute_shots', str(jl), '--workers', '1',
+    proc = subprocess.Popen([sys.executable, '-m', 'swift_sophia', 'precompute-shots', str(jl), '--workers', '1',
                              '--threads', '1', '--cache-dir', str(cache), '--no-progress'],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             # as in a terminal (a run started with `&` has SIGINT ignored)
