@@ -47,6 +47,65 @@ Shot = Tuple[int, int]
 HOST_FEATURES_FROM_BYTES = 4 << 30  # frame features at least this large wait in host memory (see _features_on_host)
 
 
+def shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int) -> List[Shot]:
+    """Shot ranges [(start, end), ...] of one video from its per-frame shot ids (None: one shot). The ids of a
+    video must be non-decreasing (each shot one contiguous range)."""
+    if frame_shots is None:
+        return [(0, frames)]
+    ids = frame_shots[offset:offset + frames].tolist()
+    if len(ids) != frames:
+        raise ValueError(f"video_frame_shots has {len(ids)} ids for a video of {frames} frames")
+    if any(b < a for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"video_frame_shots of a video must be non-decreasing (one range per shot), got {ids}")
+    bounds = [0] + [i for i in range(1, frames) if ids[i] != ids[i - 1]] + [frames]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _plain_causal_mask(plan: ExtendedPlan, batch: int) -> torch.Tensor:
+    """[B, N_ext] padding mask of the extended rows (valid tokens first), for the decoder's causal attention."""
+    if len(plan.layout.seq_list()) > batch:
+        raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) does not take packed rows (padding_free/packing)")
+    return (plan.source.view(batch, plan.length) >= 0).long()
+
+
+def _release_after_first_layer(decoder: nn.Module, embeddings: torch.Tensor):
+    """Inference: the decoder's input embeddings are read by its first layer only, but the decoder's forward holds
+    them until it returns. Free their memory once the first layer has run (one [tokens x hidden] tensor less
+    through all later layers); anything reading them afterwards fails loudly instead of reading stale values."""
+    def free(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is embeddings:
+            embeddings.untyped_storage().resize_(0)
+
+    return decoder.layers[0].register_forward_hook(free, with_kwargs=True)
+
+
+def _to_plain(extended: torch.Tensor, plan: ExtendedPlan, last: int = 0) -> torch.Tensor:
+    """Extended-sequence hidden states [B, N_ext, D] -> plain-sequence ones [B, N, D] (zeros where a plain token
+    has no extended position: padding, pruned frames); `last` > 0: only the last `last` plain positions [B, last, D]
+    (a prefill that needs the next token's logits only: at an hour of video the plain sequence holds every sampled
+    frame's tokens, 2.6 M at 10,000 frames)."""
+    batch, hidden = extended.shape[0], extended.shape[-1]
+    index = plan.plain_to_extended
+    if last:
+        index = index.view(batch, -1)[:, -last:].reshape(-1)
+    plain = extended.reshape(-1, hidden).index_select(0, index.clamp(min=0))
+    return plain.masked_fill_((index < 0).unsqueeze(-1), 0).view(batch, -1, hidden)
+
+
+def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+    return hidden[:, logits_to_keep, :]
+
+
+def _reduce_token_loss(token_loss: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """transformers' causal-LM reduction: the mean over target tokens, or their sum over `num_items_in_batch`."""
+    if num_items_in_batch is not None:
+        return token_loss.sum() / torch.as_tensor(num_items_in_batch, device=token_loss.device)
+    return token_loss.sum() / (targets != -100).sum().clamp(min=1).to(token_loss.device)
+
+
 class SophiaAggregator(nn.Module):
     """The learnable CNN that builds frame n of level l + 1 from frames nA .. nA + A - 1 of level l.
 
@@ -646,65 +705,6 @@ class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
         elif model_kwargs.get("sophia_next_position") is not None:
             model_kwargs["sophia_next_position"] = model_kwargs["sophia_next_position"] + num_new_tokens
         return model_kwargs
-
-
-def _plain_causal_mask(plan: ExtendedPlan, batch: int) -> torch.Tensor:
-    """[B, N_ext] padding mask of the extended rows (valid tokens first), for the decoder's causal attention."""
-    if len(plan.layout.seq_list()) > batch:
-        raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) does not take packed rows (padding_free/packing)")
-    return (plan.source.view(batch, plan.length) >= 0).long()
-
-
-def _release_after_first_layer(decoder: nn.Module, embeddings: torch.Tensor):
-    """Inference: the decoder's input embeddings are read by its first layer only, but the decoder's forward holds
-    them until it returns. Free their memory once the first layer has run (one [tokens x hidden] tensor less
-    through all later layers); anything reading them afterwards fails loudly instead of reading stale values."""
-    def free(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if hidden is embeddings:
-            embeddings.untyped_storage().resize_(0)
-
-    return decoder.layers[0].register_forward_hook(free, with_kwargs=True)
-
-
-def _reduce_token_loss(token_loss: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """transformers' causal-LM reduction: the mean over target tokens, or their sum over `num_items_in_batch`."""
-    if num_items_in_batch is not None:
-        return token_loss.sum() / torch.as_tensor(num_items_in_batch, device=token_loss.device)
-    return token_loss.sum() / (targets != -100).sum().clamp(min=1).to(token_loss.device)
-
-
-def _keep(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    if isinstance(logits_to_keep, int):
-        return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
-    return hidden[:, logits_to_keep, :]
-
-
-def _to_plain(extended: torch.Tensor, plan: ExtendedPlan, last: int = 0) -> torch.Tensor:
-    """Extended-sequence hidden states [B, N_ext, D] -> plain-sequence ones [B, N, D] (zeros where a plain token
-    has no extended position: padding, pruned frames); `last` > 0: only the last `last` plain positions [B, last, D]
-    (a prefill that needs the next token's logits only: at an hour of video the plain sequence holds every sampled
-    frame's tokens, 2.6 M at 10,000 frames)."""
-    batch, hidden = extended.shape[0], extended.shape[-1]
-    index = plan.plain_to_extended
-    if last:
-        index = index.view(batch, -1)[:, -last:].reshape(-1)
-    plain = extended.reshape(-1, hidden).index_select(0, index.clamp(min=0))
-    return plain.masked_fill_((index < 0).unsqueeze(-1), 0).view(batch, -1, hidden)
-
-
-def shots_of(frame_shots: Optional[torch.Tensor], offset: int, frames: int) -> List[Shot]:
-    """Shot ranges [(start, end), ...] of one video from its per-frame shot ids (None: one shot). The ids of a
-    video must be non-decreasing (each shot one contiguous range)."""
-    if frame_shots is None:
-        return [(0, frames)]
-    ids = frame_shots[offset:offset + frames].tolist()
-    if len(ids) != frames:
-        raise ValueError(f"video_frame_shots has {len(ids)} ids for a video of {frames} frames")
-    if any(b < a for a, b in zip(ids, ids[1:])):
-        raise ValueError(f"video_frame_shots of a video must be non-decreasing (one range per shot), got {ids}")
-    bounds = [0] + [i for i in range(1, frames) if ids[i] != ids[i - 1]] + [frames]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 AutoConfig.register("sophia", SophiaConfig)
