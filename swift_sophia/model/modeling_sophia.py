@@ -1,14 +1,17 @@
 """Sophia: an InternVL-style VLM for hour-long videos (shot-adaptive frame pruning + hierarchical attention).
 
-Reads top to bottom like transformers' InternVL (docs/architecture.md has the picture):
+Reads top to bottom like transformers' InternVL and LLaVA modeling files (docs/architecture.md has the picture):
 
+* helpers of the forward pass (shot ranges, the plain <-> extended sequence, the loss reduction);
 * `SophiaAggregator`, the CNN that builds the frames of levels 1 .. L-1 from level 0;
-* `SophiaModel` (what `AutoModel` gives): vision tower + projector (inherited from InternVL, run a chunk of
-  frames at a time), frame pruning, aggregation, the merge into the extended sequence, and the decoder with
-  hierarchical attention; it returns the hidden states of the plain sequence, so that they line up with
+* `SophiaPreTrainedModel`, the base of both models: the config class, the weight-name prefix and the
+  initialisation of Sophia's own modules (for checkpoints without them);
+* `SophiaModel` (what `AutoModel` gives) and its output: vision tower + projector (inherited from InternVL, run a
+  chunk of frames at a time), frame pruning, aggregation, the merge into the extended sequence, and the decoder
+  with hierarchical attention; it returns the hidden states of the plain sequence, so that they line up with
   `input_ids`, and a KV cache that holds only what decoding reads;
-* `SophiaForConditionalGeneration`: the model, the LM head and the loss (from the label positions only), and
-  generation, which continues from that cache.
+* `SophiaForConditionalGeneration` and its output: the model, the LM head and the loss (from the label positions
+  only), and generation, which continues from that cache.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.modeling_outputs import ModelOutput
 from transformers.models.internvl.modeling_internvl import (
-    InternVLForConditionalGeneration,
+    InternVLCausalLMOutputWithPast,
     InternVLModel,
+    InternVLModelOutputWithPast,
     InternVLPreTrainedModel,
 )
 from transformers.utils import can_return_tuple, logging
@@ -39,7 +43,7 @@ from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find
 from .frame_budget import frame_budgets
 from .kv_cache import PrefillCache, cache_index
 from .lean_prefill import lean_prefill, supports_lean_prefill
-from .pruning import FramePruner
+from .pruning import FramePruner, GumbelTemperature, QueryLinear
 
 logger = logging.get_logger(__name__)
 
@@ -165,38 +169,43 @@ class SophiaAggregator(nn.Module):
         return out
 
 
-@dataclass
-class SophiaModelOutputWithPast(ModelOutput):
-    """`last_hidden_state` is over the plain sequence (aligned with `input_ids`; zeros at pruned frames)."""
+class SophiaPreTrainedModel(InternVLPreTrainedModel):
+    """The base of `SophiaModel` and `SophiaForConditionalGeneration` (InternVL's, with Sophia's config). Each
+    model's `_no_split_modules` (`device_map="auto"`, FSDP) is gathered by transformers' `post_init` from its
+    vision tower and decoder: InternVL's vision layer and whichever decoder layer the config names."""
 
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[Cache] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
-    # Set by a prefill over videos: the cache's 2-D attention mask and the next token's position per row.
-    cache_attention_mask: Optional[torch.LongTensor] = None
-    next_position_ids: Optional[torch.LongTensor] = None
-    kept_frames: Optional[list] = None
-
-
-@dataclass
-class SophiaCausalLMOutput(ModelOutput):
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    past_key_values: Optional[Cache] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-    image_hidden_states: Optional[torch.FloatTensor] = None
-    cache_attention_mask: Optional[torch.LongTensor] = None
-    next_position_ids: Optional[torch.LongTensor] = None
-    kept_frames: Optional[list] = None
-    token_loss: Optional[torch.FloatTensor] = None  # [B, N] cross-entropy per position (0 where no target)
-
-
-class SophiaModel(InternVLModel):
+    config: SophiaConfig
     config_class = SophiaConfig
+    base_model_prefix = "model"
 
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """transformers initialises the weights a checkpoint lacks through the modules that own them (for a model
+        outside transformers, only those: not the pruner, whose weights its layers own), skipping modules whose
+        weights were all loaded. A checkpoint without Sophia's modules (an InternVL one) gets their documented
+        initialisation here: the aggregator averages, the pruner's query MLP is an identity mapping (replacing the
+        generic initialisation its layers just got) and its Gumbel schedule is at step 0."""
+        super()._init_weights(module)
+        if isinstance(module, SophiaAggregator):
+            module.reset_parameters()
+        elif isinstance(module, QueryLinear):
+            module.init_for_pruner()
+        elif isinstance(module, GumbelTemperature):
+            module.set_step(0)
+
+
+@dataclass
+class SophiaModelOutputWithPast(InternVLModelOutputWithPast):
+    """InternVL's output, with `last_hidden_state` over the plain sequence (aligned with `input_ids`; zeros at pruned
+    frames). Set by a prefill over videos: the cache's 2-D attention mask, the next token's position per row, and
+    the frames of each video that the pruner kept."""
+
+    cache_attention_mask: Optional[torch.LongTensor] = None
+    next_position_ids: Optional[torch.LongTensor] = None
+    kept_frames: Optional[list] = None
+
+
+class SophiaModel(SophiaPreTrainedModel, InternVLModel):
     def __init__(self, config: SophiaConfig):
         super().__init__(config)
         resolve_runtime_settings(config)
@@ -211,19 +220,6 @@ class SophiaModel(InternVLModel):
                 liger.apply_liger_kernel_to_sophia(self)
             else:
                 logger.warning("liger_kernel is set but there is no CUDA device: Liger's kernels stay off")
-
-    def _init_weights(self, module):
-        # transformers initialises missing weights module by module, through the nearest PreTrainedModel and
-        # only for modules that own parameters, so a checkpoint without Sophia's modules (an InternVL one) gets
-        # their documented initialisation here: the aggregator averages, the pruner is the fresh pruner
-        # (identity query mapping, Gumbel schedule at step 0).
-        super()._init_weights(module)
-        if isinstance(module, SophiaAggregator):
-            module.reset_parameters()
-        pruner = getattr(self, "pruner", None)
-        if pruner is not None and (module is pruner or any(module is m for m in pruner.modules())):
-            pruner.reset_parameters()
-            pruner.gumbel.set_step(0)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
@@ -301,9 +297,12 @@ class SophiaModel(InternVLModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         chunk_rotary_embedding(self.language_model, self.config.decoder_chunk_tokens)  # the setting may have changed
         if pixel_values_videos is not None:
-            return self._forward_video(input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
-                                       position_ids, past_key_values, use_cache, video_frame_counts,
-                                       video_frame_shots, video_query_ids, video_query_mask, **kwargs)
+            return self._forward_video(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                use_cache=use_cache, pixel_values_videos=pixel_values_videos, video_frame_counts=video_frame_counts,
+                video_frame_shots=video_frame_shots, video_query_ids=video_query_ids,
+                video_query_mask=video_query_mask, **kwargs)
         kwargs.pop("sophia_plain_last", None)  # the plain sequence is all there is: nothing to save
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -322,9 +321,9 @@ class SophiaModel(InternVLModel):
                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                          image_hidden_states=features)
 
-    def _forward_video(self, input_ids, inputs_embeds, pixel_values, pixel_values_videos, attention_mask,
-                       position_ids, past_key_values, use_cache, video_frame_counts, video_frame_shots,
-                       video_query_ids, video_query_mask, **kwargs) -> SophiaModelOutputWithPast:
+    def _forward_video(self, *, input_ids, pixel_values, attention_mask, position_ids, past_key_values, inputs_embeds,
+                       use_cache, pixel_values_videos, video_frame_counts, video_frame_shots, video_query_ids,
+                       video_query_mask, **kwargs) -> SophiaModelOutputWithPast:
         """A prefill (or training step) over videos. Every large intermediate is freed as soon as the next one
         exists, so that at hour scale the decoder runs beside the extended embeddings and little else."""
         config = self.config
@@ -377,7 +376,8 @@ class SophiaModel(InternVLModel):
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
         # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
-        table = self._embedding_table(text_embeds, frames, runs, video_frame_shots, query_embeds, descriptors)
+        table = self._embedding_table(text_embeds, frames, runs, frame_shots=video_frame_shots,
+                                      query_embeds=query_embeds, descriptors=descriptors)
         del frames, descriptors
 
         # 3. Merge into the extended sequence and run the decoder with hierarchical attention.
@@ -403,7 +403,7 @@ class SophiaModel(InternVLModel):
         if self._lean(kwargs):
             hidden = lean_prefill(self.language_model, extended, plan.position_ids, plan.layout, cache,
                                   chunk=config.decoder_chunk_tokens, backend=config.attention_backend)
-            return self._plain_output(hidden, plan, runs, cache, cache_mask, plain_last)
+            return self._plain_output(hidden, plan, runs, cache=cache, cache_mask=cache_mask, last=plain_last)
         attention.install(self.language_model.config)  # whatever set the implementation since loading
         release = None
         if not torch.is_grad_enabled() and not kwargs.get("output_hidden_states", config.output_hidden_states):
@@ -423,7 +423,8 @@ class SophiaModel(InternVLModel):
                 release.remove()
         del extended
 
-        out = self._plain_output(outputs.last_hidden_state, plan, runs, cache, cache_mask, plain_last)
+        out = self._plain_output(outputs.last_hidden_state, plan, runs, cache=cache, cache_mask=cache_mask,
+                                 last=plain_last)
         out.attentions = outputs.attentions
         if outputs.hidden_states is not None:
             out.hidden_states = tuple(_to_plain(h, plan) for h in outputs.hidden_states)
@@ -491,8 +492,9 @@ class SophiaModel(InternVLModel):
         for i, (run, budget) in enumerate(zip(runs, budgets)):
             video = frames[offset:offset + run.frames]
             shots = shots_of(frame_shots, offset, run.frames)
-            video, run.kept = self._prune(video, shots, mapped[i] if mapped else None, budget,
-                                          None if descriptors is None else descriptors[offset:offset + run.frames])
+            video, run.kept = self._prune(
+                video, shots, query=mapped[i] if mapped else None, budget=budget,
+                descriptors=None if descriptors is None else descriptors[offset:offset + run.frames])
             video = video.to(text_embeds.device)  # the kept frames only, from host memory where they waited
             offset += run.frames
             kept.append(video)
@@ -593,15 +595,35 @@ class SophiaModel(InternVLModel):
         return kept, selection.keep.tolist()
 
 
-class SophiaForConditionalGeneration(InternVLForConditionalGeneration):
-    config_class = SophiaConfig
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer"]
+@dataclass
+class SophiaCausalLMOutput(InternVLCausalLMOutputWithPast):
+    """InternVL's causal-LM output, with `SophiaModelOutputWithPast`'s prefill fields and `token_loss`: [B, N]
+    cross-entropy per position (0 where there is no target), with labels."""
+
+    cache_attention_mask: Optional[torch.LongTensor] = None
+    next_position_ids: Optional[torch.LongTensor] = None
+    kept_frames: Optional[list] = None
+    token_loss: Optional[torch.FloatTensor] = None
+
+
+class SophiaForConditionalGeneration(SophiaPreTrainedModel, GenerationMixin):
+    """`SophiaModel` with the LM head, as transformers' `InternVLForConditionalGeneration` has `InternVLModel` (same
+    weight names: `model.*`, `lm_head`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: SophiaConfig):
-        InternVLPreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.model = SophiaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs):
+        """InternVL's image features of `pixel_values` (vision tower, pixel shuffle, projector)."""
+        return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
@@ -711,5 +733,5 @@ AutoConfig.register("sophia", SophiaConfig)
 AutoModel.register(SophiaConfig, SophiaModel)
 AutoModelForImageTextToText.register(SophiaConfig, SophiaForConditionalGeneration)
 
-__all__ = ["SophiaAggregator", "SophiaModel", "SophiaForConditionalGeneration", "SophiaModelOutputWithPast",
-           "SophiaCausalLMOutput", "VideoRun"]
+__all__ = ["SophiaAggregator", "SophiaPreTrainedModel", "SophiaModel", "SophiaForConditionalGeneration",
+           "SophiaModelOutputWithPast", "SophiaCausalLMOutput", "VideoRun"]

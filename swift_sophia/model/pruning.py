@@ -1,7 +1,7 @@
 """Shot-adaptive frame pruning (docs/pruning.md).
 
 :class:`FramePruner` takes the projected features of the F sampled frames of one video, its shots (from
-:func:`swift_sophia.shots.sampled_shots`) and the embeddings of the query text, and returns which frames
+:func:`swift_sophia.video.shots.sampled_shots`) and the embeddings of the query text, and returns which frames
 the LLM gets (:class:`FrameSelection`).
 
 Rules (the points the paper leaves open are fixed here):
@@ -175,6 +175,30 @@ class GumbelTemperature(nn.Module):
             self.anneal_rate = float(anneal_rate)
 
 
+class QueryLinear(nn.Linear):
+    """A layer of the pruner's query MLP (square; ``first``: the one the query enters). Its own type, so that a
+    transformers model initialises it as the pruner does (``SophiaPreTrainedModel._init_weights``): transformers
+    initialises the weights a checkpoint lacks through the modules that own them, here these layers."""
+
+    def __init__(self, size: int, *, first: bool, residual: bool):
+        super().__init__(size, size)
+        self.first, self.residual = first, residual
+
+    def init_for_pruner(self) -> None:
+        """The pruner's initialisation of this layer (see :meth:`FramePruner.reset_parameters`)."""
+        if self.residual:
+            if self.first:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.bias)
+        else:  # plain MLP, near identity: GELU(x + c) - c ~ x for |x| << c (fp32 only)
+            c = 6.0
+            with torch.no_grad():
+                self.weight.copy_(torch.eye(self.in_features))
+                self.bias.fill_(c if self.first else -c)
+
+
 class FramePruner(nn.Module):
     """Learnable query MLP + the inter-/intra-shot selection rules (module docstring)."""
 
@@ -190,27 +214,17 @@ class FramePruner(nn.Module):
         self.pooling = pooling
         self.residual = residual
         self.chunk_elements = int(chunk_elements)
-        self.query_mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
-                                       nn.Linear(hidden_size, hidden_size))
+        self.query_mlp = nn.Sequential(QueryLinear(hidden_size, first=True, residual=residual), nn.GELU(),
+                                       QueryLinear(hidden_size, first=False, residual=residual))
         self.gumbel = GumbelTemperature(tau_start, tau_min, anneal_rate)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The documented initialisation. A transformers model's ``_init_weights`` re-initialises every
-        ``nn.Linear`` it visits (children before parents): call this from it for FramePruner modules."""
-        first, last = self.query_mlp[0], self.query_mlp[2]
-        if self.residual:
-            nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5))
-            nn.init.zeros_(first.bias)
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        else:  # plain MLP, near identity: GELU(x + c) - c ~ x for |x| << c (fp32 only)
-            c = 6.0
-            with torch.no_grad():
-                first.weight.copy_(torch.eye(self.hidden_size))
-                first.bias.fill_(c)
-                last.weight.copy_(torch.eye(self.hidden_size))
-                last.bias.fill_(-c)
+        """The documented initialisation: residual, the first layer Kaiming-uniform (as ``nn.Linear``'s) with a zero
+        bias and the last layer zero, so that ``q + MLP(q)`` is exactly ``q``; plain, both layers near identity.
+        A transformers model initialises the layers one by one (:class:`QueryLinear`)."""
+        self.query_mlp[0].init_for_pruner()
+        self.query_mlp[2].init_for_pruner()
 
     # ---------------------------------------------------------------------------------- helpers for the model
     def map_query(self, query_embeds: torch.Tensor) -> torch.Tensor:

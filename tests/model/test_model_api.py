@@ -125,6 +125,38 @@ def test_auto_model_is_the_base_model_and_the_head_adds_only_lm_head_and_loss(mo
     assert hidden.shape[:2] == inputs["input_ids"].shape
 
 
+def test_both_models_derive_from_the_sophia_base_as_transformers_vlms_do(model_and_tokenizer):
+    """SophiaModel and SophiaForConditionalGeneration share SophiaPreTrainedModel; the head builds one SophiaModel;
+    what must not be split over devices comes from the vision tower and the decoder the config names; the outputs
+    add their fields to InternVL's."""
+    import dataclasses
+
+    from transformers import PreTrainedModel
+    from transformers.models.internvl.modeling_internvl import (
+        InternVLCausalLMOutputWithPast,
+        InternVLForConditionalGeneration,
+        InternVLModelOutputWithPast,
+    )
+
+    from swift_sophia.model.modeling_sophia import (
+        SophiaCausalLMOutput,
+        SophiaModelOutputWithPast,
+        SophiaPreTrainedModel,
+    )
+
+    model, _ = model_and_tokenizer
+    assert isinstance(model, SophiaPreTrainedModel) and isinstance(model.model, SophiaPreTrainedModel)
+    assert not isinstance(model, InternVLForConditionalGeneration)
+    assert [type(m).__name__ for m in model.modules() if isinstance(m, PreTrainedModel)] == [
+        "SophiaForConditionalGeneration", "SophiaModel", "InternVLVisionModel", "Qwen2Model"]
+    assert model._no_split_modules == {"InternVLVisionLayer", "Qwen2DecoderLayer"}
+    for ours, theirs in ((SophiaModelOutputWithPast, InternVLModelOutputWithPast),
+                         (SophiaCausalLMOutput, InternVLCausalLMOutputWithPast)):
+        names = [f.name for f in dataclasses.fields(ours)]
+        assert issubclass(ours, theirs) and names[:len(dataclasses.fields(theirs))] == [
+            f.name for f in dataclasses.fields(theirs)]
+
+
 def test_importing_the_package_registers_the_auto_classes():
     code = ("import swift_sophia\nfrom transformers import AutoConfig, AutoModel, AutoModelForImageTextToText\n"
             "cfg = AutoConfig.for_model('sophia')\n"
