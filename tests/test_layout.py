@@ -198,3 +198,14 @@ def test_the_checker_finds_cycles_through_imports_inside_functions(small_package
     violations, found = check_layers(small_package, "pkg")
     assert len(violations) == 1 and "pkg.evaluation.run imports pkg.cli" in violations[0], violations
     assert ["pkg.cli", "pkg.evaluation.run"] in found
+
+
+def test_pyproject_ships_every_package_and_the_cli_module():
+    import tomllib
+
+    root = package_root()
+    with open(root.parent / "pyproject.toml", "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    ours = {".".join(("swift_sophia",) + p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")}
+    assert ours == {p for p in setuptools["packages"] if p.startswith("swift_sophia")}
+    assert "sophia_cli" in setuptools["py-modules"] and (root.parent / "sophia_cli.py").is_file()
