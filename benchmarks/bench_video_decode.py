@@ -17,8 +17,8 @@ except the resized ones):
 * ``pyav-seq``: PyAV, frame threading, decoding every frame up to the last sampled one, converting only the
   sampled ones to RGB
 * ``pyav-seek``: PyAV as ``pyav-seq``, but seeking to the keyframe before a sampled frame when that keyframe lies
-  beyond the current position (``swift_sophia.video.PyAVReader``, full size)
-* ``load_video-448``: the production path (``swift_sophia.video.load_video`` with the template's FPS sampling,
+  beyond the current position (``swift_sophia.video.frames.PyAVReader``, full size)
+* ``load_video-448``: the production path (``swift_sophia.video.frames.load_video`` with the template's FPS sampling,
   PyAV seek, full-size frames resized to 448x448, the real model's vision input)
 * ``shots-apart-448``: ``load_video-448``, then every frame decoded for the shot detector (``decode_small_frames``:
   decord at 96x54), what the template does with pruning on when the video's shots are not cached

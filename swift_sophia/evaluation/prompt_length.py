@@ -2,8 +2,8 @@
 
 The question is encoded once by the checkpoint's own ms-swift template, exactly as the server receives it from
 EvalScope (its prompt template, the video part where `<video 1>` stands), with a one-frame video; an N-frame video
-adds (N - 1) x tokens_per_frame (`<vid>` + frames x M tokens + `</vid>`, swift_sophia.template). Used to mark the
-needle-in-a-haystack cells that exceed the server's max_length: those are not sent.
+adds (N - 1) x tokens_per_frame (`<vid>` + frames x M tokens + `</vid>`, swift_sophia.ms_swift.template). Used to
+mark the needle-in-a-haystack cells that exceed the server's max_length: those are not sent.
 """
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def is_liger(fn) -> bool:
-    """Whether a (bound) forward or a function comes from Liger-Kernel (swift_sophia.liger)."""
+    """Whether a (bound) forward or a function comes from Liger-Kernel (swift_sophia.model.liger)."""
     fn = getattr(fn, "__func__", fn)
     return getattr(fn, "__module__", "").startswith("liger_kernel")
 

@@ -2,8 +2,8 @@
 video can be read, and that its frames and tokens fit the server's limits.
 
 Each video is opened (its packet index is read, nothing is decoded) to count the frames the template will sample
-from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.FrameSampling`). A request is rejected with
-:class:`RequestRejected` (HTTP 400), naming the video as the client gave it, when:
+from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.frames.FrameSampling`). A request is rejected
+with :class:`RequestRejected` (HTTP 400), naming the video as the client gave it, when:
 
 * it has no messages, or its `<video>` / `<image>` tags do not match its videos / images (a tag with no video at
   all included);
@@ -21,7 +21,7 @@ from it (``VIDEO_SEGMENTS`` / ``FPS`` rules, :class:`swift_sophia.video.FrameSam
 Local files (:class:`LocalMedia`): a request may name files on the server's disk only inside the folders of
 ``SOPHIA_ALLOWED_MEDIA_PATH`` (``:``-separated, as vLLM's ``--allowed-local-media-path``); unset, any file when
 the server listens on loopback only and none otherwise. The server checks each video and image of a request
-before reading or downloading anything (:mod:`swift_sophia.deploy_errors`).
+before reading or downloading anything (:mod:`swift_sophia.ms_swift.patches.deploy_errors`).
 """
 from __future__ import annotations
 

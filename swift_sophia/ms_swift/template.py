@@ -14,7 +14,7 @@ Frames per video, read once when the template is built (`init_env_args`; each va
    no frame rate gets `FPS_MAX_FRAMES` frames.
 3. else the model config's `num_frames`.
 
-The frames are spread uniformly (segment centres, :func:`swift_sophia.video.sample_frame_indices`) and decoded
+The frames are spread uniformly (segment centres, :func:`swift_sophia.video.frames.sample_frame_indices`) and decoded
 straight to the vision tower's input size. A value that is not a number or out of range (`VIDEO_SEGMENTS=abc`,
 `FPS=-1`) raises a `ValueError` that names the variable.
 

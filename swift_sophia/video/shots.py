@@ -2,16 +2,16 @@
 
 For one video and its F sampled frame indices :func:`sampled_shots`
 
-1. looks the video up in the shot cache (:mod:`swift_sophia.shot_cache`, keyed by content and settings);
-2. on a miss decodes every frame small (:mod:`swift_sophia.shot_frames`) and runs the frozen TransNetV2
-   (:mod:`swift_sophia.shot_detector`) on all of them: the detector sees every frame at the native rate, the
+1. looks the video up in the shot cache (:mod:`swift_sophia.video.shot_cache`, keyed by content and settings);
+2. on a miss decodes every frame small (:mod:`swift_sophia.video.shot_frames`) and runs the frozen TransNetV2
+   (:mod:`swift_sophia.video.shot_detector`) on all of them: the detector sees every frame at the native rate, the
    measured choice (``benchmarks/eval_shot_sampling.py`` holds the reduced-rate alternatives and the
    measurement; table in docs/pruning.md);
-3. maps the native cuts onto the sampled frames, with the uniform fallback (:mod:`swift_sophia.shot_boundaries`).
+3. maps the native cuts onto the sampled frames, with the uniform fallback (:mod:`swift_sophia.video.shot_boundaries`).
 
-The pieces: :mod:`swift_sophia.transnet_isolation` (TransNetV2's process-global side effects),
-:mod:`swift_sophia.shot_detector`, :mod:`swift_sophia.shot_boundaries`, :mod:`swift_sophia.shot_frames`,
-:mod:`swift_sophia.video_source` (where a video comes from).
+The pieces: :mod:`swift_sophia.video.transnet_isolation` (TransNetV2's process-global side effects),
+:mod:`swift_sophia.video.shot_detector`, :mod:`swift_sophia.video.shot_boundaries`,
+:mod:`swift_sophia.video.shot_frames`, :mod:`swift_sophia.video.source` (where a video comes from).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Liger-Kernel in Sophia's decoder: how it is wired (here, on the CPU); its numbers are checked on the GPU
-(tests/test_model_gpu.py), since Liger's kernels run on CUDA only."""
+(tests/model/test_model_gpu.py), since Liger's kernels run on CUDA only."""
 import pytest
 
 pytest.importorskip("liger_kernel")

@@ -1,4 +1,5 @@
-"""Named real shapes (swift_sophia/shapes.py), `sophia build-random`, and a CPU smoke run of benchmarks/bench_8b.py."""
+"""Named real shapes (swift_sophia/tools/shapes.py), `sophia build-random`, and a CPU smoke run of
+benchmarks/bench_8b.py."""
 import importlib.util
 import json
 import os

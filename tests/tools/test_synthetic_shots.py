@@ -1,4 +1,4 @@
-"""The one-shot-among-many generator (swift_sophia.synthetic_shots): exactly one shot shows the named shape, the
+"""The one-shot-among-many generator (swift_sophia.tools.synthetic_shots): exactly one shot shows the named shape, the
 answer is that shot's background, counts are right, the training prompt is the evaluation's prompt."""
 import json
 import random

@@ -7,16 +7,16 @@ What changes in ms-swift's server (``SwiftDeploy``), for every model it serves w
   request: a missing file was a 422 "value: <path>", and every later error named "<data URL, N chars>"); images
   in messages are inlined as before; the ``images`` / ``audios`` / ``videos`` fields of a chat, completion or
   embedding request stay as given too (ms-swift read their files, those that exist, before anything checked them);
-* :func:`swift_sophia.request_check.check_request` runs before the engine (in a thread, the event loop goes on):
-  messages, tags, readable videos, ``REQUEST_MAX_FRAMES``, ``--max_length``; a failure is a 400;
+* :func:`swift_sophia.ms_swift.request_check.check_request` runs before the engine (in a thread, the event loop goes
+  on): messages, tags, readable videos, ``REQUEST_MAX_FRAMES``, ``--max_length``; a failure is a 400;
 * errors the engine raises later name the videos as the client gave them (a URL, not the server's downloaded
-  copy); an out-of-memory error is a 503 (:mod:`swift_sophia.out_of_memory` frees the memory); a stream
-  whose prefill fails gets its status before the first byte (ms-swift sent a 200 and cut the stream);
+  copy); an out-of-memory error is a 503 (:mod:`swift_sophia.ms_swift.patches.out_of_memory` frees the memory); a
+  stream whose prefill fails gets its status before the first byte (ms-swift sent a 200 and cut the stream);
 * a request body that does not validate is a 400 with the reason (FastAPI's default is a 422);
 * the transformers engine answers each request of a batch with its own error (ms-swift's deploy puts the engine in
   strict mode, where one request that cannot be encoded fails every request batched with it);
-* a request may name files on the server's disk only where :class:`swift_sophia.request_check.LocalMedia` allows
-  (``SOPHIA_ALLOWED_MEDIA_PATH``; unset: any file on a server that listens on loopback only, none otherwise),
+* a request may name files on the server's disk only where :class:`swift_sophia.ms_swift.request_check.LocalMedia`
+  allows (``SOPHIA_ALLOWED_MEDIA_PATH``; unset: any file on a server that listens on loopback only, none otherwise),
   checked before ms-swift reads a file or downloads a URL: where ms-swift checks a path before reading it
   (``SafeMediaPath.check``, while it validates the request) and before it fetches the request's media;
 * a request whose body is over ``SOPHIA_MAX_REQUEST_MB`` (default 1536) gets a 413 before it is parsed;
