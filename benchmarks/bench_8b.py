@@ -5,8 +5,8 @@
     python benchmarks/bench_8b.py --e2e (--video PATH | --make-video [--video-seconds 3600])
     python benchmarks/bench_8b.py --shape tiny --device cpu --prefill --train --e2e --make-video   (CPU check)
 
-Model: `--shape internvl2.5-8b` (swift_sophia/shapes.py): InternViT-300M-shaped tower (1024 wide, 24 layers, 448 px,
-patch 14; 256 tokens a frame after pixel shuffle) + InternLM2.5-7B-shaped Llama decoder (4096 wide, 32 layers,
+Model: `--shape internvl2.5-8b` (swift_sophia/tools/shapes.py): InternViT-300M-shaped tower (1024 wide, 24 layers,
+448 px, patch 14; 256 tokens a frame after pixel shuffle) + InternLM2.5-7B-shaped Llama decoder (4096 wide, 32 layers,
 32 / 8 heads, MLP 14336, vocabulary 92544), random bf16 weights built on the GPU. "sophia-A" is Sophia with
 alpha = beta = A (percent; "sophia-A-B" for alpha A, beta B), shots every 8 frames (video_frame_shots =
 arange(F) // 8) and a pruning query of 16 text tokens; "dense" is transformers' own
@@ -27,8 +27,8 @@ run first, then it is freed and the dense model is built.
     logits and loss only where labels are (what ms-swift 4 does with transformers 5: use_logits_to_keep);
     --train-logits full computes them for every token (the anchors' 45 GiB float32 logits at 512 frames).
 (c) --e2e: an hour-long video file to the first token: decode F = min(--max-frames, duration x 1 fps) frames with
-    swift_sophia.video.load_video, resize + normalise (frames_to_pixel_values), shots with
-    swift_sophia.shots.sampled_shots (uncached: a fresh SOPHIA_SHOT_CACHE; then cached), copy to the GPU, vision,
+    swift_sophia.video.frames.load_video, resize + normalise (frames_to_pixel_values), shots with
+    swift_sophia.video.shots.sampled_shots (uncached: a fresh SOPHIA_SHOT_CACHE; then cached), copy to the GPU, vision,
     pruning + aggregation, decoder, first token. --make-video writes a synthetic one with PyAV first.
 
 Out of memory is caught and reported as "OOM (failed allocation X GiB)"; the run goes on. --json writes every
@@ -402,8 +402,8 @@ class Bench:
         self.clock = Clock(self.device)
         self.mem = Memory(self.device)
         self.t_start = time.perf_counter()
-        from swift_sophia.shapes import internvl_config, resolve_shape, shape_config
-        from swift_sophia.tiny import build_tokenizer
+        from swift_sophia.tools.shapes import internvl_config, resolve_shape, shape_config
+        from swift_sophia.tools.tiny import build_tokenizer
 
         self.shape = resolve_shape(args.shape)
         self.tokenizer = build_tokenizer()
@@ -465,13 +465,13 @@ class Bench:
         if self.model_kind == kind:
             return self.model
         self.drop_model()
-        from swift_sophia.shapes import build_model
+        from swift_sophia.tools.shapes import build_model
 
         if dense:
             from transformers import InternVLForConditionalGeneration as cls
             config = self.dense_config
         else:
-            from swift_sophia.modeling_sophia import SophiaForConditionalGeneration as cls
+            from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration as cls
             config = self.sophia_config
         self.clock.sync()
         t0 = time.perf_counter()
@@ -706,7 +706,7 @@ class Bench:
     def follow_up(self, model, inputs) -> dict:
         """A second question about the same video (another pruning query): its features from the model's cache, no
         pixels; the time to its first token, and how many frames were kept."""
-        from swift_sophia.feature_cache import FeatureSlot
+        from swift_sophia.model.feature_cache import FeatureSlot
 
         entry = model.video_feature_cache.get("e2e")
         if entry is None:
@@ -726,9 +726,9 @@ class Bench:
 
     def run_e2e(self):
         a = self.args
-        from swift_sophia import shots as shots_mod
-        from swift_sophia.shot_cache import clear_content_hash_memo
-        from swift_sophia.video import FrameSampling, frames_to_pixel_values, load_video, video_info
+        from swift_sophia.video import shots as shots_mod
+        from swift_sophia.video.frames import FrameSampling, frames_to_pixel_values, load_video, video_info
+        from swift_sophia.video.shot_cache import clear_content_hash_memo
 
         path = a.video
         res = dict(stages={}, variant=a.e2e_variant)
@@ -825,7 +825,7 @@ class Bench:
         self.clock.sync()
         stages["host to GPU"] = time.perf_counter() - t0
         if not dense:  # the video's features go into the model's feature cache, as `swift deploy` does
-            from swift_sophia.feature_cache import FeatureSlot, VideoFeatures
+            from swift_sophia.model.feature_cache import FeatureSlot, VideoFeatures
 
             model.video_feature_cache.clear()
             inputs["video_feature_slots"] = [FeatureSlot("e2e", path, VideoFeatures(clip.indices, total, fps))]
@@ -1043,7 +1043,7 @@ def setting(text: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="internvl2.5-8b",
-                        help="a shape of swift_sophia/shapes.py; 'tiny' = tiny-test (CPU check, small defaults)")
+                        help="a shape of swift_sophia/tools/shapes.py; 'tiny' = tiny-test (CPU check, small defaults)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--prefill", action="store_true", help="(a) prefill from pixels")
@@ -1083,7 +1083,7 @@ def main(argv=None):
         parse_variant(v)
     if not (args.prefill or args.train or args.e2e):
         args.prefill = args.train = True
-    from swift_sophia.shapes import resolve_shape
+    from swift_sophia.tools.shapes import resolve_shape
 
     family = "tiny" if resolve_shape(args.shape) == "tiny-test" else "full"
     d = DEFAULTS[family]

@@ -12,7 +12,7 @@ runs the same decoder through Sophia's attention routing over the extended seque
 (levels L = 4, arity A = 2, neighbours E = 2: 1.875x the kept level-0 tokens); the aggregation CNN and the
 pruner are not included (their cost is small next to the decoder's and is not measured here). Prints a table:
 median prefill seconds over the repeats after one warm-up, and peak GPU memory. `--shape` takes any decoder of
-swift_sophia/shapes.py (default internvl2.5-8b, the decoder above; internvl3-8b is Qwen2.5-7B-shaped).
+swift_sophia/tools/shapes.py (default internvl2.5-8b, the decoder above; internvl3-8b is Qwen2.5-7B-shaped).
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ TEXT = 64
 
 
 def decoder(attn: str, shape: str = "internvl2.5-8b", device: str = "cuda"):
-    """The decoder of a named shape (swift_sophia/shapes.py), random bf16 weights built on `device`."""
+    """The decoder of a named shape (swift_sophia/tools/shapes.py), random bf16 weights built on `device`."""
     from transformers import AutoModelForCausalLM
 
-    from swift_sophia.shapes import shape_config
+    from swift_sophia.tools.shapes import shape_config
 
     config = shape_config(shape, attn_implementation=None)
     cfg = config.text_config
@@ -44,7 +44,7 @@ def _sync(device):
 
 
 def time_prefill(model, n: int, repeats: int, **kwargs) -> tuple[float, float]:
-    from swift_sophia.attention import hierarchical_step
+    from swift_sophia.model.attention import hierarchical_step
 
     device = model.device
     cuda = device.type == "cuda"
@@ -72,7 +72,8 @@ def time_prefill(model, n: int, repeats: int, **kwargs) -> tuple[float, float]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="internvl2.5-8b", help="a shape of swift_sophia/shapes.py; tiny = CPU check")
+    parser.add_argument("--shape", default="internvl2.5-8b",
+                        help="a shape of swift_sophia/tools/shapes.py; tiny = CPU check")
     parser.add_argument("--device", default=None, help="default: cuda, cpu for --shape tiny")
     parser.add_argument("--frames", type=int, nargs="+", default=None, help="default 32 128 256 512 (tiny: 8 32)")
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5])
@@ -80,8 +81,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from sophia_kernels import HierLayout
-    from swift_sophia.attention import install
-    from swift_sophia.shapes import resolve_shape
+    from swift_sophia.model.attention import install
+    from swift_sophia.tools.shapes import resolve_shape
 
     tiny = resolve_shape(args.shape) == "tiny-test"
     args.device = args.device or ("cpu" if tiny else "cuda")

@@ -28,8 +28,8 @@ def main():
     from transformers import AutoTokenizer
 
     from sophia_kernels import level_counts
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
-    from swift_sophia.tiny import build_tiny
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.tools.tiny import build_tiny
 
     path = build_tiny(tempfile.mkdtemp(prefix="sophia-tiny-"))
     model = SophiaForConditionalGeneration.from_pretrained(path).eval().to(args.device)

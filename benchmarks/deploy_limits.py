@@ -33,11 +33,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))  # deploy_process: `swift deploy` as a subprocess (test support)
 
-from swift_sophia.cli import plugin_path  # noqa: E402
-from swift_sophia.deploy_process import DeployProcess  # noqa: E402
-from swift_sophia.synthetic import write_mp4  # noqa: E402
+from deploy_process import DeployProcess  # noqa: E402
+from swift_sophia.ms_swift.plugin_path import plugin_path  # noqa: E402
+from swift_sophia.video.synthetic_clips import write_mp4  # noqa: E402
 
 QUESTION = {"type": "text", "text": "What color is the background?"}
 SHORT, OVER, TOO_LARGE = (200,), (400,), (503, 200)  # the statuses each request may get
@@ -87,7 +89,7 @@ def main() -> int:
     os.makedirs(work, exist_ok=True)
     model = args.model
     if model is None:
-        from swift_sophia.tiny import build_tiny
+        from swift_sophia.tools.tiny import build_tiny
 
         model = build_tiny(os.path.join(work, "sophia-tiny-wide"), text_overrides={"intermediate_size": 32768})
     frames = {"short": args.short_frames, "over": args.max_frames + 1, "oom": args.oom_frames}

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from swift_sophia.pruning import FramePruner, GumbelTemperature  # noqa: E402
+from swift_sophia.model.pruning import FramePruner, GumbelTemperature  # noqa: E402
 
 
 def episode(g, rot, d, m, shots, noise=0.6):

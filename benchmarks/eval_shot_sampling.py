@@ -1,14 +1,14 @@
 """Which frames should TransNetV2 see? Precision/recall of shot boundaries and frames/s for each choice.
 
 This benchmark is the only home of the reduced detection rates: the package keeps the measured choice (every
-frame, ``swift_sophia.shots``); the alternatives it measured (the former ``stride`` / ``fps`` / ``sampled`` modes of
-``SOPHIA_SHOT_MODE``) are computed here from the same pieces.
+frame, ``swift_sophia.video.shots``); the alternatives it measured (the former ``stride`` / ``fps`` / ``sampled``
+modes of ``SOPHIA_SHOT_MODE``) are computed here from the same pieces.
 
 Reference: TransNetV2 run on every frame (``native``). Choices: every r-th frame (``stride-r``; at 25 fps
 stride 3 is the default ``fps`` mode's 8 fps), or only the F sampled frames (``sampled``). For each clip and
 each F in --num-frames, the sampled frames are chosen with the template's rule
-(``swift_sophia.video.sample_frame_indices``), the reference and the choice are both mapped onto them
-(``swift_sophia.shots.cuts_to_sampled_shots``), and a boundary counts as found when both put a boundary
+(``swift_sophia.video.frames.sample_frame_indices``), the reference and the choice are both mapped onto them
+(``swift_sophia.video.shots.cuts_to_sampled_shots``), and a boundary counts as found when both put a boundary
 between the same two sampled frames (exact position match). Synthetic clips also report TransNetV2
 (native) against the true cuts.
 
@@ -35,10 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from swift_sophia import shot_boundaries as S  # noqa: E402
-from swift_sophia.shot_detector import INPUT_H, INPUT_W, ShotDetector  # noqa: E402
-from swift_sophia.shot_frames import decode_small_frames  # noqa: E402
-from swift_sophia.video import open_reader  # noqa: E402
+from swift_sophia.video import shot_boundaries as S  # noqa: E402
+from swift_sophia.video.frames import open_reader  # noqa: E402
+from swift_sophia.video.shot_detector import INPUT_H, INPUT_W, ShotDetector  # noqa: E402
+from swift_sophia.video.shot_frames import decode_small_frames  # noqa: E402
 
 
 def wheel_clip() -> str:
@@ -52,7 +52,7 @@ def wheel_clip() -> str:
 
 def sample_frame_indices(total: int, n: int) -> List[int]:
     try:
-        from swift_sophia.video import sample_frame_indices as f
+        from swift_sophia.video.frames import sample_frame_indices as f
         return f(total, n)
     except ImportError:  # same rule, for checkouts without the video module
         if total <= n:

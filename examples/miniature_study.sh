@@ -34,7 +34,7 @@ step "1/9 building sophia-tiny (random weights, offline tokenizer)"
 sophia build-tiny "$WORK/sophia-tiny"
 
 step "2/9 writing the one-shot-among-many dataset ($NUM_TRAIN train, $NUM_VAL held-out videos, $SHOTS shots x 2 frames)"
-python -m swift_sophia.synthetic_shots "$WORK/data" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" \
+sophia synthetic-shots "$WORK/data" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" \
     --num-shots $SHOTS --frames-per-shot $((FRAMES / SHOTS)) --cache-true-shots "$SOPHIA_SHOT_CACHE"
 
 step "3/9 stage 1: projector + aggregation CNN"
@@ -69,7 +69,7 @@ swift sft --model "$WORK/stage2/last-checkpoint" --external_plugins "$PLUGIN" \
 
 CKPT="$WORK/stage3/last-checkpoint"
 K=$(python -c "
-from swift_sophia.pruning import drop_count
+from swift_sophia.model.pruning import drop_count
 s, n = $SHOTS, $FRAMES // $SHOTS
 print((s - drop_count(30, s)) * (n - drop_count(30, n)))")
 EVAL=(--eval_backend Native --eval_dataset general_vmcq --eval_dataset_args "$WORK/data/eval_set/eval_dataset_args.json"
@@ -90,7 +90,7 @@ evaluate prune30 "$CKPT" VIDEO_SEGMENTS=$FRAMES PRUNE_ALPHA=30 PRUNE_BETA=30
 step "8/9 which frames each condition shows the model (is the answer shot among them?)"
 python - "$WORK" $FRAMES $K <<'PY' | tee "$WORK/kept.txt"
 import json, sys
-from swift_sophia.synthetic_shots import answer_seen, pruned_frames, uniform_frames
+from swift_sophia.tools.synthetic_shots import answer_seen, pruned_frames, uniform_frames
 work, frames, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 manifest = json.load(open(f"{work}/data/manifest.json"))
 rows = [json.loads(line) for line in open(f"{work}/data/val.jsonl")]

@@ -1,5 +1,7 @@
+"""`python -m swift_sophia COMMAND ...`: the `sophia` command (sophia_cli.py)."""
 import sys
 
-from .cli import main
+from sophia_cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,13 +15,13 @@ os.environ.setdefault("SOPHIA_SHOT_CACHE", tempfile.mkdtemp(prefix="sophia-shots
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from swift_sophia.tiny import build_tiny
+    from swift_sophia.tools.tiny import build_tiny
 
     return build_tiny(str(tmp_path_factory.mktemp("sophia-tiny")))
 
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
-    from swift_sophia.synthetic import make_dataset
+    from swift_sophia.tools.synthetic import make_dataset
 
     return make_dataset(str(tmp_path_factory.mktemp("synthetic")), num_train=48, num_val=4, seed=1)

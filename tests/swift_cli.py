@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from swift_sophia.cli import plugin_path
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 SWIFT = shutil.which("swift", path=str(Path(sys.executable).parent)) or "swift"
 # CPU-friendly settings shared by every training run in the tests.

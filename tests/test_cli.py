@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deploy_process import DeployProcess
 from swift_cli import CPU_TRAIN, SWIFT, env, sft, swift, train_losses
-from swift_sophia.cli import plugin_path
-from swift_sophia.deploy_process import DeployProcess
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_stage2_loss_falls_and_checkpoint_reloads(stage2):
     assert len(losses) >= 30
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.6 * first, losses
-    from swift_sophia.modeling_sophia import SophiaForConditionalGeneration
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
     model = SophiaForConditionalGeneration.from_pretrained(ckpt)
     assert model.config.model_type == "sophia"
 

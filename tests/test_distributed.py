@@ -41,9 +41,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deploy_process import free_port
 from swift_cli import CPU_TRAIN, SWIFT, env, swift, train_losses
-from swift_sophia.cli import plugin_path
-from swift_sophia.deploy_process import free_port
+from swift_sophia.ms_swift.plugin_path import plugin_path
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,8 @@ def mixed(tmp_path_factory):
 
     from PIL import Image
 
-    from swift_sophia.synthetic import QUESTIONS, random_clip_spec, render_clip, write_mp4
+    from swift_sophia.tools.synthetic import QUESTIONS
+    from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
     root = tmp_path_factory.mktemp("mixed")
     rng = random.Random(7)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 3 (pruning) on 8 GPUs: train only the frame pruner's query MLP with Gumbel-Softmax (temperature
 # annealed), everything else frozen; lr 1e-4. Shots are read from the on-disk cache: precompute them first,
-#   python -m swift_sophia.precompute_shots "$DATA_DIR"/*.jsonl --num-frames 128 --workers 32
+#   sophia precompute-shots "$DATA_DIR"/*.jsonl --num-frames 128 --workers 32
 # A rank that waits more than DDP_TIMEOUT seconds (default 1800) in a collective fails the job instead of hanging
 # (ms-swift's default is 18,000,000 s). Several nodes: run it on each node with NNODES, NODE_RANK, MASTER_ADDR
 # and MASTER_PORT set. The same job on CPU processes: examples/cpu_multiprocess.sh.

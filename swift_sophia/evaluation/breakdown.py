@@ -9,6 +9,7 @@ list field) gets the accuracy of the questions that carry it. Questions that got
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -79,3 +80,11 @@ def run(args) -> int:
         print(f"{len(result['unscored'])} questions without a score: {', '.join(result['unscored'][:20])}")
     print(f"written: {os.path.join(result['run'], 'breakdown.json')}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia eval-breakdown`."""
+    parser = argparse.ArgumentParser(prog="sophia eval-breakdown", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,7 +1,9 @@
 """`sophia convert-benchmark NAME ROOT OUT`: a benchmark's published files -> a `general_vmcq` set for swift eval."""
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Optional, Sequence
 
 from .benchmarks import BENCHMARKS, converter
 from .vmcq import SetError, swift_eval_command
@@ -35,3 +37,10 @@ def run(args) -> int:
         print(f"left out {item['id']} ({item['subset']}): {item['reason']}")
     print("evaluate with:\n  " + swift_eval_command(args.output_dir))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia convert-benchmark`."""
+    parser = argparse.ArgumentParser(prog="sophia convert-benchmark", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -15,9 +15,11 @@ Written: OUTPUT_DIR/set (the questions), videos/, eval/ (EvalScope's run), niah_
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
+from typing import Optional, Sequence
 
 DEFAULT_FRAMES = "32,64,128,256,512,1024,2048"
 DEFAULT_DEPTHS = "0,25,50,75,100"
@@ -166,3 +168,11 @@ def run(args) -> int:
     saved = os.path.join(os.path.abspath(args.output_dir), "niah_results.json")
     print(f"heatmap: {results['heatmap']}\nresults: {saved}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia niah`."""
+    parser = argparse.ArgumentParser(prog="sophia niah", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -9,7 +9,7 @@ haystack never sits in memory whole.
 
 Generated needle (no --needle): a black-and-white pattern frame (checkerboard, stripes, rings) that appears nowhere
 in the coloured haystack; the question asks which pattern it is. Generated haystack (no --haystack): shots of a
-plain colour with a drifting shape (swift_sophia.synthetic).
+plain colour with a drifting shape (swift_sophia.video.synthetic_clips).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def load_needle(path: str, size: int, num_frames: Optional[int], question: str, 
             frame = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
         frames = np.repeat(frame[None], num_frames or 1, axis=0)
     else:
-        from ..video import load_video
+        from ..video.frames import load_video
 
         clip = load_video(path, num_frames or 16, size=size)
         frames = clip.frames
@@ -89,8 +89,8 @@ def load_needle(path: str, size: int, num_frames: Optional[int], question: str, 
 
 def _video_haystack(path: str, n: int, size: int) -> Iterator[np.ndarray]:
     """n frames spread over the video (frames repeat, in order, when it has fewer), a chunk at a time."""
-    from ..video import decode_frames, open_reader, sample_frame_indices
-    from ..video_source import resolve_video_source
+    from ..video.frames import decode_frames, open_reader, sample_frame_indices
+    from ..video.source import resolve_video_source
 
     source, _ = resolve_video_source(path)
     reader = open_reader(source)
@@ -101,7 +101,7 @@ def _video_haystack(path: str, n: int, size: int) -> Iterator[np.ndarray]:
 
 
 def _generated_haystack(n: int, size: int, rng: random.Random) -> Iterator[np.ndarray]:
-    from ..synthetic import random_clip_spec, render_clip
+    from ..video.synthetic_clips import random_clip_spec, render_clip
 
     made = 0
     while made < n:

@@ -2,8 +2,8 @@
 
 The question is encoded once by the checkpoint's own ms-swift template, exactly as the server receives it from
 EvalScope (its prompt template, the video part where `<video 1>` stands), with a one-frame video; an N-frame video
-adds (N - 1) x tokens_per_frame (`<vid>` + frames x M tokens + `</vid>`, swift_sophia.template). Used to mark the
-needle-in-a-haystack cells that exceed the server's max_length: those are not sent.
+adds (N - 1) x tokens_per_frame (`<vid>` + frames x M tokens + `</vid>`, swift_sophia.ms_swift.template). Used to
+mark the needle-in-a-haystack cells that exceed the server's max_length: those are not sent.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class PromptLength:
         from swift.model import get_processor
         from swift.template import get_template
 
-        import swift_sophia.register  # noqa: F401  (the sophia model type and template)
+        import swift_sophia.ms_swift.register  # noqa: F401  (the sophia model type and template)
 
         self.processor = get_processor(model_dir, model_type="sophia")
         self.template = get_template(self.processor, template_type="sophia")
@@ -52,7 +52,7 @@ class PromptLength:
         from evalscope.utils.multi_choices import prompt
         from swift.infer_engine.protocol import ChatCompletionRequest
 
-        from ..synthetic import write_mp4
+        from ..video.synthetic_clips import write_mp4
 
         text = prompt(question=question, choices=list(options), template=PROMPT_TEMPLATE)
         if text not in self._cache:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Dict, Optional, Sequence
 
-from ..cli import plugin_path
+from ..ms_swift.plugin_path import plugin_path
 
 
 def swift_executable() -> str:

@@ -1,0 +1,253 @@
+"""A synthetic long-video task whose answer lives in one shot among many, for the miniature evaluation.
+
+Each video has `num_shots` shots of `frames_per_shot` frames (hard cuts). Every shot but one is a plain colour or a
+striped texture of two colours, with no shape. Exactly one shot, at a random position, shows a black shape
+(circle, square or triangle) drifting on a coloured background. The question names the shape and asks for the
+background colour of that shot, so the answer is in that one shot and nowhere else:
+
+    "What color is the background of the shot that shows a triangle?"  ->  "yellow"
+
+The options are the six colours of swift_sophia.video.synthetic_clips.COLORS in a fixed order by default
+(`--num-options 4`: the answer and three others, shuffled, which also makes the model match the colour against the
+option texts). The answer colour also appears as the background of other shots (consecutive shots always differ), so
+the colour alone does not give it away. Rows are written twice from the same videos:
+
+- ms-swift jsonl (`train.jsonl`, `val.jsonl`), the user turn being exactly the text that EvalScope's `general_vmcq`
+  sends (swift_sophia.evaluation.vmcq.PROMPT_TEMPLATE: instruction, question, lettered options) with `<video>` where
+  the video goes, the reply `ANSWER: X`. A checkpoint trained on them answers the evaluation's prompt as trained.
+- a `general_vmcq` set (`eval_set/default_val.jsonl`, `eval_dataset_args.json`, `set.json`) of the held-out
+  videos, for `swift eval` (docs/evaluation.md).
+
+`manifest.json` records every video's shots (colours, texture, which shot has the shape, its frame span).
+
+    sophia synthetic-shots OUT --num-train 256 --num-val 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..video.synthetic_clips import COLORS, SHAPES, _shape_mask, write_mp4
+
+SHAPE_COLOR = (10, 10, 10)  # black: not in COLORS, so the shape shot is the only one with black pixels
+QUESTION = "What color is the background of the shot that shows a {shape}?"
+NUM_OPTIONS = len(COLORS)  # all six colours, always in the same order: the letter names the colour
+
+
+def random_video_spec(rng: random.Random, num_shots: int = 16) -> Dict:
+    """Shots of one video: `background` (and `stripe`, the second colour of a striped shot, or None), and for
+    exactly one shot (`answer_shot`) the `shape`. Consecutive shots never share their background."""
+    if num_shots < 2:
+        raise ValueError("a video needs at least 2 shots (one with the shape, one without)")
+    names = list(COLORS)
+    answer_shot = rng.randrange(num_shots)
+    shape = rng.choice(SHAPES)
+    shots, prev = [], None
+    for i in range(num_shots):
+        bg = rng.choice([c for c in names if c != prev])
+        shot = {"background": bg, "stripe": None, "shape": None}
+        if i == answer_shot:
+            shot["shape"] = shape
+        elif rng.random() < 0.5:
+            shot["stripe"] = rng.choice([c for c in names if c != bg])
+        shots.append(shot)
+        prev = bg
+    return {"shots": shots, "answer_shot": answer_shot, "shape": shape,
+            "answer": shots[answer_shot]["background"]}
+
+
+def render_video(spec: Dict, frames_per_shot: int, size: int = 56, seed: int = 0) -> np.ndarray:
+    """uint8 [num_shots * frames_per_shot, size, size, 3]."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    yy = np.arange(size)[:, None, None]
+    for shot in spec["shots"]:
+        bg = np.array(COLORS[shot["background"]], dtype=np.float32)
+        base = np.broadcast_to(bg, (size, size, 3)).copy()
+        if shot["stripe"] is not None:
+            period = int(rng.integers(6, 12))
+            mask = ((yy + np.arange(size)[None, :, None] * (rng.random() < 0.5)) // (period // 2)) % 2 == 1
+            base = np.where(mask, np.array(COLORS[shot["stripe"]], dtype=np.float32), base)
+        x0, y0 = rng.uniform(0.35, 0.65, size=2) * size
+        dx, dy = rng.uniform(-1.0, 1.0, size=2)
+        for t in range(frames_per_shot):
+            img = base.copy()
+            if shot["shape"] is not None:
+                img[_shape_mask(shot["shape"], size, x0 + dx * t, y0 + dy * t, size * 0.22)] = SHAPE_COLOR
+            img += rng.normal(0.0, 4.0, size=img.shape)
+            frames.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def options_for(spec: Dict, rng: random.Random, num_options: int = NUM_OPTIONS) -> List[str]:
+    """All colours in COLORS' order when `num_options` is their number (the default: the letter stands for the
+    colour, so a model need not match the colour against the option texts), else the answer colour and
+    `num_options - 1` other colours, shuffled."""
+    if num_options >= len(COLORS):
+        return list(COLORS)
+    others = rng.sample([c for c in COLORS if c != spec["answer"]], num_options - 1)
+    options = others + [spec["answer"]]
+    rng.shuffle(options)
+    return options
+
+
+def user_text(question: str, options: List[str]) -> str:
+    """The user turn exactly as EvalScope's general_vmcq builds it from a row (`<video 1>\\n` + question), with
+    ms-swift's `<video>` tag where the video goes."""
+    from evalscope.utils.multi_choices import prompt
+
+    from ..evaluation.vmcq import PROMPT_TEMPLATE
+
+    text = prompt(question="<video 1>\n" + question, choices=list(options), template=PROMPT_TEMPLATE)
+    return text.replace("<video 1>", "<video>")
+
+
+def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, num_shots: int = 16,
+                 frames_per_shot: int = 2, size: int = 56, fps: int = 8, seed: int = 0,
+                 num_options: int = NUM_OPTIONS) -> Dict:
+    """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, and
+    `manifest.json`; return the manifest."""
+    from ..evaluation.vmcq import LETTERS, Question, write_set
+
+    rng = random.Random(seed)
+    video_dir = os.path.join(output_dir, "videos")
+    os.makedirs(video_dir, exist_ok=True)
+    manifest = {"num_shots": num_shots, "frames_per_shot": frames_per_shot, "frames": num_shots * frames_per_shot,
+                "size": size, "fps": fps, "seed": seed, "videos": {}}
+    questions: List[Question] = []
+    for split, count in (("train", num_train), ("val", num_val)):
+        rows = []
+        for i in range(count):
+            spec = random_video_spec(rng, num_shots)
+            video = os.path.abspath(os.path.join(video_dir, f"{split}_{i:05d}.mp4"))
+            write_mp4(video, render_video(spec, frames_per_shot, size=size, seed=rng.randrange(1 << 30)), fps=fps)
+            options = options_for(spec, rng, num_options)
+            letter = LETTERS[options.index(spec["answer"])]
+            question = QUESTION.format(shape=spec["shape"])
+            rows.append({"messages": [{"role": "user", "content": user_text(question, options)},
+                                      {"role": "assistant", "content": f"ANSWER: {letter}"}],
+                         "videos": [video]})
+            a = spec["answer_shot"]
+            manifest["videos"][video] = {**spec, "split": split, "question": question, "options": options,
+                                         "letter": letter,
+                                         "answer_frames": [a * frames_per_shot, (a + 1) * frames_per_shot]}
+            if split == "val":
+                questions.append(Question(qid=f"val_{i:05d}", subset="default", question=question,
+                                          options=options, answer=letter, video=video,
+                                          extra={"answer_shot": a, "shape": spec["shape"]}))
+        with open(os.path.join(output_dir, f"{split}.jsonl"), "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if questions:
+        write_set(os.path.join(output_dir, "eval_set"), questions, name="synthetic_shots", subsets=["default"],
+                  info={"num_shots": num_shots, "frames_per_shot": frames_per_shot})
+    with open(os.path.join(output_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def cache_true_shots(manifest: Dict, cache_dir: Optional[str] = None) -> int:
+    """Write every video's true shot boundaries (from the manifest) into the shot cache, under the key the
+    template looks up (the video's content and the detection settings of this environment), so pruning uses them
+    instead of TransNetV2's. Returns the number of entries written. Use a cache folder of its own
+    (`SOPHIA_SHOT_CACHE`), since these entries are not the detector's."""
+    from ..video.shot_cache import ShotCache, content_hash
+    from ..video.shots import DetectionSettings, _store_entry, shot_cache_key
+
+    settings = DetectionSettings.from_env()
+    store = ShotCache(cache_dir)
+    n, fps = manifest["frames_per_shot"], float(manifest["fps"])
+    total = manifest["frames"]
+    for video, info in manifest["videos"].items():
+        entry = {"cuts": [i * n for i in range(1, len(info["shots"]))], "total_frames": total, "fps": fps,
+                 "detect_frames": total, "stride": 1}
+        _store_entry(store, shot_cache_key(content_hash(video), settings), entry, settings)
+    return len(manifest["videos"])
+
+
+def answer_seen(frames: List[int], answer_frames: List[int]) -> bool:
+    """Whether any of the frames (native frame numbers) falls in the answer shot's span [start, end)."""
+    return any(answer_frames[0] <= f < answer_frames[1] for f in frames)
+
+
+def uniform_frames(total: int, k: int) -> List[int]:
+    """The native frames that `VIDEO_SEGMENTS=k` samples from a `total`-frame video (the template's rule)."""
+    from ..video.frames import sample_frame_indices
+
+    return list(sample_frame_indices(total, k))
+
+
+def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta: float = 30,
+                  frames: int = 32) -> List[List[int]]:
+    """The native frames the checkpoint's pruner keeps for each ms-swift row, as the model selects them when it
+    answers: the row goes through the checkpoint's own template (its query text, the shot cache) and one forward
+    pass, and the pruner's selection is recorded."""
+    import torch
+    from swift.model import get_model_processor
+    from swift.template import get_template
+
+    from ..ms_swift import register  # noqa: F401
+    os.environ.update(PRUNE_ALPHA=str(alpha), PRUNE_BETA=str(beta), VIDEO_SEGMENTS=str(frames))
+    model, processor = get_model_processor(checkpoint, model_type="sophia", torch_dtype=torch.float32)
+    template = get_template(processor, template_type="sophia")
+    template.set_mode("train")
+    model.eval()
+    inner = getattr(model, "model", model)
+    pruner = inner.pruner
+    seen: List[List[int]] = []
+    original = pruner.select
+
+    def select(*args, **kwargs):
+        sel = original(*args, **kwargs)
+        seen.append(sel.keep.tolist())
+        return sel
+
+    pruner.select = select
+    out = []
+    try:
+        with torch.no_grad():
+            for row in rows:
+                seen.clear()
+                batch = template.data_collator([template.encode(row)])
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+                if len(seen) != 1:
+                    raise RuntimeError(f"expected one pruner selection for {row['videos'][0]}, got {len(seen)}")
+                out.append(seen[0])
+    finally:
+        pruner.select = original
+    return out  # sampled positions; with `frames` = the video's frame count these are its native frames
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`sophia synthetic-shots OUT`."""
+    p = argparse.ArgumentParser(prog="sophia synthetic-shots", description=__doc__.split("\n\n")[0])
+    p.add_argument("output_dir")
+    p.add_argument("--num-train", type=int, default=256)
+    p.add_argument("--num-val", type=int, default=64)
+    p.add_argument("--num-shots", type=int, default=16)
+    p.add_argument("--frames-per-shot", type=int, default=2)
+    p.add_argument("--size", type=int, default=56)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-options", type=int, default=NUM_OPTIONS,
+                   help=f"options per question (default {NUM_OPTIONS}: every colour, in a fixed order; fewer: the "
+                        f"answer and random others, shuffled)")
+    p.add_argument("--cache-true-shots", metavar="CACHE_DIR", default=None,
+                   help="also write the true shot boundaries into this shot cache folder (instead of TransNetV2)")
+    a = p.parse_args(argv)
+    m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots, frames_per_shot=a.frames_per_shot,
+                     size=a.size, fps=a.fps, seed=a.seed, num_options=a.num_options)
+    print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
+          f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
+    if a.cache_true_shots:
+        print(f"true shots of {cache_true_shots(m, a.cache_true_shots)} videos cached in {a.cache_true_shots}")
+    return 0
+
+__all__ = ["make_dataset", "random_video_spec", "render_video", "options_for", "user_text", "cache_true_shots",
+           "answer_seen", "uniform_frames", "pruned_frames", "main",
+           "QUESTION"]

@@ -1,0 +1,107 @@
+"""The one-shot-among-many generator (swift_sophia.tools.synthetic_shots): exactly one shot shows the named shape, the
+answer is that shot's background, counts are right, the training prompt is the evaluation's prompt."""
+import json
+import random
+
+import av
+import numpy as np
+import pytest
+
+from swift_sophia.tools.synthetic_shots import (
+    SHAPE_COLOR,
+    answer_seen,
+    make_dataset,
+    random_video_spec,
+    render_video,
+    uniform_frames,
+    user_text,
+)
+from swift_sophia.video.synthetic_clips import COLORS, SHAPES
+
+
+def _frames(path):
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def _black(frame):
+    """Fraction of near-black pixels (the shape; no colour of COLORS is dark)."""
+    return (frame.astype(int).max(axis=2) < 60).mean()
+
+
+def _nearest_colour(rgb):
+    return min(COLORS, key=lambda c: np.abs(np.array(COLORS[c]) - rgb).sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spec_has_exactly_one_shape_shot(seed):
+    spec = random_video_spec(random.Random(seed), num_shots=12)
+    shots = spec["shots"]
+    assert len(shots) == 12
+    assert [i for i, s in enumerate(shots) if s["shape"]] == [spec["answer_shot"]]
+    assert spec["shape"] in SHAPES and shots[spec["answer_shot"]]["shape"] == spec["shape"]
+    assert spec["answer"] == shots[spec["answer_shot"]]["background"]
+    assert all(a["background"] != b["background"] for a, b in zip(shots, shots[1:]))
+    assert shots[spec["answer_shot"]]["stripe"] is None
+
+
+def test_rendered_shape_only_in_its_shot():
+    spec = random_video_spec(random.Random(3), num_shots=10)
+    frames = render_video(spec, 3, size=56, seed=1)
+    assert frames.shape == (30, 56, 56, 3) and frames.dtype == np.uint8
+    black = [_black(f) > 0.03 for f in frames]
+    a = spec["answer_shot"]
+    assert black == [a * 3 <= i < (a + 1) * 3 for i in range(30)]
+    # the background of the shape shot (a corner pixel, away from the shape) is the answer's colour
+    for f in frames[a * 3:(a + 1) * 3]:
+        assert _nearest_colour(f[:4, :4].reshape(-1, 3).mean(0)) == spec["answer"]
+    assert tuple(SHAPE_COLOR) not in COLORS.values()
+
+
+def test_dataset_rows_videos_and_eval_set(tmp_path):
+    m = make_dataset(str(tmp_path), num_train=3, num_val=2, num_shots=8, frames_per_shot=2, seed=7)
+    assert m["frames"] == 16
+    train = [json.loads(line) for line in open(tmp_path / "train.jsonl")]
+    val = [json.loads(line) for line in open(tmp_path / "val.jsonl")]
+    assert len(train) == 3 and len(val) == 2 and len(m["videos"]) == 5
+    for row in train + val:
+        video = row["videos"][0]
+        info = m["videos"][video]
+        user, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert user.count("<video>") == 1
+        assert f"shows a {info['shape']}?" in user  # the question names the shape
+        assert reply == f"ANSWER: {info['letter']}"
+        assert info["options"][ord(info["letter"]) - 65] == info["answer"]
+        assert f"{info['letter']}) {info['answer']}" in user
+        assert info["options"] == list(COLORS)  # every colour, in a fixed order
+        frames = _frames(video)
+        assert len(frames) == 16  # 8 shots x 2 frames
+        start, end = info["answer_frames"]
+        assert end - start == 2
+        assert [i for i in range(16) if _black(frames[i]) > 0.03] == list(range(start, end))
+    # the general_vmcq set: the val videos, same answers
+    rows = [json.loads(line) for line in open(tmp_path / "eval_set" / "default_val.jsonl")]
+    args = json.load(open(tmp_path / "eval_set" / "eval_dataset_args.json"))["general_vmcq"]
+    assert args["subset_list"] == ["default"]
+    assert [r["video_1"] for r in rows] == [r["videos"][0] for r in val]
+    for r, v in zip(rows, val):
+        info = m["videos"][r["video_1"]]
+        assert r["answer"] == info["letter"] and r["options"] == info["options"]
+        assert r["question"] == "<video 1>\n" + info["question"]
+        # the training prompt is the text EvalScope builds from this row, <video> where the video goes
+        assert user_text(info["question"], r["options"]) == v["messages"][0]["content"]
+
+
+def test_shuffled_options(tmp_path):
+    m = make_dataset(str(tmp_path), num_train=0, num_val=3, num_shots=4, frames_per_shot=1, seed=1, num_options=4)
+    for info in m["videos"].values():
+        assert len(set(info["options"])) == 4 and info["answer"] in info["options"]
+        assert info["options"][ord(info["letter"]) - 65] == info["answer"]
+
+
+def test_uniform_frames_can_miss_the_answer_shot():
+    frames = uniform_frames(32, 11)
+    assert len(frames) == 11
+    missed = [s for s in range(16) if not answer_seen(frames, [2 * s, 2 * s + 2])]
+    assert 0 < len(missed) < 16  # some 2-frame shots fall between the samples, as the study relies on
+    assert all(answer_seen(list(range(32)), [2 * s, 2 * s + 2]) for s in range(16))
