@@ -93,9 +93,7 @@ def test_infer_batch_over_validation_jsonl(stage2, synthetic_data, tmp_path):
           "--max_new_tokens", "4", "--max_batch_size", "2", "--result_path", result)
     rows = [json.loads(line) for line in open(result)]
     assert len(rows) == 4
-    # Every row answered without an error; an answer may be empty (the tiny model ends it at once), not all are.
-    assert all(isinstance(r["response"], str) and not r.get("error") for r in rows), rows
-    assert any(r["response"] for r in rows), rows
+    assert all(isinstance(r["response"], str) and r["response"] for r in rows)
     assert all(r["videos"] and r["labels"] for r in rows)
 
 

@@ -184,17 +184,17 @@ class SophiaPreTrainedModel(InternVLPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         """transformers initialises the weights a checkpoint lacks through the modules that own them (for a model
-        outside transformers, only those: not the pruner, whose weights its layers own), skipping modules whose
-        weights were all loaded. A checkpoint without Sophia's modules (an InternVL one) gets their documented
-        initialisation here: the aggregator averages, the pruner's query MLP is an identity mapping (replacing the
-        generic initialisation its layers just got) and its Gumbel schedule is at step 0."""
+        outside transformers, only those), children before parents, skipping modules whose weights were all loaded.
+        A checkpoint without Sophia's modules (an InternVL one) gets their documented initialisation here: the
+        aggregator averages; the pruner, whose weights its query layers and Gumbel schedule own, is a fresh pruner
+        (identity query mapping, replacing the generic initialisation its layers just got; the schedule at step 0)."""
         super()._init_weights(module)
         if isinstance(module, SophiaAggregator):
             module.reset_parameters()
-        elif isinstance(module, QueryLinear):
-            module.init_for_pruner()
-        elif isinstance(module, GumbelTemperature):
-            module.set_step(0)
+        elif isinstance(module, (QueryLinear, GumbelTemperature)):
+            pruner = self.base_model.pruner
+            pruner.reset_parameters()
+            pruner.gumbel.set_step(0)
 
 
 @dataclass

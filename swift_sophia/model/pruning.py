@@ -176,27 +176,10 @@ class GumbelTemperature(nn.Module):
 
 
 class QueryLinear(nn.Linear):
-    """A layer of the pruner's query MLP (square; ``first``: the one the query enters). Its own type, so that a
-    transformers model initialises it as the pruner does (``SophiaPreTrainedModel._init_weights``): transformers
-    initialises the weights a checkpoint lacks through the modules that own them, here these layers."""
-
-    def __init__(self, size: int, *, first: bool, residual: bool):
-        super().__init__(size, size)
-        self.first, self.residual = first, residual
-
-    def init_for_pruner(self) -> None:
-        """The pruner's initialisation of this layer (see :meth:`FramePruner.reset_parameters`)."""
-        if self.residual:
-            if self.first:
-                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.weight)
-            nn.init.zeros_(self.bias)
-        else:  # plain MLP, near identity: GELU(x + c) - c ~ x for |x| << c (fp32 only)
-            c = 6.0
-            with torch.no_grad():
-                self.weight.copy_(torch.eye(self.in_features))
-                self.bias.fill_(c if self.first else -c)
+    """A layer of the pruner's query MLP: an ``nn.Linear`` of its own type, so that a transformers model can tell the
+    pruner's weights by their module's type (``SophiaPreTrainedModel._init_weights``: transformers initialises the
+    weights a checkpoint lacks through the modules that own them, these layers and the Gumbel schedule, never through
+    the pruner itself)."""
 
 
 class FramePruner(nn.Module):
@@ -214,17 +197,27 @@ class FramePruner(nn.Module):
         self.pooling = pooling
         self.residual = residual
         self.chunk_elements = int(chunk_elements)
-        self.query_mlp = nn.Sequential(QueryLinear(hidden_size, first=True, residual=residual), nn.GELU(),
-                                       QueryLinear(hidden_size, first=False, residual=residual))
+        self.query_mlp = nn.Sequential(QueryLinear(hidden_size, hidden_size), nn.GELU(),
+                                       QueryLinear(hidden_size, hidden_size))
         self.gumbel = GumbelTemperature(tau_start, tau_min, anneal_rate)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The documented initialisation: residual, the first layer Kaiming-uniform (as ``nn.Linear``'s) with a zero
-        bias and the last layer zero, so that ``q + MLP(q)`` is exactly ``q``; plain, both layers near identity.
-        A transformers model initialises the layers one by one (:class:`QueryLinear`)."""
-        self.query_mlp[0].init_for_pruner()
-        self.query_mlp[2].init_for_pruner()
+        """The documented initialisation. A transformers model's ``_init_weights`` re-initialises every
+        ``nn.Linear`` it visits (children before parents): it calls this for the layers of :class:`QueryLinear`."""
+        first, last = self.query_mlp[0], self.query_mlp[2]
+        if self.residual:
+            nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5))
+            nn.init.zeros_(first.bias)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        else:  # plain MLP, near identity: GELU(x + c) - c ~ x for |x| << c (fp32 only)
+            c = 6.0
+            with torch.no_grad():
+                first.weight.copy_(torch.eye(self.hidden_size))
+                first.bias.fill_(c)
+                last.weight.copy_(torch.eye(self.hidden_size))
+                last.bias.fill_(-c)
 
     # ---------------------------------------------------------------------------------- helpers for the model
     def map_query(self, query_embeds: torch.Tensor) -> torch.Tensor:
