@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 from typing import Optional, Sequence
 
 # command -> (the module whose main(argv) runs it, what it does)
 COMMANDS = {
-    "plugin-path": ("swift_sophia.ms_swift.plugin_path", "print the path of the ms-swift plugin file"),
+    "plugin-path": ("sophia_cli", "print the path of the ms-swift plugin file"),
     "build-tiny": ("swift_sophia.tools.tiny", "build the sophia-tiny checkpoint"),
     "build-random": ("swift_sophia.tools.shapes", "build a random-weight checkpoint of a named real shape"),
     "make-data": ("swift_sophia.tools.synthetic", "write the synthetic video QA dataset"),
@@ -46,7 +48,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _parser().parse_args(argv[:1]).command
-    return importlib.import_module(COMMANDS[command][0]).main(argv[1:])
+    module = COMMANDS[command][0]
+    run = plugin_path_main if module == __name__ else importlib.import_module(module).main
+    return run(argv[1:])
+
+
+def plugin_path_main(argv: Sequence[str]) -> int:
+    """`sophia plugin-path`, answered here: found without importing the package (each `swift` command line that
+    names the plugin with `$(sophia plugin-path)` would otherwise wait for torch and transformers to load)."""
+    argparse.ArgumentParser(prog="sophia plugin-path", description="print the path of the ms-swift plugin file"
+                            ).parse_args(argv)
+    package = importlib.util.find_spec("swift_sophia")  # locates the package; runs none of it
+    print(os.path.join(list(package.submodule_search_locations)[0], "plugin.py"))
+    return 0
 
 
 if __name__ == "__main__":

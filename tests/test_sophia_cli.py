@@ -51,7 +51,7 @@ def test_each_command_has_a_main_with_its_own_parser(command, capsys):
         sophia_cli.main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: sophia {command} ")
-    assert callable(module.main)
+    assert callable(module.main if module is not sophia_cli else sophia_cli.plugin_path_main)
 
 
 def test_python_m_swift_sophia_runs_the_same_commands():
@@ -61,3 +61,13 @@ def test_python_m_swift_sophia_runs_the_same_commands():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip() == plugin_path() and os.path.isfile(plugin_path())
+
+
+def test_plugin_path_answers_without_importing_the_package():
+    """Every `swift` command line of the docs names the plugin with `$(sophia plugin-path)`."""
+    from swift_sophia.ms_swift.plugin_path import plugin_path
+
+    proc = subprocess.run([SOPHIA, "plugin-path"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+    assert proc.returncode == 0 and proc.stdout.strip() == plugin_path(), proc.stderr[-3000:]
+    assert not _imported(proc.stderr) & set(HEAVY), sorted(_imported(proc.stderr) & set(HEAVY))
