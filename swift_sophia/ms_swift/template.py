@@ -23,10 +23,9 @@ environment overrides to the config once, here; shots are computed only when pru
 """
 from __future__ import annotations
 
-import os
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from typing import Any, Dict, List, Literal, Optional
 
 import torch
@@ -38,7 +37,7 @@ from swift.template.utils import Context
 from ..model.feature_cache import FeatureSlot, VideoFeatures, feature_key
 from ..model.tokens import IMAGE_CONTEXT, IMAGE_END, IMAGE_START, SPECIAL_TOKENS, VIDEO_CONTEXT, VIDEO_END, VIDEO_START
 from ..video.frames import FrameSampling, VideoClip, VideoError, describe, frames_to_pixel_values, load_video
-from ..video.source import resolve_video_source
+from ..video.source import resolve_video_source, shareable
 
 SOPHIA_TEMPLATE = "sophia"
 _TAG = re.compile(r"<(video|image)>")
@@ -167,9 +166,10 @@ class SophiaTemplate(Template):
             return None
         from ..video.shots import sampled_shots
 
-        def start(source, indices, total):
-            if isinstance(source, (str, os.PathLike, bytes, BytesIO)):
-                shots[video] = detector.submit(sampled_shots, source, indices, total_frames=total)
+        def start(source, indices, total, video_hash=None):
+            if shareable(source):
+                shots[video] = detector.submit(sampled_shots, source, indices, total_frames=total,
+                                               video_hash=video_hash)
         return start
 
     def _load_video(self, video, size: int, on_indices=None):
@@ -181,7 +181,8 @@ class SophiaTemplate(Template):
         from ..video.shot_cache import content_hash
 
         source, name = resolve_video_source(video)
-        key = feature_key(content_hash(source), vars(self.frame_sampling), size, self.model_info.torch_dtype,
+        video_hash = content_hash(source)
+        key = feature_key(video_hash, vars(self.frame_sampling), size, self.model_info.torch_dtype,
                           _active_adapter(self.model))
         entry = cache.get(key)
         if entry is not None:
@@ -193,7 +194,9 @@ class SophiaTemplate(Template):
                              source=source, name=name)
             return clip, FeatureSlot(key, name, entry)
         try:
-            clip = load_video(source, self.frame_sampling, size=size, on_indices=on_indices)
+            # the shot detector reuses the content hash just computed (an inline video is hashed once)
+            started = None if on_indices is None else functools.partial(on_indices, video_hash=video_hash)
+            clip = load_video(source, self.frame_sampling, size=size, on_indices=started)
         except VideoError as exc:  # name the video as the request gave it, not as the fetched bytes
             raise type(exc)(str(exc).replace(describe(source), name)) from exc
         clip.name = name

@@ -37,6 +37,7 @@ from .source import (
     describe,
     fresh_stream,
     resolve_video_source,
+    shareable,
 )
 
 logger = logging.getLogger(__name__)
@@ -181,20 +182,20 @@ class PyAVReader:
     def __len__(self) -> int:
         return len(self.pts)
 
-    def worker(self, num_threads: int) -> 'PyAVReader':
-        """A reader of the same file for another thread: the same packet index, its own frame converter, one
-        decoder with `num_threads` threads."""
+    def worker(self, runs: int) -> 'PyAVReader':
+        """A reader of the same file for one of `runs` threads decoding at once: the same packet index, its own
+        frame converter, one decoder with this reader's threads or its share of the cores."""
         from av.video.reformatter import VideoReformatter
 
         other = copy.copy(self)
-        other._reformatter, other.num_threads, other.segments = VideoReformatter(), num_threads, 1
+        other._reformatter, other.segments = VideoReformatter(), 1
+        other.num_threads = self.num_threads or max(1, (os.cpu_count() or 1) // runs)
         return other
 
     @property
     def parallel(self) -> bool:
-        """Whether several decoders can read the source at once (a file object other than BytesIO is one read
-        position)."""
-        return isinstance(self._src, (str, os.PathLike, bytes, bytearray, memoryview, BytesIO))
+        """Whether several decoders can read the source at once."""
+        return shareable(self._src)
 
     def get(self, indices: Sequence[int], size: Optional[Tuple[int, int]] = None,
             interpolation: str = 'BICUBIC') -> np.ndarray:
@@ -216,22 +217,19 @@ class PyAVReader:
             fmt.update(width=w, height=h, interpolation=interpolation)
         runs = decode_segments(len(wanted), self.segments) if self.parallel else 1
         if runs == 1:
-            self._decode_run(wanted, where, out, fmt, self.num_threads, self._reformatter)
+            self._decode_run(wanted, where, out, fmt)
             return out
-        threads = self.num_threads or max(1, (os.cpu_count() or 1) // runs)
-        workers = [(part, self.worker(threads)) for part in _split(wanted, runs)]
-        _in_threads([lambda p=part, w=worker: w._decode_run(p, where, out, fmt, threads, w._reformatter)
-                     for part, worker in workers])
+        workers = [(part, self.worker(runs)) for part in _split(wanted, runs)]
+        _in_threads([lambda p=part, w=worker: w._decode_run(p, where, out, fmt) for part, worker in workers])
         return out
 
-    def _decode_run(self, wanted: List[int], where, out: np.ndarray, fmt: dict, num_threads: int,
-                    reformatter) -> None:
+    def _decode_run(self, wanted: List[int], where, out: np.ndarray, fmt: dict) -> None:
         """Decode the sorted frame indices `wanted` with a demuxer and decoder of their own into `out`'s rows."""
         import av
         with av.open(fresh_stream(self._src)) as container:
             stream = container.streams.video[0]
             stream.thread_type = 'AUTO'
-            stream.codec_context.thread_count = num_threads
+            stream.codec_context.thread_count = self.num_threads
             frames = None
             cur = None  # pts of the last decoded frame
             for i in wanted:
@@ -251,7 +249,7 @@ class PyAVReader:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded: the file ends early')
                 if cur != target:
                     raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded (next frame: pts {cur})')
-                arr = reformatter.reformat(frame, **fmt).to_ndarray()
+                arr = self._reformatter.reformat(frame, **fmt).to_ndarray()
                 for k in where[i]:
                     out[k] = arr
 
@@ -384,9 +382,8 @@ def decode_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
         decode_run(reader, 0, len(indices))
         return out
     # Several decoders, each over a run of consecutive frames, one chunk at a time (memory: one chunk per run).
-    threads = reader.num_threads or max(1, (os.cpu_count() or 1) // runs)
-    bounds = [round(k * len(indices) / runs) for k in range(runs + 1)]
-    _in_threads([lambda a=a, b=b: decode_run(reader.worker(threads), a, b) for a, b in zip(bounds, bounds[1:])])
+    _in_threads([lambda r=run: decode_run(reader.worker(runs), r.start, r.stop)
+                 for run in _split(range(len(indices)), runs)])
     return out
 
 

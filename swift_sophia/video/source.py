@@ -124,6 +124,12 @@ def _check_is_file(path: str, name: str) -> None:
         raise VideoNotFoundError(f'video file not found: {name}')
 
 
+def shareable(src: VideoSource) -> bool:
+    """Whether several readers can read ``src`` at once, each from its own :func:`fresh_stream` (a file object
+    other than ``BytesIO`` is one read position that they would move under each other)."""
+    return isinstance(src, (str, os.PathLike, bytes, bytearray, memoryview, io.BytesIO))
+
+
 def fresh_stream(src: VideoSource):
     """What a decoder opens: the path itself, or a new ``BytesIO`` at position 0 over the bytes (decoders read
     from the current position and move it; the caller's file object is left where it was)."""
@@ -146,4 +152,4 @@ def fresh_stream(src: VideoSource):
 
 
 __all__ = ['VideoSource', 'VideoError', 'VideoNotFoundError', 'VideoDecodeError', 'describe', 'is_inline',
-           'set_inline_loader', 'resolve_video_source', 'fresh_stream']
+           'set_inline_loader', 'resolve_video_source', 'fresh_stream', 'shareable']
