@@ -50,6 +50,10 @@ from .pruning import FramePruner, GumbelTemperature, QueryLinear
 
 logger = logging.get_logger(__name__)
 
+
+def _has_accelerator() -> bool:
+    return torch.accelerator.current_accelerator() is not None
+
 Shot = Tuple[int, int]
 HOST_FEATURES_FROM_BYTES = 4 << 30  # frame features at least this large wait in host memory (see _features_on_host)
 
@@ -686,7 +690,11 @@ class SophiaForConditionalGeneration(SophiaPreTrainedModel, GenerationMixin):
             if "offload" not in inspect.signature(super().gradient_checkpointing_enable).parameters:
                 raise RuntimeError(f"offload_checkpoints needs a transformers whose gradient_checkpointing_enable "
                                    f"takes `offload` (this is {transformers.__version__})")
-            kwargs.setdefault("offload", True)
+            if _has_accelerator():
+                kwargs.setdefault("offload", True)
+            else:  # the activations already live in host memory, and pinning them needs an accelerator
+                logger.warning_once("offload_checkpoints has no effect without a GPU: the checkpoints are in host "
+                                    "memory already")
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
     @can_return_tuple

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from helpers import left_pad, video_prompt
-from swift_sophia.model import attention
+from swift_sophia.model import attention, modeling_sophia
 from swift_sophia.model.extended_sequence import build_extended_plan, find_video_runs
 from swift_sophia.model.kv_cache import PrefillCache, cache_index
 from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
@@ -347,6 +347,7 @@ def test_offloaded_checkpoints_train_exactly_with_every_layer_input_on_the_host(
             torch.autograd.graph.saved_tensors_hooks.__init__(self, pack, lambda packed: packed[1].to(packed[0]))
 
     monkeypatch.setattr(modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
+    monkeypatch.setattr(modeling_sophia, "_has_accelerator", lambda: True)  # as on a GPU machine
     inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(6, 3))
     results = {}
     for offload in (False, True):
@@ -362,6 +363,21 @@ def test_offloaded_checkpoints_train_exactly_with_every_layer_input_on_the_host(
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(torch.accelerator.current_accelerator() is not None, reason="what a machine without a GPU does")
+def test_offloaded_checkpoints_without_a_gpu_train_as_without_offloading(tiny_model_dir, tokenizer):
+    """Nothing to move off a device and no pinned memory without one: the step runs (it failed asking for pinned
+    memory) with the same loss as without the setting."""
+    inputs = _batch(_model(tiny_model_dir), tokenizer, frames=(6, 3))
+    losses = []
+    for offload in (False, True):
+        model = SophiaForConditionalGeneration.from_pretrained(tiny_model_dir, offload_checkpoints=offload).train()
+        model.gradient_checkpointing_enable()
+        loss = model(**inputs, labels=_labels(inputs)).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
 
 
 def test_offload_checkpoints_is_a_runtime_setting(tiny_model_dir, monkeypatch):
