@@ -436,8 +436,11 @@ class Bench:
         print(f"{name}; torch {torch.__version__}, triton {triton_version}, transformers {transformers.__version__}; "
               f"{a.dtype} {a.matmul_size}^3 matmul: {rate / 1e12:.1f} TFLOP/s; "
               f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}", flush=True)
-        return dict(device=name, device_memory_gib=total, torch=torch.__version__, triton=triton_version,
-                    transformers=transformers.__version__, python=platform.python_version(),
+        if a.gpu_memory_gib:
+            name += f", capped at {a.gpu_memory_gib:g} GiB"
+        return dict(device=name, device_memory_gib=total, gpu_memory_cap_gib=a.gpu_memory_gib,
+                    torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                    python=platform.python_version(),
                     command=" ".join([os.path.basename(sys.executable)] + sys.argv), shape=self.shape,
                     alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                     dtype=a.dtype, matmul_size=a.matmul_size, matmul_flops=rate, warmup=a.warmup,
@@ -1077,6 +1080,9 @@ def main(argv=None):
     parser.add_argument("--sample-fps", type=float, default=1.0, help="(c): frames sampled per second of video")
     parser.add_argument("--max-frames", type=int, help="(c): at most this many frames (default 4096)")
     parser.add_argument("--e2e-variant", default="sophia-30")
+    parser.add_argument("--gpu-memory-gib", type=float,
+                        help="let the allocator use at most this much of the GPU (e.g. 79.2 on an H200: an 80 GB "
+                             "card's memory limits, not its speed; the 'auto' budget still reads the whole card)")
     parser.add_argument("--detector-device", default=None, help="TransNetV2's device (default: the package's)")
     args = parser.parse_args(argv)
     for v in args.variants + [args.e2e_variant]:
@@ -1098,6 +1104,9 @@ def main(argv=None):
         args.detector_device = args.device
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA GPU; use --shape tiny --device cpu for a CPU check")
+    if args.gpu_memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory / GiB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gib / total))
     for name in ("PRUNE_ALPHA", "PRUNE_BETA"):  # they would override the config's pruning settings
         os.environ.pop(name, None)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
