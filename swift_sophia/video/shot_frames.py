@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .frames import DecordReader, PyAVReader, resize_frames
+from .frames import DecordReader, PyAVReader, decode_segments, resize_frames
 from .shot_detector import INPUT_H, INPUT_W
 from .source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 from .transnet_isolation import fork_guard
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 DECODE_H, DECODE_W = 2 * INPUT_H, 2 * INPUT_W  # decord output, then 2x2 mean pooling
 PYAV_INTERPOLATION = 'BILINEAR'  # swscale's filter that gives decord's 96x54 frames
+PYAV_RUN_FRAMES = 4096
 
 
 def _pool_to_input(frames: np.ndarray) -> np.ndarray:
@@ -96,6 +97,9 @@ def decode_small_frames(src: VideoSource, indices: Optional[Sequence[int]] = Non
             if len(reader) != n:
                 raise VideoDecodeError(f'decord cannot decode {describe(src)} ({exc}) and PyAV counts '
                                        f'{len(reader)} frames, not {n}') from None
+    # PyAV splits a request among its decoders, each starting at the keyframe before its first frame: requests of
+    # PYAV_RUN_FRAMES a decoder keep the frames decoded in vain (up to a GOP a run) few
+    chunk = max(chunk, PYAV_RUN_FRAMES * decode_segments(len(idx)))
     out = np.empty((len(idx), INPUT_H, INPUT_W, 3), dtype=np.uint8)
     for s in range(0, len(idx), chunk):
         out[s:s + chunk] = _pool_to_input(reader.get(idx[s:s + chunk], size=(DECODE_W, DECODE_H),

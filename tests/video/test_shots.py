@@ -178,6 +178,23 @@ def test_pyav_gives_the_detector_what_decord_gives_it(clip4):
     assert diff.mean() < 0.05 and diff.max() <= 3, (diff.mean(), diff.max())
 
 
+def test_pyav_detector_frames_go_to_each_decoder_in_long_runs(clip4, monkeypatch):
+    """Every decoder starts at the keyframe before its first frame, so the detector's frames (all of the file) reach
+    PyAV's decoders in runs of PYAV_RUN_FRAMES, not cut into the decode chunks (a run of 128 frames from a GOP of
+    250 decoded each frame about twice); the frames are those of one decoder."""
+    monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
+    monkeypatch.setattr(SF, "PYAV_RUN_FRAMES", 40)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "1")
+    one = SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4), chunk=16)
+    runs = []
+    run = V.PyAVReader._decode_run
+    monkeypatch.setattr(V.PyAVReader, "_decode_run", lambda self, wanted, *a: runs.append(len(wanted)) or
+                        run(self, wanted, *a))
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "3")
+    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4), chunk=16), one)
+    assert sum(runs) == 160 and runs[:3] == [40, 40, 40] and len(runs) == 6, runs  # 120 frames, then 40
+
+
 # ------------------------------------------------------------------------------------- shots over samples
 def test_four_shot_clip_gives_shots_at_the_right_sampled_positions(detected4):
     cache, shots, _ = detected4
