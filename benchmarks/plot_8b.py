@@ -39,8 +39,11 @@ def load(paths):
     return meta or {}, list(prefill.values()), list(train.values())
 
 
+OTHER_COLOURS = ["tab:orange", "black", "gold", "navy", "teal", "magenta", "lime", "maroon"]  # none of COLOURS'
+
+
 def _colour(variant, i):
-    return COLOURS.get(variant, f"C{3 + i}")
+    return COLOURS.get(variant, OTHER_COLOURS[i % len(OTHER_COLOURS)])
 
 
 def _failed(row) -> str:
@@ -97,7 +100,7 @@ def panel(ax, rows, key, ylabel, title, series, style=lambda s: "-", label=lambd
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if any_value:
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no values (CPU run, or every case failed)", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8, color="grey")
@@ -111,7 +114,7 @@ def plot(paths, output):
 
     meta, prefill, train = load(paths)
     nrows = 2 if train else 1
-    fig, axes = plt.subplots(nrows, 2, figsize=(12, 4.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, 2, figsize=(15, 4.6 * nrows), squeeze=False)
     limit = None
     if meta.get("device_memory_gib") and meta.get("models"):
         limit = meta["device_memory_gib"] - max(m["weights_gib"] for m in meta["models"].values())
