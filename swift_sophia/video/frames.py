@@ -17,7 +17,6 @@ and, unlike swscale's single-threaded bicubic, is vectorised and uses every core
 """
 from __future__ import annotations
 
-import bisect
 import copy
 import logging
 import math
@@ -29,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .pyav_runs import RunDecodeError, decode_run
 from .source import (
     VideoDecodeError,
     VideoError,
@@ -225,33 +225,15 @@ class PyAVReader:
 
     def _decode_run(self, wanted: List[int], where, out: np.ndarray, fmt: dict) -> None:
         """Decode the sorted frame indices `wanted` with a demuxer and decoder of their own into `out`'s rows."""
-        import av
-        with av.open(fresh_stream(self._src)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = 'AUTO'
-            stream.codec_context.thread_count = self.num_threads
-            frames = None
-            cur = None  # pts of the last decoded frame
-            for i in wanted:
-                target = self.pts[i]
-                key = self.keys[max(0, bisect.bisect_right(self.keys, target) - 1)]
-                if frames is None or cur is None or cur >= target or key > cur:
-                    container.seek(key, stream=stream, backward=True, any_frame=False)
-                    frames = container.decode(stream)
-                    cur = None
-                for frame in frames:
-                    cur = frame.pts
-                    if cur is None:
-                        raise VideoDecodeError('a decoded frame has no timestamp')
-                    if cur >= target:
-                        break
-                else:
-                    raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded: the file ends early')
-                if cur != target:
-                    raise VideoDecodeError(f'frame {i} (pts {target}) could not be decoded (next frame: pts {cur})')
-                arr = self._reformatter.reformat(frame, **fmt).to_ndarray()
-                for k in where[i]:
-                    out[k] = arr
+        def emit(k, arr):
+            for row in where[wanted[k]]:
+                out[row] = arr
+
+        try:
+            decode_run(fresh_stream(self._src), [self.pts[i] for i in wanted], self.keys, emit, fmt,
+                       self._reformatter, self.num_threads)
+        except RunDecodeError as exc:
+            raise VideoDecodeError(str(exc)) from None
 
 
 SEGMENT_MIN_FRAMES = 64

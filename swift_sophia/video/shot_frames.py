@@ -8,11 +8,15 @@ within one level of it, then the same pooling).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+import os
+import subprocess
+import sys
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .frames import DecordReader, PyAVReader, decode_segments, resize_frames
+from . import pyav_runs
+from .frames import DecordReader, PyAVReader, _in_threads, decode_segments, resize_frames
 from .shot_detector import INPUT_H, INPUT_W
 from .source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 from .transnet_isolation import fork_guard
@@ -22,6 +26,7 @@ logger = logging.getLogger(__name__)
 DECODE_H, DECODE_W = 2 * INPUT_H, 2 * INPUT_W  # decord output, then 2x2 mean pooling
 PYAV_INTERPOLATION = 'BILINEAR'  # swscale's filter that gives decord's 96x54 frames
 PYAV_RUN_FRAMES = 4096
+POOL_CHUNK_FRAMES = 256  # frames read from a worker process and pooled at a time
 
 
 def _pool_to_input(frames: np.ndarray) -> np.ndarray:
@@ -97,13 +102,56 @@ def decode_small_frames(src: VideoSource, indices: Optional[Sequence[int]] = Non
             if len(reader) != n:
                 raise VideoDecodeError(f'decord cannot decode {describe(src)} ({exc}) and PyAV counts '
                                        f'{len(reader)} frames, not {n}') from None
+    runs = decode_segments(len(idx)) if reader.parallel else 1
+    if runs > 1 and isinstance(src, (str, os.PathLike)) and idx == sorted(set(idx)):
+        return _small_frames_in_processes(reader, os.fspath(src), idx, runs)
     # PyAV splits a request among its decoders, each starting at the keyframe before its first frame: requests of
     # PYAV_RUN_FRAMES a decoder keep the frames decoded in vain (up to a GOP a run) few
-    chunk = max(chunk, PYAV_RUN_FRAMES * decode_segments(len(idx)))
+    chunk = max(chunk, PYAV_RUN_FRAMES * runs)
     out = np.empty((len(idx), INPUT_H, INPUT_W, 3), dtype=np.uint8)
     for s in range(0, len(idx), chunk):
         out[s:s + chunk] = _pool_to_input(reader.get(idx[s:s + chunk], size=(DECODE_W, DECODE_H),
                                                      interpolation=PYAV_INTERPOLATION))
+    return out
+
+
+def _small_frames_in_processes(reader: PyAVReader, path: str, idx: List[int], runs: int) -> np.ndarray:
+    """The frames `idx` (ascending) of the file at `path` decoded by `runs` worker processes (``pyav_runs.py``), each
+    over one run of consecutive frames at 96x54 with decord's filter, and pooled here as their bytes arrive. Scaling a
+    frame holds the GIL, so decoders in threads of this process would scale their frames one at a time."""
+    out = np.empty((len(idx), INPUT_H, INPUT_W, 3), dtype=np.uint8)
+    frame_bytes = DECODE_H * DECODE_W * 3
+    threads = max(1, (os.cpu_count() or 1) // runs)
+    bounds = [round(k * len(idx) / runs) for k in range(runs + 1)]
+    workers = []
+    try:
+        for a, b in zip(bounds, bounds[1:]):
+            ask = pyav_runs.request(path, [reader.pts[i] for i in idx[a:b]], reader.keys, (DECODE_W, DECODE_H),
+                                    PYAV_INTERPOLATION, threads)
+            proc = subprocess.Popen([sys.executable, pyav_runs.__file__], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            workers.append((a, b, proc))
+            proc.stdin.write(ask)
+            proc.stdin.close()
+
+        def collect(a: int, b: int, proc: subprocess.Popen) -> None:
+            for s in range(a, b, POOL_CHUNK_FRAMES):
+                n = min(POOL_CHUNK_FRAMES, b - s)
+                data = proc.stdout.read(n * frame_bytes)
+                if len(data) < n * frame_bytes:
+                    proc.wait()
+                    why = proc.stderr.read().decode(errors='replace').strip() or f'exit status {proc.returncode}'
+                    raise VideoDecodeError(f'cannot decode video {describe(path)}: {why}')
+                out[s:s + n] = _pool_to_input(np.frombuffer(data, np.uint8).reshape(n, DECODE_H, DECODE_W, 3))
+
+        _in_threads([lambda w=w: collect(*w) for w in workers])
+    finally:
+        for _, _, proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
     return out
 
 

@@ -180,19 +180,49 @@ def test_pyav_gives_the_detector_what_decord_gives_it(clip4):
 
 def test_pyav_detector_frames_go_to_each_decoder_in_long_runs(clip4, monkeypatch):
     """Every decoder starts at the keyframe before its first frame, so the detector's frames (all of the file) reach
-    PyAV's decoders in runs of PYAV_RUN_FRAMES, not cut into the decode chunks (a run of 128 frames from a GOP of
-    250 decoded each frame about twice); the frames are those of one decoder."""
+    PyAV's decoders in threads (a video given as bytes) in runs of PYAV_RUN_FRAMES, not cut into the decode chunks
+    (a run of 128 frames from a GOP of 250 decoded each frame about twice); the frames are those of one decoder."""
+    data = open(clip4, "rb").read()
     monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
     monkeypatch.setattr(SF, "PYAV_RUN_FRAMES", 40)
     monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "1")
-    one = SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4), chunk=16)
+    one = SF.decode_small_frames(data, reader=V.PyAVReader(data), chunk=16)
     runs = []
     run = V.PyAVReader._decode_run
     monkeypatch.setattr(V.PyAVReader, "_decode_run", lambda self, wanted, *a: runs.append(len(wanted)) or
                         run(self, wanted, *a))
     monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "3")
-    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4), chunk=16), one)
+    np.testing.assert_array_equal(SF.decode_small_frames(data, reader=V.PyAVReader(data), chunk=16), one)
     assert sum(runs) == 160 and runs[:3] == [40, 40, 40] and len(runs) == 6, runs  # 120 frames, then 40
+
+
+def test_pyav_detector_frames_of_a_file_come_from_worker_processes(clip4, monkeypatch):
+    """A file's detector frames are decoded by SOPHIA_DECODE_SEGMENTS worker processes (scaling a frame holds the
+    GIL, so threads would scale one frame at a time): the frames one decoder gives, bit for bit, pooled in order."""
+    monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "1")
+    one = SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4))
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(SF.subprocess, "Popen", lambda *a, **k: started.append(a[0]) or popen(*a, **k))
+    monkeypatch.setattr(SF, "POOL_CHUNK_FRAMES", 7)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "3")
+    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
+    assert len(started) == 3 and all(cmd[-1].endswith("pyav_runs.py") for cmd in started)
+    assert np.abs(one[90].reshape(-1, 3).mean(0) - PALETTE[2]).max() < 12
+
+
+def test_a_worker_process_that_cannot_decode_names_the_video(clip4, short3, monkeypatch):
+    """A worker that fails (here: asked for frames past the end of a shorter file) is an error naming the video and
+    what failed, and no worker is left running."""
+    monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "2")
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(SF.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+    with pytest.raises(V.VideoDecodeError, match=r"cannot decode video .*short\.mp4.*could not be decoded"):
+        SF.decode_small_frames(short3, reader=V.PyAVReader(clip4))
+    assert len(started) == 2 and all(p.returncode is not None for p in started)
 
 
 # ------------------------------------------------------------------------------------- shots over samples
