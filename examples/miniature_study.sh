@@ -12,7 +12,8 @@
 # Defaults: sophia-tiny on a CPU, 16-frame videos (about 35 minutes on 2 cores). examples/gpu_study.sh sets the GPU
 # sizes. Everything below is an environment variable:
 #   model      SHAPE (tiny: `sophia build-tiny`; else a shape of `sophia build-random`), PRECISION (fp32 | bf16)
-#   data       NUM_TRAIN NUM_VAL FRAMES SHOTS SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers), or DATA: a
+#   data       NUM_TRAIN NUM_VAL FRAMES SHOTS SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers) CONTAINER (mp4,
+#              or avi: uncompressed, written without PyAV), or DATA: a
 #              dataset written before by `sophia synthetic-shots` with the same FRAMES/SHOTS (used in place)
 #   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR
 #   evaluation BUDGET (default K / 2), EVAL_JOBS (evaluations at once), INFER_BATCH, NIAH (auto | 0 | 1),
@@ -21,17 +22,18 @@
 # Shots: the true boundaries of the generated videos are written into a shot cache of the study's own
 # (SOPHIA_SHOT_CACHE=WORK/shot_cache), not TransNetV2's (docs/miniature_study.md says why).
 set -euo pipefail
-WORK="${1:-output/miniature}"
+WORK="$(realpath -m "${1:-output/miniature}")"
 SHAPE="${SHAPE:-tiny}" PRECISION="${PRECISION:-fp32}"
 NUM_TRAIN="${NUM_TRAIN:-512}" NUM_VAL="${NUM_VAL:-48}" FRAMES="${FRAMES:-16}" SHOTS="${SHOTS:-8}"
 SIZE="${SIZE:-56}" NOISE="${NOISE:-4}" STRIPE_RATE="${STRIPE_RATE:-0.5}" BALANCE="${BALANCE:-0}" DATA="${DATA:-}"
+CONTAINER="${CONTAINER:-mp4}"
 BATCH="${BATCH:-8}" WORKERS="${WORKERS:-0}"
 STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
 STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}"
 EVAL_JOBS="${EVAL_JOBS:-1}" INFER_BATCH="${INFER_BATCH:-8}" NIAH="${NIAH:-auto}"
 NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
 PLUGIN="$(sophia plugin-path)"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false SOPHIA_SHOT_CACHE="$PWD/$WORK/shot_cache"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false SOPHIA_SHOT_CACHE="$WORK/shot_cache"
 export VIDEO_SEGMENTS=$FRAMES
 case "$PRECISION" in
     fp32) PREC=(--fp16 false --bf16 false) DTYPE=float32 ;;
@@ -64,7 +66,7 @@ else
     step "data: $NUM_TRAIN train, $NUM_VAL held-out videos, $SHOTS shots x $((FRAMES / SHOTS)) frames of $SIZE px"
     sophia synthetic-shots "$WORK/data" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --num-shots "$SHOTS" \
         --frames-per-shot $((FRAMES / SHOTS)) --size "$SIZE" --noise "$NOISE" --stripe-rate "$STRIPE_RATE" \
-        $([ "$BALANCE" = 1 ] && echo --balance) --cache-true-shots "$SOPHIA_SHOT_CACHE"
+        --container "$CONTAINER" $([ "$BALANCE" = 1 ] && echo --balance) --cache-true-shots "$SOPHIA_SHOT_CACHE"
 fi
 NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 

@@ -32,11 +32,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..video.avi import write_avi
 from ..video.synthetic_clips import COLORS, SHAPES, _shape_mask, write_mp4
 
 SHAPE_COLOR = (10, 10, 10)  # black: not in COLORS, so the shape shot is the only one with black pixels
 QUESTION = "What color is the background of the shot that shows a {shape}?"
-NUM_OPTIONS = len(COLORS)  # all six colours, always in the same order: the letter names the colour
+NUM_OPTIONS = len(COLORS)
+WRITERS = {"mp4": write_mp4, "avi": write_avi}  # all six colours, always in the same order: the letter names the colour
 
 
 def random_video_spec(rng: random.Random, num_shots: int = 16, *, stripe_rate: float = 0.5,
@@ -115,12 +117,19 @@ def options_for(spec: Dict, rng: random.Random, num_options: int = NUM_OPTIONS) 
 
 def user_text(question: str, options: List[str]) -> str:
     """The user turn exactly as EvalScope's general_vmcq builds it from a row (`<video 1>\\n` + question), with
-    ms-swift's `<video>` tag where the video goes."""
-    from evalscope.utils.multi_choices import prompt
-
+    ms-swift's `<video>` tag where the video goes. Without EvalScope (a machine that only trains) the same text is
+    built here (tests/tools/test_synthetic_shots.py checks that the two agree)."""
     from ..evaluation.vmcq import PROMPT_TEMPLATE
 
-    text = prompt(question="<video 1>\n" + question, choices=list(options), template=PROMPT_TEMPLATE)
+    question = "<video 1>\n" + question
+    try:
+        from evalscope.utils.multi_choices import prompt
+    except ImportError:
+        letters = [chr(ord("A") + i) for i in range(len(options))]
+        text = PROMPT_TEMPLATE.format(question=question, letters=",".join(letters),
+                                      choices="\n".join(f"{x}) {o}" for x, o in zip(letters, options)))
+    else:
+        text = prompt(question=question, choices=list(options), template=PROMPT_TEMPLATE)
     return text.replace("<video 1>", "<video>")
 
 
@@ -131,19 +140,23 @@ def _without_video(text: str) -> str:
 def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, num_shots: int = 16,
                  frames_per_shot: int = 2, size: int = 56, fps: int = 8, seed: int = 0,
                  num_options: int = NUM_OPTIONS, noise: float = 4.0, stripe_rate: float = 0.5,
-                 balance: bool = False) -> Dict:
+                 balance: bool = False, container: str = "mp4") -> Dict:
     """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, the
     two baselines of the val questions (`val_text_only.jsonl`: no video; `val_blank.jsonl`: every video replaced by
-    one black video of the same length, `videos/blank.mp4`) and `manifest.json`; return the manifest. `balance`:
-    each split's answer colours as evenly spread as its size allows."""
+    one black video of the same length, `videos/blank.*`) and `manifest.json`; return the manifest. `balance`:
+    each split's answer colours as evenly spread as its size allows. `container`: mp4 (H.264, PyAV) or avi
+    (uncompressed, no encoder needed: for a machine without PyAV; width x height x 3 bytes a frame)."""
     from ..evaluation.vmcq import LETTERS, Question, write_set
 
+    if container not in WRITERS:
+        raise ValueError(f"container must be one of {', '.join(WRITERS)}, got {container!r}")
+    write = WRITERS[container]
     rng = random.Random(seed)
     video_dir = os.path.abspath(os.path.join(output_dir, "videos"))
     os.makedirs(video_dir, exist_ok=True)
     frames = num_shots * frames_per_shot
-    blank = os.path.join(video_dir, "blank.mp4")
-    write_mp4(blank, np.zeros((frames, size, size, 3), dtype=np.uint8), fps=fps)
+    blank = os.path.join(video_dir, f"blank.{container}")
+    write(blank, np.zeros((frames, size, size, 3), dtype=np.uint8), fps=fps)
     manifest = {"num_shots": num_shots, "frames_per_shot": frames_per_shot, "frames": frames,
                 "size": size, "fps": fps, "seed": seed, "noise": noise, "stripe_rate": stripe_rate,
                 "balanced": balance, "video_dir": video_dir, "blank_video": blank, "videos": {}}
@@ -153,9 +166,9 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
         answers = balanced_answers(rng, count) if balance else [None] * count
         for i in range(count):
             spec = random_video_spec(rng, num_shots, stripe_rate=stripe_rate, answer=answers[i])
-            video = os.path.join(video_dir, f"{split}_{i:05d}.mp4")
+            video = os.path.join(video_dir, f"{split}_{i:05d}.{container}")
             pixels = render_video(spec, frames_per_shot, size=size, seed=rng.randrange(1 << 30), noise=noise)
-            write_mp4(video, pixels, fps=fps)
+            write(video, pixels, fps=fps)
             options = options_for(spec, rng, num_options)
             letter = LETTERS[options.index(spec["answer"])]
             question = QUESTION.format(shape=spec["shape"])
@@ -307,6 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "without stripes)")
     p.add_argument("--stripe-rate", type=float, default=0.5,
                    help="chance that a shot without the shape is striped (default 0.5; stripes cost most bytes)")
+    p.add_argument("--container", default="mp4", choices=sorted(WRITERS),
+                   help="mp4 (H.264, needs PyAV) or avi (uncompressed, needs nothing: for machines without PyAV)")
     p.add_argument("--balance", action="store_true", help="answer colours spread evenly within each split")
     p.add_argument("--cache-true-shots", metavar="CACHE_DIR", default=None,
                    help="also write the true shot boundaries into this shot cache folder (instead of TransNetV2)")
@@ -320,7 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots,
                          frames_per_shot=a.frames_per_shot, size=a.size, fps=a.fps, seed=a.seed,
-                         num_options=a.num_options, noise=a.noise, stripe_rate=a.stripe_rate, balance=a.balance)
+                         num_options=a.num_options, noise=a.noise, stripe_rate=a.stripe_rate, balance=a.balance,
+                         container=a.container)
         print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
               f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
     if a.cache_true_shots:
