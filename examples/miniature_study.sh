@@ -13,9 +13,11 @@
 # sizes. Everything below is an environment variable:
 #   model      SHAPE (tiny: `sophia build-tiny`; else a shape of `sophia build-random`), PRECISION (fp32 | bf16)
 #   data       NUM_TRAIN NUM_VAL FRAMES SHOTS SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers) CONTAINER (mp4,
-#              or avi: uncompressed, written without PyAV), or DATA: a
+#              or avi: uncompressed, written without PyAV) DATA_WORKERS, or DATA: a
 #              dataset written before by `sophia synthetic-shots` with the same FRAMES/SHOTS (used in place)
-#   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR
+#   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR, and
+#              STAGE2_SECONDS: stop stage 2 after that long and go on from its last epoch's checkpoint,
+#              SAVE_ONLY_MODEL (true: checkpoints without the optimizer state)
 #   evaluation BUDGET (default K / 2), EVAL_JOBS (evaluations at once), INFER_BATCH, NIAH (auto | 0 | 1),
 #              NIAH_FRAMES NIAH_SAMPLES
 # FROM_STAGE=2 (or 3, or 4: evaluation only) keeps WORK_DIR's model, data and earlier stages.
@@ -26,10 +28,11 @@ WORK="$(realpath -m "${1:-output/miniature}")"
 SHAPE="${SHAPE:-tiny}" PRECISION="${PRECISION:-fp32}"
 NUM_TRAIN="${NUM_TRAIN:-512}" NUM_VAL="${NUM_VAL:-48}" FRAMES="${FRAMES:-16}" SHOTS="${SHOTS:-8}"
 SIZE="${SIZE:-56}" NOISE="${NOISE:-4}" STRIPE_RATE="${STRIPE_RATE:-0.5}" BALANCE="${BALANCE:-0}" DATA="${DATA:-}"
-CONTAINER="${CONTAINER:-mp4}"
+CONTAINER="${CONTAINER:-mp4}" DATA_WORKERS="${DATA_WORKERS:-1}" SAVE_ONLY_MODEL="${SAVE_ONLY_MODEL:-false}"
 BATCH="${BATCH:-8}" WORKERS="${WORKERS:-0}"
 STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
 STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}"
+STAGE2_SECONDS="${STAGE2_SECONDS:-0}"
 EVAL_JOBS="${EVAL_JOBS:-1}" INFER_BATCH="${INFER_BATCH:-8}" NIAH="${NIAH:-auto}"
 NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
 PLUGIN="$(sophia plugin-path)"
@@ -41,7 +44,7 @@ case "$PRECISION" in
     *) echo "PRECISION must be fp32 or bf16" >&2; exit 2 ;;
 esac
 TRAIN=("${PREC[@]}" --check_model false --dataloader_num_workers "$WORKERS" --report_to none --split_dataset_ratio 0
-       --gradient_checkpointing false --add_version false --save_only_model false
+       --gradient_checkpointing false --add_version false --save_only_model "$SAVE_ONLY_MODEL"
        --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1 --save_strategy epoch --save_total_limit 1)
 start=$SECONDS
 step() { printf '\n==> [%4ds %s] %s\n' "$((SECONDS - start))" "$(date +%T)" "$*" | tee -a "$WORK/timings.txt"; }
@@ -49,6 +52,10 @@ FROM_STAGE="${FROM_STAGE:-1}"
 [ "$FROM_STAGE" -le 1 ] && rm -rf "$WORK"
 mkdir -p "$WORK"
 report() { python -m swift_sophia.tools.study_report table "$WORK" > /dev/null || echo "(table not written)"; }
+checkpoint() {  # a stage's final checkpoint, or the last one it saved when it was stopped early
+    [ -e "$1/last-checkpoint" ] && { echo "$1/last-checkpoint"; return; }
+    ls -d "$1"/checkpoint-* 2> /dev/null | sort -t- -k2 -n | tail -1
+}
 
 if [ "$FROM_STAGE" -le 1 ]; then
 step "model: $SHAPE (random weights, offline tokenizer)"
@@ -66,7 +73,7 @@ else
     step "data: $NUM_TRAIN train, $NUM_VAL held-out videos, $SHOTS shots x $((FRAMES / SHOTS)) frames of $SIZE px"
     sophia synthetic-shots "$WORK/data" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --num-shots "$SHOTS" \
         --frames-per-shot $((FRAMES / SHOTS)) --size "$SIZE" --noise "$NOISE" --stripe-rate "$STRIPE_RATE" \
-        --container "$CONTAINER" $([ "$BALANCE" = 1 ] && echo --balance) --cache-true-shots "$SOPHIA_SHOT_CACHE"
+        --container "$CONTAINER" --workers "$DATA_WORKERS" $([ "$BALANCE" = 1 ] && echo --balance) --cache-true-shots "$SOPHIA_SHOT_CACHE"
 fi
 NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 
@@ -81,10 +88,14 @@ NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 if [ "$FROM_STAGE" -le 2 ]; then
 rm -rf "$WORK/stage2"
 step "stage 2: joint fine-tuning (all modules), pruning off, lr $STAGE2_LR"
-swift sft --model "$WORK/stage1/last-checkpoint" --external_plugins "$PLUGIN" \
+limit=()
+[ "$STAGE2_SECONDS" != 0 ] && limit=(timeout -s INT "$STAGE2_SECONDS")
+"${limit[@]}" swift sft --model "$WORK/stage1/last-checkpoint" --external_plugins "$PLUGIN" \
     --dataset "$WORK/data/train.jsonl" --output_dir "$WORK/stage2" "${TRAIN[@]}" \
     --tuner_type full --freeze_vit false --freeze_llm false --freeze_aligner false \
-    --learning_rate "$STAGE2_LR" --warmup_ratio 0.05 --num_train_epochs "$STAGE2_EPOCHS" --logging_steps 4
+    --learning_rate "$STAGE2_LR" --warmup_ratio 0.05 --num_train_epochs "$STAGE2_EPOCHS" --logging_steps 4 \
+    || { code=$?; [ "$code" = 124 ] && [ -n "$(checkpoint "$WORK/stage2")" ] || exit $code
+         echo "stage 2 stopped after $STAGE2_SECONDS s: going on from $(checkpoint "$WORK/stage2")"; }
 fi
 
 if [ "$FROM_STAGE" -le 3 ]; then
@@ -92,7 +103,7 @@ rm -rf "$WORK/stage3"
 # the Gumbel temperature reaches its floor (0.1) at about 70 % of stage 3's pruned videos
 ANNEAL=$(python -c "import math; print(f'{math.log(10) / (0.7 * $NUM_TRAIN * $STAGE3_EPOCHS):.2e}')")
 step "stage 3: the pruner's query MLP alone, pruning on (alpha = beta = 30), lr $STAGE3_LR, anneal rate $ANNEAL"
-swift sft --model "$WORK/stage2/last-checkpoint" --external_plugins "$PLUGIN" \
+swift sft --model "$(checkpoint "$WORK/stage2")" --external_plugins "$PLUGIN" \
     --dataset "$WORK/data/train.jsonl" --output_dir "$WORK/stage3" "${TRAIN[@]}" \
     --tuner_type full --freeze_parameters_ratio 1 --trainable_parameters model.pruner \
     --model_kwargs "{\"prune_alpha\": 30, \"prune_beta\": 30, \"gumbel_anneal_rate\": $ANNEAL}" \

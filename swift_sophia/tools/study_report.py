@@ -71,8 +71,8 @@ def frames_shown(work: str, frames: int, k: int, budget: int) -> Dict[str, List[
     shown = {"all_frames": [list(range(frames))] * len(rows), "uniform_K": [uniform_frames(frames, k)] * len(rows),
              "uniform_B": [uniform_frames(frames, budget)] * len(rows)}
     for stage, suffix in (("stage3", ""), ("stage2", "_stage2_pruner")):
-        checkpoint = os.path.join(work, stage, "last-checkpoint")
-        if not os.path.isdir(checkpoint):
+        checkpoint = _checkpoint(os.path.join(work, stage))
+        if checkpoint is None:
             continue
         for name, setting in PRUNED.items():
             shown[name + suffix] = pruned_frames(checkpoint, rows, alpha=setting["alpha"], beta=setting["beta"],
@@ -81,6 +81,14 @@ def frames_shown(work: str, frames: int, k: int, budget: int) -> Dict[str, List[
         if same in shown:
             shown[name] = shown[same]
     return shown
+
+
+def _checkpoint(stage_dir: str) -> Optional[str]:
+    """A stage's final checkpoint, or the last one it saved when it was stopped early."""
+    if os.path.isdir(os.path.join(stage_dir, "last-checkpoint")):
+        return os.path.join(stage_dir, "last-checkpoint")
+    saved = [n for n in os.listdir(stage_dir) if re.fullmatch(r"checkpoint-\d+", n)] if os.path.isdir(stage_dir) else []
+    return os.path.join(stage_dir, max(saved, key=lambda n: int(n.split("-")[1]))) if saved else None
 
 
 def answer_spans(work: str) -> List[List[int]]:

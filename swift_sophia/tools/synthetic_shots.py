@@ -25,7 +25,9 @@ the colour alone does not give it away. Rows are written twice from the same vid
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import random
 from typing import Dict, List, Optional, Sequence
@@ -140,12 +142,13 @@ def _without_video(text: str) -> str:
 def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, num_shots: int = 16,
                  frames_per_shot: int = 2, size: int = 56, fps: int = 8, seed: int = 0,
                  num_options: int = NUM_OPTIONS, noise: float = 4.0, stripe_rate: float = 0.5,
-                 balance: bool = False, container: str = "mp4") -> Dict:
+                 balance: bool = False, container: str = "mp4", workers: int = 1) -> Dict:
     """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, the
     two baselines of the val questions (`val_text_only.jsonl`: no video; `val_blank.jsonl`: every video replaced by
     one black video of the same length, `videos/blank.*`) and `manifest.json`; return the manifest. `balance`:
     each split's answer colours as evenly spread as its size allows. `container`: mp4 (H.264, PyAV) or avi
-    (uncompressed, no encoder needed: for a machine without PyAV; width x height x 3 bytes a frame)."""
+    (uncompressed, no encoder needed: for a machine without PyAV; width x height x 3 bytes a frame). `workers`:
+    processes that render and write the videos (the files are the same for any number)."""
     from ..evaluation.vmcq import LETTERS, Question, write_set
 
     if container not in WRITERS:
@@ -161,14 +164,14 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
                 "size": size, "fps": fps, "seed": seed, "noise": noise, "stripe_rate": stripe_rate,
                 "balanced": balance, "video_dir": video_dir, "blank_video": blank, "videos": {}}
     questions: List[Question] = []
+    videos = []  # (path, spec, render seed): rendered after the loop, in `workers` processes
     for split, count in (("train", num_train), ("val", num_val)):
         rows = []
         answers = balanced_answers(rng, count) if balance else [None] * count
         for i in range(count):
             spec = random_video_spec(rng, num_shots, stripe_rate=stripe_rate, answer=answers[i])
             video = os.path.join(video_dir, f"{split}_{i:05d}.{container}")
-            pixels = render_video(spec, frames_per_shot, size=size, seed=rng.randrange(1 << 30), noise=noise)
-            write(video, pixels, fps=fps)
+            videos.append((video, spec, rng.randrange(1 << 30)))
             options = options_for(spec, rng, num_options)
             letter = LETTERS[options.index(spec["answer"])]
             question = QUESTION.format(shape=spec["shape"])
@@ -189,12 +192,26 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
                          [{"messages": [{**r["messages"][0], "content": _without_video(r["messages"][0]["content"])},
                                         r["messages"][1]]} for r in rows])
             _write_jsonl(os.path.join(output_dir, "val_blank.jsonl"), [{**r, "videos": [blank]} for r in rows])
+    render = functools.partial(_render_and_write, write=write, frames_per_shot=frames_per_shot, size=size, fps=fps,
+                               noise=noise)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.starmap(render, videos, chunksize=8)
+    else:
+        for job in videos:
+            render(*job)
     if questions:
+        # the videos were just written here: no need to decode them again (which takes PyAV)
         write_set(os.path.join(output_dir, "eval_set"), questions, name="synthetic_shots", subsets=["default"],
-                  info={"num_shots": num_shots, "frames_per_shot": frames_per_shot})
+                  check_videos=False, info={"num_shots": num_shots, "frames_per_shot": frames_per_shot})
     with open(os.path.join(output_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _render_and_write(path: str, spec: Dict, seed: int, *, write, frames_per_shot: int, size: int, fps: int,
+                      noise: float) -> None:
+    write(path, render_video(spec, frames_per_shot, size=size, seed=seed, noise=noise), fps=fps)
 
 
 def _write_jsonl(path: str, rows: List[Dict]) -> None:
@@ -322,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="chance that a shot without the shape is striped (default 0.5; stripes cost most bytes)")
     p.add_argument("--container", default="mp4", choices=sorted(WRITERS),
                    help="mp4 (H.264, needs PyAV) or avi (uncompressed, needs nothing: for machines without PyAV)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the videos (default 1)")
     p.add_argument("--balance", action="store_true", help="answer colours spread evenly within each split")
     p.add_argument("--cache-true-shots", metavar="CACHE_DIR", default=None,
                    help="also write the true shot boundaries into this shot cache folder (instead of TransNetV2)")
@@ -336,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots,
                          frames_per_shot=a.frames_per_shot, size=a.size, fps=a.fps, seed=a.seed,
                          num_options=a.num_options, noise=a.noise, stripe_rate=a.stripe_rate, balance=a.balance,
-                         container=a.container)
+                         container=a.container, workers=a.workers)
         print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
               f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
     if a.cache_true_shots:
