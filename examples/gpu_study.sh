@@ -4,7 +4,7 @@
 # an 8-layer decoder of width 512), bf16, on 128-frame videos of 32 shots of 4 frames whose answer is in one shot,
 # balanced answers, uncompressed AVI videos written on the spot (no encoder needed), a frame budget of 16 frames.
 # Planned for one H100 and 16 CPU cores in under 10 minutes: stage 2 stops after STAGE2_SECONDS and goes on from
-# its last epoch. Every size is an environment variable (see examples/miniature_study.sh) and may be overridden.
+# its last checkpoint (saved every STAGE2_SAVE_STEPS steps). Every size is an environment variable (see examples/miniature_study.sh) and may be overridden.
 #   bash examples/gpu_study.sh [WORK_DIR]     (default: output/gpu_study)
 set -euo pipefail
 export SHAPE="${SHAPE:-study-small}" PRECISION="${PRECISION:-bf16}"
@@ -14,6 +14,7 @@ export NUM_TRAIN="${NUM_TRAIN:-1536}" NUM_VAL="${NUM_VAL:-192}" DATA_WORKERS="${
 export BATCH="${BATCH:-16}" WORKERS="${WORKERS:-8}" SAVE_ONLY_MODEL="${SAVE_ONLY_MODEL:-true}"
 export STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE1_LR="${STAGE1_LR:-1e-3}"
 export STAGE2_EPOCHS="${STAGE2_EPOCHS:-4}" STAGE2_LR="${STAGE2_LR:-5e-4}" STAGE2_SECONDS="${STAGE2_SECONDS:-210}"
+export STAGE2_SAVE_STEPS="${STAGE2_SAVE_STEPS:-32}"
 export STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}" STAGE3_LR="${STAGE3_LR:-1e-3}"
 export BUDGET="${BUDGET:-16}" EVAL_JOBS="${EVAL_JOBS:-5}" INFER_BATCH="${INFER_BATCH:-32}"
 export NIAH="${NIAH:-auto}" NIAH_FRAMES="${NIAH_FRAMES:-32,64,128,256}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"

@@ -16,7 +16,8 @@
 #              or avi: uncompressed, written without PyAV) DATA_WORKERS, or DATA: a
 #              dataset written before by `sophia synthetic-shots` with the same FRAMES/SHOTS (used in place)
 #   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR, and
-#              STAGE2_SECONDS: stop stage 2 after that long and go on from its last epoch's checkpoint,
+#              STAGE2_SECONDS: stop stage 2 after that long and go on from its last checkpoint (every epoch, or
+#              every STAGE2_SAVE_STEPS steps),
 #              SAVE_ONLY_MODEL (true: checkpoints without the optimizer state)
 #   evaluation BUDGET (default K / 2), EVAL_JOBS (evaluations at once), INFER_BATCH, NIAH (auto | 0 | 1),
 #              NIAH_FRAMES NIAH_SAMPLES
@@ -32,7 +33,7 @@ CONTAINER="${CONTAINER:-mp4}" DATA_WORKERS="${DATA_WORKERS:-1}" SAVE_ONLY_MODEL=
 BATCH="${BATCH:-8}" WORKERS="${WORKERS:-0}"
 STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
 STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}"
-STAGE2_SECONDS="${STAGE2_SECONDS:-0}"
+STAGE2_SECONDS="${STAGE2_SECONDS:-0}" STAGE2_SAVE_STEPS="${STAGE2_SAVE_STEPS:-0}"
 EVAL_JOBS="${EVAL_JOBS:-1}" INFER_BATCH="${INFER_BATCH:-8}" NIAH="${NIAH:-auto}"
 NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
 PLUGIN="$(sophia plugin-path)"
@@ -88,12 +89,13 @@ NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 if [ "$FROM_STAGE" -le 2 ]; then
 rm -rf "$WORK/stage2"
 step "stage 2: joint fine-tuning (all modules), pruning off, lr $STAGE2_LR"
-limit=()
+limit=() saving=()
 [ "$STAGE2_SECONDS" != 0 ] && limit=(timeout -s INT "$STAGE2_SECONDS")
+[ "$STAGE2_SAVE_STEPS" != 0 ] && saving=(--save_strategy steps --save_steps "$STAGE2_SAVE_STEPS")
 "${limit[@]}" swift sft --model "$WORK/stage1/last-checkpoint" --external_plugins "$PLUGIN" \
     --dataset "$WORK/data/train.jsonl" --output_dir "$WORK/stage2" "${TRAIN[@]}" \
     --tuner_type full --freeze_vit false --freeze_llm false --freeze_aligner false \
-    --learning_rate "$STAGE2_LR" --warmup_ratio 0.05 --num_train_epochs "$STAGE2_EPOCHS" --logging_steps 4 \
+    --learning_rate "$STAGE2_LR" --warmup_ratio 0.05 --num_train_epochs "$STAGE2_EPOCHS" --logging_steps 4 "${saving[@]}" \
     || { code=$?; [ "$code" = 124 ] && [ -n "$(checkpoint "$WORK/stage2")" ] || exit $code
          echo "stage 2 stopped after $STAGE2_SECONDS s: going on from $(checkpoint "$WORK/stage2")"; }
 fi
