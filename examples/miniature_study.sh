@@ -55,7 +55,7 @@ mkdir -p "$WORK"
 report() { python -m swift_sophia.tools.study_report table "$WORK" > /dev/null || echo "(table not written)"; }
 checkpoint() {  # a stage's final checkpoint, or the last one it saved when it was stopped early
     [ -e "$1/last-checkpoint" ] && { echo "$1/last-checkpoint"; return; }
-    ls -d "$1"/checkpoint-* 2> /dev/null | sort -t- -k2 -n | tail -1
+    ls -d "$1"/checkpoint-* 2> /dev/null | sed 's/.*-\([0-9]*\)$/\1 &/' | sort -n | tail -1 | cut -d' ' -f2-
 }
 
 if [ "$FROM_STAGE" -le 1 ]; then
