@@ -14,6 +14,9 @@ Shapes (vision tower + decoder; the vision tower is InternViT-300M-448px in ever
   151674, rope_theta 1e6, qkv bias, untied).
 - ``tiny-test``: the same structure at toy size (2-layer Llama decoder, 56 px frames of 4 tokens), for tests
   and ``--shape tiny`` CPU runs of the benchmarks.
+- ``study-small``: the GPU miniature study's model, trained from random weights (examples/gpu_study.sh): a
+  4-layer tower of width 256 at 112 px (16 tokens a frame), an 8-layer Llama decoder of width 512 (8 / 4 heads,
+  MLP 1408, vocabulary 1024); about 30 M parameters.
 
 Every shape has ``max_position_embeddings`` = 2^20 (room for 1M-token prompts) and uses the offline tokenizer of
 :mod:`swift_sophia.tools.tiny` (its ids are far below the model's vocabulary; the special tokens' ids are the
@@ -55,11 +58,24 @@ TINY_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_
                  num_key_value_heads=2, head_dim=16, vocab_size=1024, rope_theta=50_000_000.0,
                  tie_word_embeddings=False)
 
+# the GPU miniature study's model (examples/gpu_study.sh): big enough to learn its task, small enough to train in
+# minutes; 112 px frames of 16 tokens, a 4-layer tower of width 256, an 8-layer decoder of width 512 (about 30 M
+# parameters in all)
+STUDY_VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=112, patch_size=14, attention_bias=True, layer_scale_init_value=0.1,
+                    use_mean_pooling=False)
+STUDY_TEXT = dict(model_type="llama", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=1024, rope_theta=10_000.0,
+                  tie_word_embeddings=False)
+
 SHAPES: Dict[str, dict] = {
     "internvl2.5-8b": dict(vision=INTERNVIT_300M, text=INTERNLM25_7B,
                            note="InternViT-300M + InternLM2.5-7B-shaped Llama decoder"),
     "internvl3-8b": dict(vision=INTERNVIT_300M, text=QWEN25_7B, note="InternViT-300M + Qwen2.5-7B-shaped decoder"),
     "tiny-test": dict(vision=TINY_VISION, text=TINY_TEXT, note="toy size, same structure (tests, --shape tiny)"),
+    "study-small": dict(vision=STUDY_VISION, text=STUDY_TEXT,
+                        note="the GPU miniature study's model (112 px, 16 tokens a frame, 8-layer decoder of width "
+                             "512), trained from these random weights"),
 }
 ALIASES = {"sophia-8b": "internvl2.5-8b", "8b": "internvl2.5-8b", "tiny": "tiny-test"}
 
@@ -178,8 +194,9 @@ def build_random(name: str, output_dir: str, *, device: str = "cpu", dtype: torc
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(f"# sophia random {resolve_shape(name)}\n\nRandom weights (normal, std 0.02), for speed and memory "
-                f"measurements only. {SHAPES[resolve_shape(name)]['note']}; {params:,} parameters, "
+        purpose = "" if resolve_shape(name) == "study-small" else ", for speed and memory measurements only"
+        f.write(f"# sophia random {resolve_shape(name)}\n\nRandom weights (normal, std 0.02){purpose}. "
+                f"{SHAPES[resolve_shape(name)]['note']}; {params:,} parameters, "
                 f"{str(dtype).replace('torch.', '')}. Built by `sophia build-random --shape {name}`.\n")
     if verbose:
         print(f"built {params:,} parameters on {device} in {t1 - t0:.1f} s, saved in "
@@ -194,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Random weights of a real shape (swift_sophia/tools/shapes.py), for speed and memory "
                     "measurements: `swift sft/infer --model DIR --model_type sophia` load it.")
     parser.add_argument("output_dir")
-    parser.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test")
+    parser.add_argument("--shape", required=True, help="internvl2.5-8b (alias sophia-8b), internvl3-8b, tiny-test, "
+                                                       "study-small")
     parser.add_argument("--device", default="cpu", help="where to build it: cuda is fast (seconds), cpu takes "
                                                         "minutes at 8B")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],

@@ -25,23 +25,29 @@ the colour alone does not give it away. Rows are written twice from the same vid
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import random
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..video.avi import write_avi
 from ..video.synthetic_clips import COLORS, SHAPES, _shape_mask, write_mp4
 
 SHAPE_COLOR = (10, 10, 10)  # black: not in COLORS, so the shape shot is the only one with black pixels
 QUESTION = "What color is the background of the shot that shows a {shape}?"
-NUM_OPTIONS = len(COLORS)  # all six colours, always in the same order: the letter names the colour
+NUM_OPTIONS = len(COLORS)
+WRITERS = {"mp4": write_mp4, "avi": write_avi}  # all six colours, always in the same order: the letter names the colour
 
 
-def random_video_spec(rng: random.Random, num_shots: int = 16) -> Dict:
-    """Shots of one video: `background` (and `stripe`, the second colour of a striped shot, or None), and for
-    exactly one shot (`answer_shot`) the `shape`. Consecutive shots never share their background."""
+def random_video_spec(rng: random.Random, num_shots: int = 16, *, stripe_rate: float = 0.5,
+                      answer: Optional[str] = None) -> Dict:
+    """Shots of one video: `background` (and `stripe`, the second colour of a striped shot, or None; a shot without
+    the shape is striped with probability `stripe_rate`), and for exactly one shot (`answer_shot`) the `shape`.
+    Consecutive shots never share their background. `answer` fixes the answer shot's background (balanced sets)."""
     if num_shots < 2:
         raise ValueError("a video needs at least 2 shots (one with the shape, one without)")
     names = list(COLORS)
@@ -49,11 +55,16 @@ def random_video_spec(rng: random.Random, num_shots: int = 16) -> Dict:
     shape = rng.choice(SHAPES)
     shots, prev = [], None
     for i in range(num_shots):
-        bg = rng.choice([c for c in names if c != prev])
+        if i == answer_shot and answer is not None:
+            bg = answer
+        else:
+            # the shot before a fixed answer colour must differ from it too
+            avoid = {prev, answer if answer is not None and i == answer_shot - 1 else None}
+            bg = rng.choice([c for c in names if c not in avoid])
         shot = {"background": bg, "stripe": None, "shape": None}
         if i == answer_shot:
             shot["shape"] = shape
-        elif rng.random() < 0.5:
+        elif rng.random() < stripe_rate:
             shot["stripe"] = rng.choice([c for c in names if c != bg])
         shots.append(shot)
         prev = bg
@@ -61,8 +72,17 @@ def random_video_spec(rng: random.Random, num_shots: int = 16) -> Dict:
             "answer": shots[answer_shot]["background"]}
 
 
-def render_video(spec: Dict, frames_per_shot: int, size: int = 56, seed: int = 0) -> np.ndarray:
-    """uint8 [num_shots * frames_per_shot, size, size, 3]."""
+def balanced_answers(rng: random.Random, count: int) -> List[str]:
+    """`count` answer colours, each colour `count // len(COLORS)` or one more times, in random order."""
+    names = list(COLORS)
+    answers = [names[i % len(names)] for i in range(count)]
+    rng.shuffle(answers)
+    return answers
+
+
+def render_video(spec: Dict, frames_per_shot: int, size: int = 56, seed: int = 0, noise: float = 4.0) -> np.ndarray:
+    """uint8 [num_shots * frames_per_shot, size, size, 3], with Gaussian pixel noise of std `noise` (0: none, which
+    compresses to a few hundred bytes a frame)."""
     rng = np.random.default_rng(seed)
     frames = []
     yy = np.arange(size)[:, None, None]
@@ -79,7 +99,8 @@ def render_video(spec: Dict, frames_per_shot: int, size: int = 56, seed: int = 0
             img = base.copy()
             if shot["shape"] is not None:
                 img[_shape_mask(shot["shape"], size, x0 + dx * t, y0 + dy * t, size * 0.22)] = SHAPE_COLOR
-            img += rng.normal(0.0, 4.0, size=img.shape)
+            if noise > 0:
+                img += rng.normal(0.0, noise, size=img.shape)
             frames.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(frames)
 
@@ -98,34 +119,59 @@ def options_for(spec: Dict, rng: random.Random, num_options: int = NUM_OPTIONS) 
 
 def user_text(question: str, options: List[str]) -> str:
     """The user turn exactly as EvalScope's general_vmcq builds it from a row (`<video 1>\\n` + question), with
-    ms-swift's `<video>` tag where the video goes."""
-    from evalscope.utils.multi_choices import prompt
-
+    ms-swift's `<video>` tag where the video goes. Without EvalScope (a machine that only trains) the same text is
+    built here (tests/tools/test_synthetic_shots.py checks that the two agree)."""
     from ..evaluation.vmcq import PROMPT_TEMPLATE
 
-    text = prompt(question="<video 1>\n" + question, choices=list(options), template=PROMPT_TEMPLATE)
+    question = "<video 1>\n" + question
+    try:
+        from evalscope.utils.multi_choices import prompt
+    except ImportError:
+        letters = [chr(ord("A") + i) for i in range(len(options))]
+        text = PROMPT_TEMPLATE.format(question=question, letters=",".join(letters),
+                                      choices="\n".join(f"{x}) {o}" for x, o in zip(letters, options)))
+    else:
+        text = prompt(question=question, choices=list(options), template=PROMPT_TEMPLATE)
     return text.replace("<video 1>", "<video>")
+
+
+def _without_video(text: str) -> str:
+    return text.replace("<video>\n", "").replace("<video>", "")
 
 
 def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, num_shots: int = 16,
                  frames_per_shot: int = 2, size: int = 56, fps: int = 8, seed: int = 0,
-                 num_options: int = NUM_OPTIONS) -> Dict:
-    """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, and
-    `manifest.json`; return the manifest."""
+                 num_options: int = NUM_OPTIONS, noise: float = 4.0, stripe_rate: float = 0.5,
+                 balance: bool = False, container: str = "mp4", workers: int = 1) -> Dict:
+    """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, the
+    two baselines of the val questions (`val_text_only.jsonl`: no video; `val_blank.jsonl`: every video replaced by
+    one black video of the same length, `videos/blank.*`) and `manifest.json`; return the manifest. `balance`:
+    each split's answer colours as evenly spread as its size allows. `container`: mp4 (H.264, PyAV) or avi
+    (uncompressed, no encoder needed: for a machine without PyAV; width x height x 3 bytes a frame). `workers`:
+    processes that render and write the videos (the files are the same for any number)."""
     from ..evaluation.vmcq import LETTERS, Question, write_set
 
+    if container not in WRITERS:
+        raise ValueError(f"container must be one of {', '.join(WRITERS)}, got {container!r}")
+    write = WRITERS[container]
     rng = random.Random(seed)
-    video_dir = os.path.join(output_dir, "videos")
+    video_dir = os.path.abspath(os.path.join(output_dir, "videos"))
     os.makedirs(video_dir, exist_ok=True)
-    manifest = {"num_shots": num_shots, "frames_per_shot": frames_per_shot, "frames": num_shots * frames_per_shot,
-                "size": size, "fps": fps, "seed": seed, "videos": {}}
+    frames = num_shots * frames_per_shot
+    blank = os.path.join(video_dir, f"blank.{container}")
+    write(blank, np.zeros((frames, size, size, 3), dtype=np.uint8), fps=fps)
+    manifest = {"num_shots": num_shots, "frames_per_shot": frames_per_shot, "frames": frames,
+                "size": size, "fps": fps, "seed": seed, "noise": noise, "stripe_rate": stripe_rate,
+                "balanced": balance, "video_dir": video_dir, "blank_video": blank, "videos": {}}
     questions: List[Question] = []
+    videos = []  # (path, spec, render seed): rendered after the loop, in `workers` processes
     for split, count in (("train", num_train), ("val", num_val)):
         rows = []
+        answers = balanced_answers(rng, count) if balance else [None] * count
         for i in range(count):
-            spec = random_video_spec(rng, num_shots)
-            video = os.path.abspath(os.path.join(video_dir, f"{split}_{i:05d}.mp4"))
-            write_mp4(video, render_video(spec, frames_per_shot, size=size, seed=rng.randrange(1 << 30)), fps=fps)
+            spec = random_video_spec(rng, num_shots, stripe_rate=stripe_rate, answer=answers[i])
+            video = os.path.join(video_dir, f"{split}_{i:05d}.{container}")
+            videos.append((video, spec, rng.randrange(1 << 30)))
             options = options_for(spec, rng, num_options)
             letter = LETTERS[options.index(spec["answer"])]
             question = QUESTION.format(shape=spec["shape"])
@@ -140,15 +186,60 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
                 questions.append(Question(qid=f"val_{i:05d}", subset="default", question=question,
                                           options=options, answer=letter, video=video,
                                           extra={"answer_shot": a, "shape": spec["shape"]}))
-        with open(os.path.join(output_dir, f"{split}.jsonl"), "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        _write_jsonl(os.path.join(output_dir, f"{split}.jsonl"), rows)
+        if split == "val":
+            _write_jsonl(os.path.join(output_dir, "val_text_only.jsonl"),
+                         [{"messages": [{**r["messages"][0], "content": _without_video(r["messages"][0]["content"])},
+                                        r["messages"][1]]} for r in rows])
+            _write_jsonl(os.path.join(output_dir, "val_blank.jsonl"), [{**r, "videos": [blank]} for r in rows])
+    render = functools.partial(_render_and_write, write=write, frames_per_shot=frames_per_shot, size=size, fps=fps,
+                               noise=noise)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.starmap(render, videos, chunksize=8)
+    else:
+        for job in videos:
+            render(*job)
     if questions:
+        # the videos were just written here: no need to decode them again (which takes PyAV)
         write_set(os.path.join(output_dir, "eval_set"), questions, name="synthetic_shots", subsets=["default"],
-                  info={"num_shots": num_shots, "frames_per_shot": frames_per_shot})
+                  check_videos=False, info={"num_shots": num_shots, "frames_per_shot": frames_per_shot})
     with open(os.path.join(output_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def _render_and_write(path: str, spec: Dict, seed: int, *, write, frames_per_shot: int, size: int, fps: int,
+                      noise: float) -> None:
+    write(path, render_video(spec, frames_per_shot, size=size, seed=seed, noise=noise), fps=fps)
+
+
+def _write_jsonl(path: str, rows: List[Dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def relocate(output_dir: str) -> int:
+    """Point a dataset that was moved (e.g. written on one machine and carried to another) at its videos where they
+    are now: the video folder recorded in `manifest.json` is replaced in every jsonl and json file of the dataset.
+    Returns the number of files rewritten."""
+    manifest_path = os.path.join(output_dir, "manifest.json")
+    old = json.load(open(manifest_path))["video_dir"]
+    new = os.path.abspath(os.path.join(output_dir, "videos"))
+    if old == new:
+        return 0
+    changed = 0
+    for folder, _, names in os.walk(output_dir):
+        for name in names:
+            if name.endswith((".json", ".jsonl")):
+                path = os.path.join(folder, name)
+                text = open(path).read()
+                # paths sit inside JSON strings, where "/" is never escaped by json.dumps
+                if old in text:
+                    open(path, "w").write(text.replace(old, new))
+                    changed += 1
+    return changed
 
 
 def cache_true_shots(manifest: Dict, cache_dir: Optional[str] = None) -> int:
@@ -163,11 +254,14 @@ def cache_true_shots(manifest: Dict, cache_dir: Optional[str] = None) -> int:
     store = ShotCache(cache_dir)
     n, fps = manifest["frames_per_shot"], float(manifest["fps"])
     total = manifest["frames"]
-    for video, info in manifest["videos"].items():
-        entry = {"cuts": [i * n for i in range(1, len(info["shots"]))], "total_frames": total, "fps": fps,
+    shots = {video: len(info["shots"]) for video, info in manifest["videos"].items()}
+    if manifest.get("blank_video"):  # cut like the others: pruning on it needs no detector either
+        shots[manifest["blank_video"]] = manifest["num_shots"]
+    for video, count in shots.items():
+        entry = {"cuts": [i * n for i in range(1, count)], "total_frames": total, "fps": fps,
                  "detect_frames": total, "stride": 1}
         _store_entry(store, shot_cache_key(content_hash(video), settings), entry, settings)
-    return len(manifest["videos"])
+    return len(shots)
 
 
 def answer_seen(frames: List[int], answer_frames: List[int]) -> bool:
@@ -183,7 +277,7 @@ def uniform_frames(total: int, k: int) -> List[int]:
 
 
 def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta: float = 30,
-                  frames: int = 32) -> List[List[int]]:
+                  frames: int = 32, max_frames: int = 0) -> List[List[int]]:
     """The native frames the checkpoint's pruner keeps for each ms-swift row, as the model selects them when it
     answers: the row goes through the checkpoint's own template (its query text, the shot cache) and one forward
     pass, and the pruner's selection is recorded."""
@@ -192,7 +286,8 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     from swift.template import get_template
 
     from ..ms_swift import register  # noqa: F401
-    os.environ.update(PRUNE_ALPHA=str(alpha), PRUNE_BETA=str(beta), VIDEO_SEGMENTS=str(frames))
+    os.environ.update(PRUNE_ALPHA=str(alpha), PRUNE_BETA=str(beta), VIDEO_SEGMENTS=str(frames),
+                      PRUNE_MAX_FRAMES=str(max_frames))
     model, processor = get_model_processor(checkpoint, model_type="sophia", torch_dtype=torch.float32)
     template = get_template(processor, template_type="sophia")
     template.set_mode("train")
@@ -237,17 +332,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num-options", type=int, default=NUM_OPTIONS,
                    help=f"options per question (default {NUM_OPTIONS}: every colour, in a fixed order; fewer: the "
                         f"answer and random others, shuffled)")
+    p.add_argument("--noise", type=float, default=4.0,
+                   help="std of the pixel noise (default 4; 0 compresses far better: ~7 KB for 128 frames of 112 px "
+                        "without stripes)")
+    p.add_argument("--stripe-rate", type=float, default=0.5,
+                   help="chance that a shot without the shape is striped (default 0.5; stripes cost most bytes)")
+    p.add_argument("--container", default="mp4", choices=sorted(WRITERS),
+                   help="mp4 (H.264, needs PyAV) or avi (uncompressed, needs nothing: for machines without PyAV)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the videos (default 1)")
+    p.add_argument("--balance", action="store_true", help="answer colours spread evenly within each split")
     p.add_argument("--cache-true-shots", metavar="CACHE_DIR", default=None,
                    help="also write the true shot boundaries into this shot cache folder (instead of TransNetV2)")
+    p.add_argument("--relocate", action="store_true",
+                   help="write nothing new: point the dataset in OUTPUT_DIR, moved from where it was written, at its "
+                        "videos where they are now (with --cache-true-shots: and cache its shots here)")
     a = p.parse_args(argv)
-    m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots, frames_per_shot=a.frames_per_shot,
-                     size=a.size, fps=a.fps, seed=a.seed, num_options=a.num_options)
-    print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
-          f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
+    if a.relocate:
+        print(f"{relocate(a.output_dir)} files of {os.path.abspath(a.output_dir)} point at its videos")
+        m = json.load(open(os.path.join(a.output_dir, "manifest.json")))
+    else:
+        m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots,
+                         frames_per_shot=a.frames_per_shot, size=a.size, fps=a.fps, seed=a.seed,
+                         num_options=a.num_options, noise=a.noise, stripe_rate=a.stripe_rate, balance=a.balance,
+                         container=a.container, workers=a.workers)
+        print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
+              f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
     if a.cache_true_shots:
         print(f"true shots of {cache_true_shots(m, a.cache_true_shots)} videos cached in {a.cache_true_shots}")
     return 0
 
-__all__ = ["make_dataset", "random_video_spec", "render_video", "options_for", "user_text", "cache_true_shots",
-           "answer_seen", "uniform_frames", "pruned_frames", "main",
-           "QUESTION"]
+__all__ = ["make_dataset", "relocate", "balanced_answers", "random_video_spec", "render_video", "options_for",
+           "user_text", "cache_true_shots", "answer_seen", "uniform_frames", "pruned_frames", "main", "QUESTION"]

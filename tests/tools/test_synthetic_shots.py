@@ -1,6 +1,7 @@
 """The one-shot-among-many generator (swift_sophia.tools.synthetic_shots): exactly one shot shows the named shape, the
 answer is that shot's background, counts are right, the training prompt is the evaluation's prompt."""
 import json
+import os
 import random
 
 import av
@@ -105,3 +106,50 @@ def test_uniform_frames_can_miss_the_answer_shot():
     missed = [s for s in range(16) if not answer_seen(frames, [2 * s, 2 * s + 2])]
     assert 0 < len(missed) < 16  # some 2-frame shots fall between the samples, as the study relies on
     assert all(answer_seen(list(range(32)), [2 * s, 2 * s + 2]) for s in range(16))
+
+
+def test_user_text_without_evalscope_is_evalscopes_text(monkeypatch):
+    import sys
+
+    options = ["red", "green", "blue", "yellow"]
+    with_evalscope = user_text("What color?", options)
+    monkeypatch.setitem(sys.modules, "evalscope.utils.multi_choices", None)  # import fails as on a training box
+    assert user_text("What color?", options) == with_evalscope
+
+
+def test_balanced_answers_baselines_avi_and_relocation(tmp_path):
+    import shutil
+    from collections import Counter
+
+    import decord
+
+    from swift_sophia.tools.synthetic_shots import relocate
+
+    src = tmp_path / "written"
+    m = make_dataset(str(src), num_train=12, num_val=6, num_shots=3, frames_per_shot=2, size=28, noise=0,
+                     stripe_rate=0, balance=True, container="avi")
+    answers = Counter((v["split"], v["answer"]) for v in m["videos"].values())
+    assert set(answers.values()) == {2, 1} and sum(answers.values()) == 18  # 12 train: 2 each; 6 val: 1 each
+    for video, info in m["videos"].items():
+        shots = info["shots"]
+        assert all(a["background"] != b["background"] for a, b in zip(shots, shots[1:]))
+        assert shots[info["answer_shot"]]["background"] == info["answer"]
+        frames = decord.VideoReader(video).get_batch(list(range(6))).asnumpy()
+        expected = render_video(info, 2, size=28, seed=0, noise=0)
+        assert np.array_equal(frames[::2, 0, 0], expected[::2, 0, 0])  # a corner: the backgrounds, exact
+    assert len(decord.VideoReader(m["blank_video"])) == 6
+    val = [json.loads(line) for line in open(src / "val.jsonl")]
+    text = [json.loads(line) for line in open(src / "val_text_only.jsonl")]
+    blank = [json.loads(line) for line in open(src / "val_blank.jsonl")]
+    for v, t, b in zip(val, text, blank):
+        assert "videos" not in t and "<video>" not in t["messages"][0]["content"]
+        assert v["messages"][0]["content"].replace("<video>\n", "") == t["messages"][0]["content"]
+        assert b["videos"] == [m["blank_video"]] and b["messages"] == v["messages"]
+        assert t["messages"][1] == v["messages"][1]
+    moved = tmp_path / "moved"
+    shutil.move(str(src), str(moved))
+    assert relocate(str(moved)) > 0
+    rows = [json.loads(line) for line in open(moved / "val_blank.jsonl")] + [
+        json.loads(line) for line in open(moved / "train.jsonl")]
+    assert all(os.path.exists(r["videos"][0]) and r["videos"][0].startswith(str(moved)) for r in rows)
+    assert relocate(str(moved)) == 0

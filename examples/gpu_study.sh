@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The miniature study at GPU size (docs/miniature_study.md, "The study on a GPU"): examples/miniature_study.sh with
+# the study-small model (about 31 M parameters from random weights: a 4-layer tower at 112 px, 16 tokens a frame,
+# an 8-layer decoder of width 512), bf16, on 128-frame videos of 32 shots of 4 frames whose answer is in one shot,
+# balanced answers, uncompressed AVI videos written on the spot (no encoder needed), a frame budget of 16 frames.
+# Planned for one H100 and 16 CPU cores in under 10 minutes: stage 2 stops after STAGE2_SECONDS and goes on from
+# its last checkpoint (saved every STAGE2_SAVE_STEPS steps). Every size is an environment variable (see examples/miniature_study.sh) and may be overridden.
+#   bash examples/gpu_study.sh [WORK_DIR]     (default: output/gpu_study)
+set -euo pipefail
+export SHAPE="${SHAPE:-study-small}" PRECISION="${PRECISION:-bf16}"
+export FRAMES="${FRAMES:-128}" SHOTS="${SHOTS:-32}" SIZE="${SIZE:-112}" NOISE="${NOISE:-4}"
+export STRIPE_RATE="${STRIPE_RATE:-0.5}" BALANCE="${BALANCE:-1}" CONTAINER="${CONTAINER:-avi}"
+export NUM_TRAIN="${NUM_TRAIN:-1536}" NUM_VAL="${NUM_VAL:-192}" DATA_WORKERS="${DATA_WORKERS:-12}"
+export BATCH="${BATCH:-16}" WORKERS="${WORKERS:-8}" SAVE_ONLY_MODEL="${SAVE_ONLY_MODEL:-true}"
+export STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE1_LR="${STAGE1_LR:-1e-3}"
+export STAGE2_EPOCHS="${STAGE2_EPOCHS:-4}" STAGE2_LR="${STAGE2_LR:-5e-4}" STAGE2_SECONDS="${STAGE2_SECONDS:-190}"
+export STAGE2_SAVE_STEPS="${STAGE2_SAVE_STEPS:-32}"
+export STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}" STAGE3_LR="${STAGE3_LR:-1e-3}"
+export BUDGET="${BUDGET:-16}" EVAL_JOBS="${EVAL_JOBS:-5}" INFER_BATCH="${INFER_BATCH:-32}"
+export NIAH="${NIAH:-auto}" NIAH_FRAMES="${NIAH_FRAMES:-32,64,128,256}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
+exec bash "$(dirname "$0")/miniature_study.sh" "${1:-output/gpu_study}"

@@ -1,0 +1,46 @@
+"""examples/miniature_study.sh end to end at toy size on the CPU: every stage, every condition and both baselines
+evaluated, the frame analysis and the table (accuracy and Wilson interval of every condition)."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from swift_cli import env
+from swift_sophia.tools.study_report import CONDITIONS
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAMES, SHOTS, NUM_VAL = 8, 4, 6
+K, BUDGET = 3, 2  # 30/30 keeps 3 of 4 shots and 1 of each shot's 2 frames
+
+
+def test_miniature_study_reports_every_condition(tmp_path):
+    work = tmp_path / "study"
+    sizes = dict(NUM_TRAIN="16", NUM_VAL=str(NUM_VAL), FRAMES=str(FRAMES), SHOTS=str(SHOTS), BATCH="8",
+                 STAGE3_EPOCHS="1", BUDGET=str(BUDGET), EVAL_JOBS="2", NIAH="0", CONTAINER="avi", BALANCE="1")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "miniature_study.sh"), str(work)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env(**sizes))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.load(open(work / "results.json"))
+    table = open(work / "table.md").read()
+    assert set(res["conditions"]) == set(CONDITIONS)
+    for name, entry in res["conditions"].items():
+        assert entry["label"] in table, name
+        assert entry["n"] == NUM_VAL and len(entry["scores"]) == NUM_VAL, name
+        lo, hi = entry["ci95"]
+        assert 0 <= lo <= entry["accuracy"] <= hi <= 1, (name, entry)
+        assert f"{entry['accuracy']:.3f} ({entry['hits']}/{NUM_VAL})" in table
+    frames = {name: (e.get("frames_min"), e.get("frames_max")) for name, e in res["conditions"].items()}
+    assert frames["all_frames"] == frames["blank_video"] == (FRAMES, FRAMES)
+    assert frames["uniform_K"] == frames["prune30"] == (K, K)  # true shots of equal length: exactly K
+    assert frames["no_hierarchy"] == frames["neighbours_0"] == frames["prune30"]
+    assert frames["uniform_B"] == (BUDGET, BUDGET) and 1 <= frames["budget"][0] <= frames["budget"][1] <= BUDGET
+    assert frames["text_only"] == (None, None) and "answer_shot_shown" not in res["conditions"]["blank_video"]
+    assert res["conditions"]["all_frames"]["answer_shot_shown"] == NUM_VAL
+    for name in ("prune30", "budget"):
+        for stage in ("before stage 3", "after stage 3"):
+            assert 0 <= res["pruner"][f"{name}, {stage}"]["answer_shot_shown"] <= NUM_VAL
+    assert set(res["training"]) == {"stage1", "stage2", "stage3"}
+    timings = open(work / "timings.txt").read()
+    assert "stage 3" in timings and "done" in timings
