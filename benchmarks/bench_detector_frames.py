@@ -7,19 +7,14 @@ wall time) and a checksum of the frames (equal in every row). Median of repeated
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
 
 import numpy as np
+from bench_8b import cpu_seconds
 
 from swift_sophia.video import shot_frames
 from swift_sophia.video.frames import PyAVReader
-
-
-def cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main():

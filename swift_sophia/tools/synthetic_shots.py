@@ -39,8 +39,8 @@ from ..video.synthetic_clips import COLORS, SHAPES, _shape_mask, write_mp4
 
 SHAPE_COLOR = (10, 10, 10)  # black: not in COLORS, so the shape shot is the only one with black pixels
 QUESTION = "What color is the background of the shot that shows a {shape}?"
-NUM_OPTIONS = len(COLORS)
-WRITERS = {"mp4": write_mp4, "avi": write_avi}  # all six colours, always in the same order: the letter names the colour
+NUM_OPTIONS = len(COLORS)  # all six colours, always in the same order: the letter names the colour
+WRITERS = {"mp4": write_mp4, "avi": write_avi}
 
 
 def random_video_spec(rng: random.Random, num_shots: int = 16, *, stripe_rate: float = 0.5,

@@ -189,8 +189,12 @@ class PyAVReader:
 
         other = copy.copy(self)
         other._reformatter, other.segments = VideoReformatter(), 1
-        other.num_threads = self.num_threads or max(1, (os.cpu_count() or 1) // runs)
+        other.num_threads = self.threads_per_run(runs)
         return other
+
+    def threads_per_run(self, runs: int) -> int:
+        """Decoder threads of each of `runs` decoders at once: this reader's, else its share of the cores."""
+        return self.num_threads or max(1, (os.cpu_count() or 1) // runs)
 
     @property
     def parallel(self) -> bool:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from . import pyav_runs
-from .frames import DecordReader, PyAVReader, _in_threads, decode_segments, resize_frames
+from .frames import DecordReader, PyAVReader, _in_threads, _split, decode_segments, resize_frames
 from .shot_detector import INPUT_H, INPUT_W
 from .source import VideoDecodeError, VideoNotFoundError, VideoSource, describe
 from .transnet_isolation import fork_guard
@@ -121,16 +121,15 @@ def _small_frames_in_processes(reader: PyAVReader, path: str, idx: List[int], ru
     frame holds the GIL, so decoders in threads of this process would scale their frames one at a time."""
     out = np.empty((len(idx), INPUT_H, INPUT_W, 3), dtype=np.uint8)
     frame_bytes = DECODE_H * DECODE_W * 3
-    threads = max(1, (os.cpu_count() or 1) // runs)
-    bounds = [round(k * len(idx) / runs) for k in range(runs + 1)]
+    threads = reader.threads_per_run(runs)
     workers = []
     try:
-        for a, b in zip(bounds, bounds[1:]):
-            ask = pyav_runs.request(path, [reader.pts[i] for i in idx[a:b]], reader.keys, (DECODE_W, DECODE_H),
+        for run in _split(range(len(idx)), runs):
+            ask = pyav_runs.request(path, [reader.pts[idx[k]] for k in run], reader.keys, (DECODE_W, DECODE_H),
                                     PYAV_INTERPOLATION, threads)
             proc = subprocess.Popen([sys.executable, pyav_runs.__file__], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            workers.append((a, b, proc))
+            workers.append((run.start, run.stop, proc))
             proc.stdin.write(ask)
             proc.stdin.close()
 
