@@ -15,6 +15,7 @@ change in place, e.g. loading other weights into the same object, must call it).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -47,12 +48,14 @@ def feature_key(content_hash: str, sampling: dict, image_size: int, dtype: torch
 @dataclass
 class VideoFeatures:
     """One video's entry: its sampled frames (native indices) and their features [F, M, D] (vision tower + projector,
-    on the host); `frame_shots` [F] once shots were computed for it (pruning on)."""
+    on the host in the cache); `frame_shots` [F] once shots were computed for it (pruning on); `descriptors` [F, D]
+    (the pruner's per-frame descriptors) where the model computed them with the features."""
     indices: List[int]
     total_frames: int
     fps: float
     features: Optional[torch.Tensor] = None
     frame_shots: Optional[torch.Tensor] = None
+    descriptors: Optional[torch.Tensor] = None
     copied: Optional["torch.cuda.Event"] = field(default=None, repr=False)  # the copy off the GPU is done
 
     @property
@@ -63,10 +66,12 @@ class VideoFeatures:
 @dataclass(eq=False)
 class FeatureSlot:
     """What the template hands the model for one video (one object in the batch, so that moving the batch to the
-    device leaves cached features on the host): the key, and the cached entry on a hit (`entry.features` set)."""
-    key: str
+    device leaves cached features on the host): the key (None when the cache is off), and the entry, whose features
+    are set on a hit or when the template computed them while the video decoded (`fresh`)."""
+    key: Optional[str]
     name: str
     entry: VideoFeatures = field(repr=False, default=None)
+    fresh: bool = False  # features computed for this request while the video decoded (stored once its shots are known)
 
     @property
     def hit(self) -> bool:
@@ -105,12 +110,15 @@ class VideoFeatureCache:
         return entry
 
     def put(self, key: str, entry: VideoFeatures) -> bool:
-        """Store `entry` (its features moved to host memory); False when it alone exceeds the bound."""
+        """Store a copy of `entry` with its tensors in host memory (`entry` itself keeps its own where they are);
+        False when it alone exceeds the bound."""
         if not self.enabled or entry.features is None or entry.nbytes > self.max_bytes:
             return False
+        entry = dataclasses.replace(entry)
         entry.features, entry.copied = _to_host(entry.features)
-        if entry.frame_shots is not None:
-            entry.frame_shots = entry.frame_shots.detach().to("cpu")
+        for name in ("frame_shots", "descriptors"):
+            if getattr(entry, name) is not None:
+                setattr(entry, name, getattr(entry, name).detach().to("cpu"))
         with self._lock:
             self._entries.pop(key, None)
             self._entries[key] = entry

@@ -44,6 +44,7 @@ from .configuration_sophia import SophiaConfig, prunes, resolve_runtime_settings
 from .extended_sequence import ExtendedPlan, VideoRun, build_extended_plan, find_video_runs
 from .feature_cache import FeatureSlot, VideoFeatureCache
 from .frame_budget import frame_budgets
+from .frame_features import FrameFeatureWriter
 from .kv_cache import PrefillCache, cache_index
 from .lean_prefill import lean_prefill, supports_lean_prefill
 from .pruning import FramePruner, GumbelTemperature, QueryLinear
@@ -481,38 +482,42 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
         """`video_frame_features` a chunk of frames at a time, each chunk's features copied to (pinned) host memory
         and its pruning descriptors (`FramePruner.frame_descriptors`, [F, D] float32) kept on the device. Returns
         (host features [F, M, D], descriptors); the same values as computing them all on the device."""
-        total = pixels.shape[0]
-        chunk = self.config.vision_chunk_frames or total
-        host = descriptors = None
-        for s in range(0, total, chunk):
-            features = self._frame_features(pixels[s:s + chunk]).to(dtype)
-            if host is None:
-                host = torch.empty((total,) + tuple(features.shape[1:]), dtype=dtype, device="cpu",
-                                   pin_memory=torch.cuda.is_available())
-                descriptors = torch.empty(total, features.shape[-1], dtype=torch.float32, device=features.device)
-            descriptors[s:s + features.shape[0]] = self.pruner.frame_descriptors(features)
-            host[s:s + features.shape[0]].copy_(features, non_blocking=True)
-        if torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()  # the last copies are done before the chunks' memory is reused
-        return host, descriptors
+        writer = FrameFeatureWriter(self, pixels.shape[0], dtype, on_host=True)
+        writer.add(0, pixels)
+        return writer.result()
+
+    def video_feature_writer(self, frames: int) -> FrameFeatureWriter:
+        """A writer of one video's frame features from chunks of its pixels (`frame_features.py`), laid out as this
+        model's forward pass lays them out for a video of `frames` frames alone: `video_feature_slots` take them."""
+        like = self.get_input_embeddings().weight
+        with torch.no_grad():  # the rule of inference
+            on_host = self._features_on_host(frames, like)
+        return FrameFeatureWriter(self, frames, like.dtype, on_host=on_host)
 
     def _with_cached_features(self, computed, descriptors, counts, slots, like, on_host: bool):
-        """Every video's frame features in order: cached ones (`slot.hit`) from the cache, the others from
-        `computed` (the frames that were encoded, in order), which are stored for the next question about them.
-        Laid out as the encoded ones were: on the device, or in host memory with the pruner's descriptors."""
+        """Every video's frame features in order: given ones (`slot.hit`: from the cache, or computed while the video
+        decoded) as they are, the others from `computed` (the frames that were encoded, in order), which are stored
+        for the next question about them. Laid out as the encoded ones were: on the device, or in host memory with the
+        pruner's descriptors."""
         pieces, start = [], 0
         for count, slot in zip(counts, slots):
             if slot is not None and slot.hit:
-                pieces.append((slot.entry.features, None))
+                pieces.append((slot.entry.features, slot.entry.descriptors))
                 continue
             piece = computed[start:start + count]
-            pieces.append((piece, None if descriptors is None else descriptors[start:start + count]))
+            piece_descriptors = None if descriptors is None else descriptors[start:start + count]
+            pieces.append((piece, piece_descriptors))
             start += count
             if slot is not None and not torch.is_grad_enabled():
-                slot.entry.features = piece
+                slot.entry.features, slot.entry.descriptors = piece, piece_descriptors
                 self.video_feature_cache.put(slot.key, slot.entry)
         if not on_host:
+            if len(pieces) == 1 and pieces[0][0].device == like.device and pieces[0][0].dtype == like.dtype:
+                return pieces[0][0], None
             return torch.cat([p.to(device=like.device, dtype=like.dtype) for p, _ in pieces]), None
+        if len(pieces) == 1 and pieces[0][1] is not None and pieces[0][0].dtype == like.dtype and \
+                pieces[0][0].device.type == "cpu":  # one video already laid out for the pruner
+            return pieces[0][0], pieces[0][1].to(like.device)
         total = sum(counts)
         host = torch.empty((total,) + tuple(pieces[0][0].shape[1:]), dtype=like.dtype, device="cpu",
                            pin_memory=torch.cuda.is_available())
@@ -526,7 +531,7 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                     part = piece[s:s + chunk].to(device=like.device, dtype=like.dtype, non_blocking=True)
                     described[offset + s:offset + s + part.shape[0]] = self.pruner.frame_descriptors(part)
             else:
-                described[offset:offset + n] = piece_descriptors
+                described[offset:offset + n] = piece_descriptors.to(like.device)
             offset += n
         return host, described
 
@@ -684,6 +689,9 @@ class SophiaForConditionalGeneration(SophiaPreTrainedModel, GenerationMixin):
     @property
     def video_feature_cache(self) -> VideoFeatureCache:
         return self.model.video_feature_cache
+
+    def video_feature_writer(self, frames: int) -> FrameFeatureWriter:
+        return self.model.video_feature_writer(frames)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         if self.config.offload_checkpoints:

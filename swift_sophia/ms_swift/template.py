@@ -24,6 +24,7 @@ environment overrides to the config once, here; shots are computed only when pru
 from __future__ import annotations
 
 import functools
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Literal, Optional
@@ -76,6 +77,7 @@ class SophiaTemplate(Template):
         self.frame_sampling = FrameSampling.from_env(default_frames)
         # the fixed frame count, None under FPS sampling (kept for callers that read it)
         self.video_segments = self.frame_sampling.num_frames
+        self.stream_features = _stream_setting()
 
     # --------------------------------------------------------------------------------------------- tags
     @staticmethod
@@ -144,6 +146,10 @@ class SophiaTemplate(Template):
             frame_shots = self._video_shots(clips, slots, shots)
             if frame_shots is not None:
                 encoded["video_frame_shots"] = frame_shots
+            cache = self._feature_cache()
+            for slot in slots:
+                if slot is not None and slot.fresh and cache is not None:
+                    cache.put(slot.key, slot.entry)
             if any(slot is not None for slot in slots):
                 encoded["video_feature_slots"] = slots
         if inputs.images:
@@ -172,35 +178,62 @@ class SophiaTemplate(Template):
                                                video_hash=video_hash)
         return start
 
+    def _streams(self) -> bool:
+        """Whether a video's features are computed while it decodes (at inference, on a GPU by default)."""
+        if self.is_training or self.model is None or not hasattr(self.model, "video_feature_writer"):
+            return False
+        setting = getattr(self, "stream_features", None)
+        if setting is not None:
+            return setting
+        return next(self.model.parameters()).device.type == "cuda"
+
     def _load_video(self, video, size: int, on_indices=None):
         """(clip, slot): the sampled frames decoded at `size`, or, when the model's feature cache holds this video
-        at these settings, its frame indices only (`clip.frames` None) and the cached entry in the slot."""
-        cache = self._feature_cache()
-        if cache is None:
+        at these settings, its frame indices only (`clip.frames` None) and the cached entry in the slot. When
+        streaming (`_streams`), each chunk of frames goes through the model's vision tower as soon as it is decoded,
+        while the next ones decode: the slot holds the features (`slot.fresh`) and the clip no frames."""
+        cache, streams = self._feature_cache(), self._streams()
+        if cache is None and not streams:
             return load_video(video, self.frame_sampling, size=size, on_indices=on_indices), None
-        from ..video.shot_cache import content_hash
-
         source, name = resolve_video_source(video)
-        video_hash = content_hash(source)
-        key = feature_key(video_hash, vars(self.frame_sampling), size, self.model_info.torch_dtype,
-                          _active_adapter(self.model))
-        entry = cache.get(key)
-        if entry is not None:
-            from swift.utils import get_logger
+        key = video_hash = None
+        if cache is not None:
+            from ..video.shot_cache import content_hash
 
-            get_logger().info(f"[sophia] video {name}: features of its {len(entry.indices)} frames reused "
-                              f"(feature cache)")
-            clip = VideoClip(frames=None, indices=entry.indices, total_frames=entry.total_frames, fps=entry.fps,
-                             source=source, name=name)
-            return clip, FeatureSlot(key, name, entry)
+            video_hash = content_hash(source)
+            key = feature_key(video_hash, vars(self.frame_sampling), size, self.model_info.torch_dtype,
+                              _active_adapter(self.model))
+            entry = cache.get(key)
+            if entry is not None:
+                from swift.utils import get_logger
+
+                get_logger().info(f"[sophia] video {name}: features of its {len(entry.indices)} frames reused "
+                                  f"(feature cache)")
+                clip = VideoClip(frames=None, indices=entry.indices, total_frames=entry.total_frames, fps=entry.fps,
+                                 source=source, name=name)
+                return clip, FeatureSlot(key, name, entry)
+        # the shot detector reuses the content hash just computed (an inline video is hashed once)
+        started = None if on_indices is None else functools.partial(on_indices, video_hash=video_hash)
+        writers, on_frames = [], None
+        if streams:
+            def begin(src, indices, total):
+                writers.append(self.model.video_feature_writer(len(indices)))
+                if started is not None:
+                    started(src, indices, total)
+
+            def on_frames(start, frames):
+                writer = writers[0]
+                writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
         try:
-            # the shot detector reuses the content hash just computed (an inline video is hashed once)
-            started = None if on_indices is None else functools.partial(on_indices, video_hash=video_hash)
-            clip = load_video(source, self.frame_sampling, size=size, on_indices=started)
+            clip = load_video(source, self.frame_sampling, size=size, on_indices=begin if streams else started,
+                              on_frames=on_frames)
         except VideoError as exc:  # name the video as the request gave it, not as the fetched bytes
             raise type(exc)(str(exc).replace(describe(source), name)) from exc
         clip.name = name
-        return clip, FeatureSlot(key, name, VideoFeatures(list(clip.indices), clip.total_frames, clip.fps))
+        entry = VideoFeatures(list(clip.indices), clip.total_frames, clip.fps)
+        if streams:
+            entry.features, entry.descriptors = writers[0].result()
+        return clip, FeatureSlot(key, name, entry, fresh=streams)
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
         """Per video, in tag order (system prompt first, then the messages), the token ids of its pruning query:
@@ -279,6 +312,19 @@ class SophiaTemplate(Template):
                 mask[i, :len(q)] = 1
             res["video_query_ids"], res["video_query_mask"] = ids, mask
         return res
+
+
+def _stream_setting() -> Optional[bool]:
+    """`SOPHIA_STREAM_FEATURES`: 1 streams decoded frames through the vision tower while the video decodes, 0 does
+    not; unset: on when the model is on a GPU (where the tower runs beside the decoders)."""
+    raw = os.environ.get("SOPHIA_STREAM_FEATURES", "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"SOPHIA_STREAM_FEATURES={raw!r} is not valid: it must be 1 or 0")
 
 
 def _active_adapter(model):

@@ -21,9 +21,11 @@ import copy
 import logging
 import math
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from io import BytesIO
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -352,25 +354,67 @@ def decode_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
                    src: Optional[VideoSource] = None) -> np.ndarray:
     """The frames at ``size``: decoded at full size a chunk at a time (:func:`resize_chunk_frames`) and resized
     with torch's antialiased bicubic, frame by frame the same bits whatever the chunk. Memory stays that of the
-    output plus one chunk. (Decoding straight to the size with swscale's bicubic runs on one core: 17.7 of 31.4 s
-    for 3,600 frames of an hour of 360p on 16 cores, more than the decoding itself; docs/benchmarks.md.)"""
+    output plus a chunk per decoder. (Decoding straight to the size with swscale's bicubic runs on one core: 17.7 of
+    31.4 s for 3,600 frames of an hour of 360p on 16 cores, more than the decoding itself; docs/benchmarks.md.)"""
     out = np.empty((len(indices), size[1], size[0], 3), np.uint8)
+    for start, part in iter_resized(reader, indices, size, src=src):
+        out[start:start + len(part)] = part
+    return out
+
+
+def iter_resized(reader, indices: Sequence[int], size: Tuple[int, int], *,
+                 src: Optional[VideoSource] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """:func:`decode_resized`'s frames a chunk at a time, as they decode: ``(first position in indices, uint8
+    [n, H, W, 3])``, every position once. Several PyAV decoders (:func:`decode_segments`) each decode a run of whole
+    chunks in a thread of their own; their chunks come in the order they are ready. A caller that stops early stops
+    the decoders after their current chunk; a decoder's error is raised here."""
     chunk = resize_chunk_frames(reader.width, reader.height)
 
-    def decode_run(run_reader, first: int, last: int) -> None:
-        for start in range(first, last, chunk):
-            part = decode_frames(run_reader, indices[start:min(start + chunk, last)], None, src=src)
-            same = tuple(part.shape[1:3]) == (size[1], size[0])
-            out[start:start + len(part)] = part if same else resize_frames(part, size, mode='bicubic')
+    def decode_chunk(run_reader, start: int, stop: int) -> np.ndarray:
+        part = decode_frames(run_reader, indices[start:stop], None, src=src)
+        same = tuple(part.shape[1:3]) == (size[1], size[0])
+        return part if same else resize_frames(part, size, mode='bicubic')
 
+    chunks = range(0, len(indices), chunk)
     runs = decode_segments(len(indices)) if isinstance(reader, PyAVReader) and reader.parallel else 1
-    if runs == 1:
-        decode_run(reader, 0, len(indices))
-        return out
-    # Several decoders, each over a run of consecutive frames, one chunk at a time (memory: one chunk per run).
-    _in_threads([lambda r=run: decode_run(reader.worker(runs), r.start, r.stop)
-                 for run in _split(range(len(indices)), runs)])
-    return out
+    runs = min(runs, len(chunks))
+    if runs <= 1:
+        for start in chunks:
+            yield start, decode_chunk(reader, start, min(start + chunk, len(indices)))
+        return
+    # Runs of whole chunks: chunk k holds positions [k * chunk, (k + 1) * chunk) whatever the number of decoders.
+    ready: 'queue.SimpleQueue' = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def decode_run_of_chunks(run_reader, run: range) -> None:
+        try:
+            for start in run:
+                if stop.is_set():
+                    return
+                ready.put((start, decode_chunk(run_reader, start, min(start + chunk, len(indices)))))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            ready.put(exc)
+        finally:
+            ready.put(None)
+
+    threads = [threading.Thread(target=decode_run_of_chunks, args=(reader.worker(runs), run), daemon=True)
+               for run in _split(chunks, runs)]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            item = ready.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def open_reader(src: VideoSource, *, backend: str = 'auto', num_threads: int = 0):
@@ -431,14 +475,19 @@ class VideoClip:
 
 
 def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int] = None,
-               num_threads: int = 0, on_indices=None) -> VideoClip:
+               num_threads: int = 0, on_indices=None,
+               on_frames: Optional[Callable[[int, np.ndarray], None]] = None) -> VideoClip:
     """Decode the sampled frames of a video (path, URL, data URL, base64, bytes). ``sampling``: a frame count
     or a :class:`FrameSampling`. ``size``: frames at ``size x size`` (the vision tower's input; decoded a chunk
     at a time and resized with torch's antialiased bicubic, :func:`decode_resized`), else full size. Raises
     :class:`VideoError` naming the video on any problem. ``on_indices(source, indices, total_frames)`` is called
-    once the sampled frames are known, before they are decoded (the template starts the shot detector then)."""
+    once the sampled frames are known, before they are decoded (the template starts the shot detector then).
+    ``on_frames(start, frames)`` (needs ``size``): each chunk of frames is handed to it as soon as it is decoded
+    (:func:`iter_resized`), in this thread, and not kept (``clip.frames`` is None); its own errors pass through."""
     if not isinstance(sampling, FrameSampling):
         sampling = FrameSampling(num_frames=int(sampling))
+    if on_frames is not None and size is None:
+        raise ValueError('load_video(on_frames=...) needs size')
     source, name = resolve_video_source(video)
     try:
         reader = open_reader(source, num_threads=num_threads)
@@ -452,31 +501,55 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
     indices = sample_frame_indices(total, sampling.count(total, reader.fps))
     if on_indices is not None:
         on_indices(source, indices, total)
-    try:
-        frames = (decode_frames(reader, indices, None, src=source) if size is None
-                  else decode_resized(reader, indices, (int(size), int(size)), src=source))
-    except Exception as exc:  # noqa: BLE001
-        raise VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
-                               f'{_first_line(exc)}') from exc
+
+    def cannot_decode(exc: BaseException) -> VideoDecodeError:
+        return VideoDecodeError(f'cannot decode frames {indices[0]}..{indices[-1]} of video {name}: '
+                                f'{_first_line(exc)}')
+
+    frames = None
+    if on_frames is None:
+        try:
+            frames = (decode_frames(reader, indices, None, src=source) if size is None
+                      else decode_resized(reader, indices, (int(size), int(size)), src=source))
+        except Exception as exc:  # noqa: BLE001
+            raise cannot_decode(exc) from exc
+    else:
+        chunks = iter_resized(reader, indices, (int(size), int(size)), src=source)
+        try:
+            while True:
+                try:
+                    start, part = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    raise cannot_decode(exc) from exc
+                on_frames(start, part)
+        finally:
+            chunks.close()
     if isinstance(source, BytesIO):
         source.seek(0)
     return VideoClip(frames=frames, indices=indices, total_frames=total, fps=reader.fps, source=source, name=name)
 
 
 def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int, dtype: torch.dtype = torch.float32,
-                           chunk: int = 256) -> torch.Tensor:
+                           chunk: int = 256, device: Union[str, torch.device, None] = None) -> torch.Tensor:
     """uint8 [F, H, W, 3] (or a list of PIL images) -> [F, 3, S, S] in `dtype`, resized and ImageNet-normalised.
 
     Converted `chunk` frames at a time, so that an hour of frames never exists in float32 (4,096 frames at 448 px
-    are 9.9 GB in float32, 2.5 GB in bfloat16); every frame's values are those of the one-shot conversion."""
+    are 9.9 GB in float32, 2.5 GB in bfloat16); every frame's values are those of the one-shot conversion.
+    `device`: where the conversion runs and the result lives (the uint8 frames go there first, a quarter of the
+    bytes of bfloat16 pixels)."""
     if not isinstance(frames, np.ndarray):
         frames = np.stack([np.asarray(f.convert("RGB")) for f in frames])
-    out = torch.empty((frames.shape[0], 3, image_size, image_size), dtype=dtype)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    out = torch.empty((frames.shape[0], 3, image_size, image_size), dtype=dtype, device=device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     for start in range(0, frames.shape[0], chunk):
-        part = np.ascontiguousarray(frames[start:start + chunk])
-        x = torch.from_numpy(part).permute(0, 3, 1, 2).float().div_(255.0)
+        part = torch.from_numpy(np.ascontiguousarray(frames[start:start + chunk]))
+        if device.type != "cpu":
+            part = part.pin_memory().to(device, non_blocking=True) if torch.cuda.is_available() else part.to(device)
+        x = part.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[-2:] != (image_size, image_size):
             x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic",
                                                 align_corners=False, antialias=True).clamp_(0.0, 1.0)
@@ -487,4 +560,4 @@ def frames_to_pixel_values(frames: Union[np.ndarray, Sequence], image_size: int,
 __all__ = ["VideoClip", "VideoError", "VideoNotFoundError", "VideoDecodeError", "FrameSampling",
            "sample_frame_indices", "open_reader", "decode_frames", "video_info", "load_video",
            "frames_to_pixel_values", "describe", "resize_frames", "resize_chunk_frames", "decode_resized",
-           "PyAVReader", "DecordReader"]
+           "iter_resized", "PyAVReader", "DecordReader"]
