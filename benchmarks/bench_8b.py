@@ -29,7 +29,9 @@ run first, then it is freed and the dense model is built.
 (c) --e2e: an hour-long video file to the first token: decode F = min(--max-frames, duration x 1 fps) frames with
     swift_sophia.video.frames.load_video, resize + normalise (frames_to_pixel_values), shots with
     swift_sophia.video.shots.sampled_shots (uncached: a fresh SOPHIA_SHOT_CACHE; then cached), copy to the GPU, vision,
-    pruning + aggregation, decoder, first token. --make-video writes a synthetic one with PyAV first.
+    pruning + aggregation, decoder, first token, each stage alone; a follow-up question (feature cache); then the
+    template's path on a GPU end to end ("streamed"): decoded chunks through the vision tower while the next decode,
+    the shot detector in a thread, then pruning and the decoder. --make-video writes a synthetic one with PyAV first.
 
 Out of memory is caught and reported as "OOM (failed allocation X GiB)"; the run goes on. --json writes every
 result (rewritten after each case, so a run killed by a time limit keeps what it measured) with the device,
@@ -739,6 +741,84 @@ class Bench:
         return {"status": "ok", "seconds": seconds, "kept": len(out.kept_frames[0]),
                 "cached_gib": entry.nbytes / 2**30}
 
+    def streamed_first_token(self, model, path, sampling, size, inputs, token) -> dict:
+        """The template's path at inference on a GPU, from the file to the first token: each decoded chunk of frames
+        goes through the vision tower at once (`load_video(on_frames=...)` into the model's `video_feature_writer`)
+        while the next ones decode, and the shot detector runs in a thread from the moment the sampled frames are
+        known; then pruning and the decoder over the streamed features. Once with a fresh shot cache (uncached),
+        once with the shot cache it filled (cached)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from swift_sophia.model.feature_cache import FeatureSlot, VideoFeatures
+        from swift_sophia.video import shots as shots_mod
+        from swift_sophia.video.frames import frames_to_pixel_values, load_video
+        from swift_sophia.video.shot_cache import clear_content_hash_memo
+
+        detector = shots_mod.get_default_detector(self.args.detector_device)
+        old_cache = os.environ.get("SOPHIA_SHOT_CACHE")
+        os.environ["SOPHIA_SHOT_CACHE"] = tempfile.mkdtemp(prefix="bench8b-shots-")
+        out = {}
+        try:
+            for case in ("uncached", "cached"):
+                clear_content_hash_memo()
+                model.video_feature_cache.clear()
+                free_memory()
+                writers, started = [], []
+
+                def begin(src, idx, total, pool):
+                    writers.append(model.video_feature_writer(len(idx)))
+                    started.append(pool.submit(shots_mod.sampled_shots, src, idx, total_frames=total,
+                                               detector=detector))
+
+                def on_frames(start, frames):
+                    writer = writers[0]
+                    writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
+
+                row = {}
+                try:
+                    with torch.no_grad(), ThreadPoolExecutor(1) as pool:
+                        self.clock.sync()
+                        t0, c0 = time.perf_counter(), cpu_seconds()
+                        clip = load_video(path, sampling, size=size, on_frames=on_frames,
+                                          on_indices=lambda src, idx, n: begin(src, idx, n, pool))
+                        features, descriptors = writers[0].result()
+                        self.clock.sync()
+                        row["decode_and_vision_s"] = time.perf_counter() - t0
+                        shots = started[0].result()
+                        row["shots_wait_s"] = time.perf_counter() - t0 - row["decode_and_vision_s"]
+                        row["cpu_s"] = cpu_seconds() - c0
+                        shot_ids = torch.zeros(len(clip.indices), dtype=torch.long)
+                        for i, (s, e) in enumerate(shots):
+                            shot_ids[s:e] = i
+                        entry = VideoFeatures(clip.indices, clip.total_frames, clip.fps, features=features,
+                                              descriptors=descriptors)
+                        ask = dict(inputs, pixel_values_videos=inputs["pixel_values_videos"][:0],
+                                   video_frame_shots=shot_ids.to(self.device),
+                                   video_feature_slots=[FeatureSlot(None, path, entry, fresh=True)])
+                        t1 = time.perf_counter()
+                        result = model(**ask, use_cache=True, logits_to_keep=1)
+                        first = int(result.logits[0, -1].argmax())
+                        self.clock.sync()
+                        row["prefill_s"] = time.perf_counter() - t1
+                        row["first_token_s"] = time.perf_counter() - t0
+                    row.update(status="ok", features_on_host=descriptors is not None,
+                               kept=len(result.kept_frames[0]), same_first_token=first == token)
+                except Exception as exc:  # noqa: BLE001
+                    if not is_oom(exc):
+                        raise
+                    row["status"] = oom_text(exc)
+                finally:
+                    writers = ask = result = features = descriptors = entry = None  # noqa: F841
+                    free_memory()
+                out[case] = row
+                print(f"streamed, shots {case}: {row}", flush=True)
+        finally:
+            if old_cache is None:
+                os.environ.pop("SOPHIA_SHOT_CACHE", None)
+            else:
+                os.environ["SOPHIA_SHOT_CACHE"] = old_cache
+        return out
+
     def run_e2e(self):
         a = self.args
         from swift_sophia.video import shots as shots_mod
@@ -874,6 +954,10 @@ class Bench:
             del out
             if not dense:
                 res["follow_up"] = self.follow_up(model, inputs)
+                template_inputs = {k: v for k, v in inputs.items() if k != "video_feature_slots"}
+                inputs = pixels = None
+                free_memory()
+                res["streamed"] = self.streamed_first_token(model, path, sampling, size, template_inputs, token)
         except Exception as exc:  # noqa: BLE001
             if not is_oom(exc):
                 raise
@@ -1041,6 +1125,14 @@ def print_tables(results: dict):
                   f"{fmt_s(f['seconds'])} |")
         elif f:
             print(f"| a follow-up question | {f['status']} |")
+        for case, row in (e.get("streamed") or {}).items():
+            if row.get("status") != "ok":
+                print(f"| streamed (the template's path), shots {case} | {row.get('status')} |")
+                continue
+            print(f"| streamed (the template's path), shots {case}: first token (decode + vision "
+                  f"{fmt_s(row['decode_and_vision_s'])}, then waiting for shots {fmt_s(row['shots_wait_s'])}, "
+                  f"prefill {fmt_s(row['prefill_s'])}; {row['kept']} kept, same token: {row['same_first_token']}) | "
+                  f"{fmt_s(row['first_token_s'])} |")
         if e.get("peak_gib") is not None:
             print(f"\nprefill peak {e['peak_gib']:.1f} GiB beyond weights and inputs")
         wall = dict(e["stages"], **{"decode and shots overlapped": e.get("overlapped_s")})
