@@ -216,6 +216,10 @@ class SophiaTemplate(Template):
         started = None if on_indices is None else functools.partial(on_indices, video_hash=video_hash)
         writers, on_frames = [], None
         if streams:
+            from swift.utils import get_logger
+
+            get_logger().info_once("[sophia] each video's frames go through the vision tower while the video decodes "
+                                   "(streamed features; SOPHIA_STREAM_FEATURES=0 turns it off)")
             def begin(src, indices, total):
                 writers.append(self.model.video_feature_writer(len(indices)))
                 if started is not None:

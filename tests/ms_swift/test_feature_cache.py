@@ -183,7 +183,8 @@ def _infer_cli(model_dir, *args, extra_env=None, input=None):
 @pytest.mark.slow
 def test_swift_infer_batch_of_questions_about_one_video(tiny_model_dir, video, tmp_path):
     """A dataset with several questions per video (the shape of Video-MME, MLVU, LVBench): the video is decoded and
-    encoded once, and the answers are those of a run without the cache."""
+    encoded once, and the answers are those of a run without the cache. The cached run streams the video's features
+    (SOPHIA_STREAM_FEATURES=1, the default on a GPU), the other does not: the same answers either way."""
     import json
 
     data = tmp_path / "val.jsonl"
@@ -193,9 +194,11 @@ def test_swift_infer_batch_of_questions_about_one_video(tiny_model_dir, video, t
     for gb in ("8", "0"):
         result = tmp_path / f"out{gb}.jsonl"
         proc = _infer_cli(tiny_model_dir, "--val_dataset", str(data), "--result_path", str(result),
-                          "--max_batch_size", "1", extra_env={"SOPHIA_FEATURE_CACHE_GB": gb})
+                          "--max_batch_size", "1", extra_env={"SOPHIA_FEATURE_CACHE_GB": gb,
+                                                              "SOPHIA_STREAM_FEATURES": "1" if gb == "8" else "0"})
         log = proc.stdout + proc.stderr
         assert log.count("reused (feature cache)") == (2 if gb == "8" else 0), log[-3000:]
+        assert ("while the video decodes (streamed features" in log) == (gb == "8")
         responses[gb] = [json.loads(line)["response"] for line in result.read_text().splitlines()]
     assert len(responses["8"]) == 3 and responses["8"] == responses["0"]
 
