@@ -137,7 +137,8 @@ def server(wide_model, media, tmp_path_factory):
              "SWIFT_ALLOW_INTERNAL_URL": "1",  # the media server is on 127.0.0.1
              "SOPHIA_ALLOWED_MEDIA_PATH": media["dir"], "SOPHIA_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
              "SWIFT_MAX_DOWNLOAD_SIZE_MB": str(MAX_VIDEO_MB), "SOPHIA_MAX_FRAME_PIXELS": str(MAX_FRAME_PIXELS),
-             "MALLOC_ARENA_MAX": "2"}  # glibc's per-thread arenas are address space too: keep them out of HEADROOM
+             "MALLOC_ARENA_MAX": "2",  # glibc's per-thread arenas are address space too: keep them out of HEADROOM
+             "SOPHIA_STREAM_FEATURES": "1"}  # the path a GPU server takes: features computed while a video decodes
     with DeployProcess([SWIFT, "deploy", "--model", wide_model, "--model_type", "sophia",
                         "--external_plugins", plugin_path(), "--infer_backend", "transformers",
                         "--torch_dtype", "float32", "--served_model_name", "sophia", "--max_new_tokens", "2",
@@ -202,6 +203,7 @@ def test_clients_asking_about_one_video_share_its_features(server, media):
     after_concurrent = server.log().count(reused)
     server.answers(video)
     assert server.log().count(reused) == after_concurrent + 1 > before, server.log()[-3000:]
+    assert "while the video decodes (streamed features" in server.log()
 
 
 @pytest.mark.parametrize("case", list(BAD))
