@@ -12,7 +12,8 @@
 # Defaults: sophia-tiny on a CPU, 16-frame videos (about 35 minutes on 2 cores). examples/gpu_study.sh sets the GPU
 # sizes. Everything below is an environment variable:
 #   model      SHAPE (tiny: `sophia build-tiny`; else a shape of `sophia build-random`), PRECISION (fp32 | bf16)
-#   data       NUM_TRAIN NUM_VAL FRAMES SHOTS SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers) CONTAINER (mp4,
+#   data       NUM_TRAIN NUM_VAL FRAMES SHOTS MIN_SHOTS (training videos get MIN_SHOTS to SHOTS shots; default
+#              SHOTS) SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers) CONTAINER (mp4,
 #              or avi: uncompressed, written without PyAV) DATA_WORKERS, or DATA: a
 #              dataset written before by `sophia synthetic-shots` with the same FRAMES/SHOTS (used in place)
 #   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR, and
@@ -28,7 +29,7 @@ set -euo pipefail
 WORK="$(realpath -m "${1:-output/miniature}")"
 SHAPE="${SHAPE:-tiny}" PRECISION="${PRECISION:-fp32}"
 NUM_TRAIN="${NUM_TRAIN:-512}" NUM_VAL="${NUM_VAL:-48}" FRAMES="${FRAMES:-16}" SHOTS="${SHOTS:-8}"
-SIZE="${SIZE:-56}" NOISE="${NOISE:-4}" STRIPE_RATE="${STRIPE_RATE:-0.5}" BALANCE="${BALANCE:-0}" DATA="${DATA:-}"
+MIN_SHOTS="${MIN_SHOTS:-$SHOTS}" SIZE="${SIZE:-56}" NOISE="${NOISE:-4}" STRIPE_RATE="${STRIPE_RATE:-0.5}" BALANCE="${BALANCE:-0}" DATA="${DATA:-}"
 CONTAINER="${CONTAINER:-mp4}" DATA_WORKERS="${DATA_WORKERS:-1}" SAVE_ONLY_MODEL="${SAVE_ONLY_MODEL:-false}"
 BATCH="${BATCH:-8}" WORKERS="${WORKERS:-0}"
 STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
@@ -71,10 +72,11 @@ if [ -n "$DATA" ]; then
     ln -sfn "$(cd "$DATA" && pwd)" "$WORK/data"
     sophia synthetic-shots "$WORK/data" --relocate --cache-true-shots "$SOPHIA_SHOT_CACHE"
 else
-    step "data: $NUM_TRAIN train, $NUM_VAL held-out videos, $SHOTS shots x $((FRAMES / SHOTS)) frames of $SIZE px"
+    step "data: $NUM_TRAIN train ($MIN_SHOTS to $SHOTS shots), $NUM_VAL held-out videos ($SHOTS shots), $((FRAMES / SHOTS)) frames a shot of $SIZE px"
     sophia synthetic-shots "$WORK/data" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --num-shots "$SHOTS" \
         --frames-per-shot $((FRAMES / SHOTS)) --size "$SIZE" --noise "$NOISE" --stripe-rate "$STRIPE_RATE" \
-        --container "$CONTAINER" --workers "$DATA_WORKERS" $([ "$BALANCE" = 1 ] && echo --balance) --cache-true-shots "$SOPHIA_SHOT_CACHE"
+        --container "$CONTAINER" --workers "$DATA_WORKERS" $([ "$BALANCE" = 1 ] && echo --balance) \
+        $([ "$MIN_SHOTS" != "$SHOTS" ] && echo --min-shots "$MIN_SHOTS") --cache-true-shots "$SOPHIA_SHOT_CACHE"
 fi
 NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 
@@ -121,10 +123,12 @@ from swift_sophia.model.pruning import drop_count
 s, n = $SHOTS, $FRAMES // $SHOTS
 print((s - drop_count(30, s)) * (n - drop_count(30, n)))")
 BUDGET="${BUDGET:-$(( K / 2 > 0 ? K / 2 : 1 ))}"
+# enough new tokens for any answer (8 cut `ANSWER: E` off before its letter with the study's tokenizer)
+MAX_NEW_TOKENS="$(python -m swift_sophia.tools.study_report answer-tokens "$WORK")"
 echo "F=$FRAMES K=$K B=$BUDGET" > "$WORK/sizes.txt"
 evaluate() {  # name, rows, then environment settings
     local name=$1 rows=$2; shift 2
-    env "$@" swift infer --model "$CKPT" --val_dataset "$rows" --infer_backend transformers --max_new_tokens 8 \
+    env "$@" swift infer --model "$CKPT" --val_dataset "$rows" --infer_backend transformers --max_new_tokens "$MAX_NEW_TOKENS" \
         --max_batch_size "$INFER_BATCH" --result_path "$WORK/eval/$name.jsonl" > "$WORK/eval/$name.log" 2>&1 \
         || { echo "evaluation $name failed:"; tail -30 "$WORK/eval/$name.log"; return 1; }
     echo "evaluated $name at $((SECONDS - start)) s"

@@ -38,6 +38,14 @@ def test_miniature_study_reports_every_condition(tmp_path):
     assert frames["uniform_B"] == (BUDGET, BUDGET) and 1 <= frames["budget"][0] <= frames["budget"][1] <= BUDGET
     assert frames["text_only"] == (None, None) and "answer_shot_shown" not in res["conditions"]["blank_video"]
     assert res["conditions"]["all_frames"]["answer_shot_shown"] == NUM_VAL
+    # every evaluation could write a whole answer: `ANSWER: E` is 9 tokens of the study's tokenizer (8 cut it short)
+    from swift_sophia.tools.study_report import answer_tokens
+
+    needed = answer_tokens(str(work))
+    assert needed >= 10
+    for name in CONDITIONS:
+        log = open(work / "eval" / f"{name}.log").read()
+        assert f"max_new_tokens={needed}," in log, name
     for name in ("prune30", "budget"):
         for stage in ("before stage 3", "after stage 3"):
             assert 0 <= res["pruner"][f"{name}, {stage}"]["answer_shot_shown"] <= NUM_VAL

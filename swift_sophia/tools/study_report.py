@@ -97,6 +97,16 @@ def answer_spans(work: str) -> List[List[int]]:
     return [manifest["videos"][r["videos"][0]]["answer_frames"] for r in rows]
 
 
+def answer_tokens(work: str) -> int:
+    """New tokens an evaluation needs to write any held-out answer and stop: the longest reference answer in the
+    model's own tokens, plus one for the end of the turn (the study's tokenizer spells `ANSWER: E` in 9 tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(work, "model"))
+    rows = _read_jsonl(os.path.join(work, "data", "val.jsonl"))
+    return max(len(tokenizer.encode(r["messages"][-1]["content"], add_special_tokens=False)) for r in rows) + 1
+
+
 def _interval(hits: int, n: int) -> Dict:
     lo, hi = wilson(hits, n)
     return {"hits": hits, "n": n, "accuracy": hits / n if n else None, "ci95": [lo, hi]}
@@ -193,7 +203,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     frames.add_argument("--budget", type=int, required=True, help="B, the frame budget")
     report = sub.add_parser("table", help="write WORK/table.md and WORK/results.json and print the table")
     report.add_argument("work")
+    tokens = sub.add_parser("answer-tokens", help="print the new tokens an evaluation needs for any answer")
+    tokens.add_argument("work")
     args = parser.parse_args(argv)
+    if args.command == "answer-tokens":
+        print(answer_tokens(args.work))
+        return 0
     if args.command == "frames":
         shown = frames_shown(args.work, args.frames, args.k, args.budget)
         with open(os.path.join(args.work, "kept.json"), "w") as f:

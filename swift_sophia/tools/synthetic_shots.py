@@ -142,13 +142,19 @@ def _without_video(text: str) -> str:
 def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, num_shots: int = 16,
                  frames_per_shot: int = 2, size: int = 56, fps: int = 8, seed: int = 0,
                  num_options: int = NUM_OPTIONS, noise: float = 4.0, stripe_rate: float = 0.5,
-                 balance: bool = False, container: str = "mp4", workers: int = 1) -> Dict:
+                 balance: bool = False, container: str = "mp4", workers: int = 1,
+                 min_shots: Optional[int] = None) -> Dict:
     """Write the videos, `train.jsonl`, `val.jsonl`, the `general_vmcq` set of the val videos in `eval_set/`, the
     two baselines of the val questions (`val_text_only.jsonl`: no video; `val_blank.jsonl`: every video replaced by
     one black video of the same length, `videos/blank.*`) and `manifest.json`; return the manifest. `balance`:
     each split's answer colours as evenly spread as its size allows. `container`: mp4 (H.264, PyAV) or avi
     (uncompressed, no encoder needed: for a machine without PyAV; width x height x 3 bytes a frame). `workers`:
-    processes that render and write the videos (the files are the same for any number)."""
+    processes that render and write the videos (the files are the same for any number). `min_shots`: each training
+    video gets between `min_shots` and `num_shots` shots (so between min_shots x frames_per_shot and num_shots x
+    frames_per_shot frames; in the GPU study a small decoder trained on one length lost even the reply format at the
+    lengths pruning and frame budgets give it, docs/miniature_study.md); held-out videos keep `num_shots`."""
+    if min_shots is not None and not 2 <= min_shots <= num_shots:
+        raise ValueError(f"min_shots must be between 2 and num_shots ({num_shots}), got {min_shots}")
     from ..evaluation.vmcq import LETTERS, Question, write_set
 
     if container not in WRITERS:
@@ -160,7 +166,7 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
     frames = num_shots * frames_per_shot
     blank = os.path.join(video_dir, f"blank.{container}")
     write(blank, np.zeros((frames, size, size, 3), dtype=np.uint8), fps=fps)
-    manifest = {"num_shots": num_shots, "frames_per_shot": frames_per_shot, "frames": frames,
+    manifest = {"num_shots": num_shots, "min_shots": min_shots, "frames_per_shot": frames_per_shot, "frames": frames,
                 "size": size, "fps": fps, "seed": seed, "noise": noise, "stripe_rate": stripe_rate,
                 "balanced": balance, "video_dir": video_dir, "blank_video": blank, "videos": {}}
     questions: List[Question] = []
@@ -169,7 +175,8 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
         rows = []
         answers = balanced_answers(rng, count) if balance else [None] * count
         for i in range(count):
-            spec = random_video_spec(rng, num_shots, stripe_rate=stripe_rate, answer=answers[i])
+            shots = rng.randint(min_shots, num_shots) if min_shots is not None and split == "train" else num_shots
+            spec = random_video_spec(rng, shots, stripe_rate=stripe_rate, answer=answers[i])
             video = os.path.join(video_dir, f"{split}_{i:05d}.{container}")
             videos.append((video, spec, rng.randrange(1 << 30)))
             options = options_for(spec, rng, num_options)
@@ -253,11 +260,11 @@ def cache_true_shots(manifest: Dict, cache_dir: Optional[str] = None) -> int:
     settings = DetectionSettings.from_env()
     store = ShotCache(cache_dir)
     n, fps = manifest["frames_per_shot"], float(manifest["fps"])
-    total = manifest["frames"]
     shots = {video: len(info["shots"]) for video, info in manifest["videos"].items()}
     if manifest.get("blank_video"):  # cut like the others: pruning on it needs no detector either
         shots[manifest["blank_video"]] = manifest["num_shots"]
     for video, count in shots.items():
+        total = count * n
         entry = {"cuts": [i * n for i in range(1, count)], "total_frames": total, "fps": fps,
                  "detect_frames": total, "stride": 1}
         _store_entry(store, shot_cache_key(content_hash(video), settings), entry, settings)
@@ -325,6 +332,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--num-train", type=int, default=256)
     p.add_argument("--num-val", type=int, default=64)
     p.add_argument("--num-shots", type=int, default=16)
+    p.add_argument("--min-shots", type=int, default=None,
+                   help="training videos get between this and --num-shots shots (default: all --num-shots), so the "
+                        "decoder sees several video lengths")
     p.add_argument("--frames-per-shot", type=int, default=2)
     p.add_argument("--size", type=int, default=56)
     p.add_argument("--fps", type=int, default=8)
@@ -354,9 +364,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         m = make_dataset(a.output_dir, a.num_train, a.num_val, num_shots=a.num_shots,
                          frames_per_shot=a.frames_per_shot, size=a.size, fps=a.fps, seed=a.seed,
                          num_options=a.num_options, noise=a.noise, stripe_rate=a.stripe_rate, balance=a.balance,
-                         container=a.container, workers=a.workers)
+                         container=a.container, workers=a.workers, min_shots=a.min_shots)
+        varied = f" (train: {a.min_shots} to {a.num_shots} shots)" if a.min_shots is not None else ""
         print(f"{a.num_train} train + {a.num_val} val videos of {m['frames']} frames ({a.num_shots} shots x "
-              f"{a.frames_per_shot}) in {os.path.abspath(a.output_dir)}")
+              f"{a.frames_per_shot}){varied} in {os.path.abspath(a.output_dir)}")
     if a.cache_true_shots:
         print(f"true shots of {cache_true_shots(m, a.cache_true_shots)} videos cached in {a.cache_true_shots}")
     return 0

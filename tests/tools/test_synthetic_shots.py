@@ -153,3 +153,29 @@ def test_balanced_answers_baselines_avi_and_relocation(tmp_path):
         json.loads(line) for line in open(moved / "train.jsonl")]
     assert all(os.path.exists(r["videos"][0]) and r["videos"][0].startswith(str(moved)) for r in rows)
     assert relocate(str(moved)) == 0
+
+
+def test_training_videos_of_several_lengths(tmp_path):
+    """--min-shots: training videos of min_shots to num_shots shots (the decoder sees several lengths), held-out ones
+    of num_shots; the true shots cached for each video cover its own frames."""
+    import decord
+
+    from swift_sophia.tools.synthetic_shots import cache_true_shots
+    from swift_sophia.video.shot_cache import ShotCache, content_hash
+    from swift_sophia.video.shots import DetectionSettings, shot_cache_key
+
+    m = make_dataset(str(tmp_path / "d"), num_train=16, num_val=4, num_shots=5, frames_per_shot=2, size=28, noise=0,
+                     stripe_rate=0, container="avi", min_shots=2)
+    lengths = {info["split"]: set() for info in m["videos"].values()}
+    for video, info in m["videos"].items():
+        frames = len(decord.VideoReader(video))
+        assert frames == 2 * len(info["shots"]) and info["answer_frames"][1] <= frames
+        lengths[info["split"]].add(frames)
+    assert lengths["val"] == {10} and len(lengths["train"]) > 1 and lengths["train"] <= {4, 6, 8, 10}
+    cache_true_shots(m, str(tmp_path / "cache"))
+    store, settings = ShotCache(str(tmp_path / "cache")), DetectionSettings.from_env()
+    for video, info in m["videos"].items():
+        entry = store.get(shot_cache_key(content_hash(video), settings))
+        assert entry["total_frames"] == 2 * len(info["shots"]) and len(entry["cuts"]) == len(info["shots"]) - 1
+    with pytest.raises(ValueError, match="min_shots must be between 2 and num_shots"):
+        make_dataset(str(tmp_path / "e"), num_train=1, num_val=1, num_shots=3, min_shots=4)
