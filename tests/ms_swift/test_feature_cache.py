@@ -4,11 +4,10 @@ bounded, off with SOPHIA_FEATURE_CACHE_GB=0, and never used in training."""
 import pytest
 import torch
 from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
-from swift.model import get_model_processor
-from swift.template import get_template
 
 import swift_sophia.ms_swift.register  # noqa: F401
 import swift_sophia.ms_swift.template as template_module
+from helpers import model_and_template
 from swift_sophia.model.feature_cache import VideoFeatureCache, VideoFeatures
 from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
@@ -22,14 +21,6 @@ def video(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("fc") / "clip.mp4")
     write_mp4(path, render_clip(random_clip_spec(random.Random(5), 3), 6, seed=5))
     return path
-
-
-def _model_and_template(model_dir, mode="transformers"):
-    model, processor = get_model_processor(model_dir, model_type="sophia")
-    template = get_template(processor, template_type="sophia")
-    template.set_mode(mode)
-    template.model = model
-    return model.eval(), template
 
 
 def _row(video, question):
@@ -60,7 +51,7 @@ def test_follow_up_question_reuses_features_and_gives_the_same_logits(tiny_model
     if prune:
         monkeypatch.setenv("PRUNE_ALPHA", "50")
         monkeypatch.setenv("PRUNE_BETA", "30")
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     counters = Counters(model, monkeypatch)
     first = _logits(model, template, _row(video, QUESTIONS[0]))
     assert (counters.decoded, len(model.video_feature_cache)) == (1, 1)
@@ -74,7 +65,7 @@ def test_follow_up_question_reuses_features_and_gives_the_same_logits(tiny_model
         monkeypatch.setenv("PRUNE_ALPHA", "50")
         monkeypatch.setenv("PRUNE_BETA", "30")
     monkeypatch.setenv("SOPHIA_FEATURE_CACHE_GB", "0")
-    plain_model, plain_template = _model_and_template(tiny_model_dir)
+    plain_model, plain_template = model_and_template(tiny_model_dir)
     assert not plain_model.video_feature_cache.enabled
     torch.testing.assert_close(follow_up, _logits(plain_model, plain_template, _row(video, QUESTIONS[1])),
                                rtol=0, atol=0)
@@ -89,7 +80,7 @@ def test_a_batch_mixing_cached_and_new_videos(tiny_model_dir, video, tmp_path, m
 
     other = str(tmp_path / "other.mp4")
     write_mp4(other, render_clip(random_clip_spec(random.Random(9), 2), 5, seed=9))
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     _logits(model, template, _row(video, QUESTIONS[0]))
     rows = [_row(video, QUESTIONS[1]), _row(other, QUESTIONS[0])]
     template.padding_side = "left"
@@ -98,7 +89,7 @@ def test_a_batch_mixing_cached_and_new_videos(tiny_model_dir, video, tmp_path, m
     with torch.no_grad():
         cached = model(**batch).logits
     monkeypatch.setenv("SOPHIA_FEATURE_CACHE_GB", "0")
-    plain_model, plain_template = _model_and_template(tiny_model_dir)
+    plain_model, plain_template = model_and_template(tiny_model_dir)
     plain_template.padding_side = "left"
     with torch.no_grad():
         plain = plain_model(**plain_template.data_collator([plain_template.encode(r) for r in rows])).logits
@@ -111,7 +102,7 @@ def test_changed_file_or_sampling_is_a_miss(tiny_model_dir, video, tmp_path, mon
 
     copy = str(tmp_path / "copy.mp4")
     shutil.copy(video, copy)
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     counters = Counters(model, monkeypatch)
     template.encode(_row(copy, QUESTIONS[0]))
     slot = template.encode(_row(copy, QUESTIONS[0]))["video_feature_slots"][0]
@@ -130,7 +121,7 @@ def test_changed_file_or_sampling_is_a_miss(tiny_model_dir, video, tmp_path, mon
 
 
 def test_training_never_uses_the_cache(tiny_model_dir, video):
-    model, template = _model_and_template(tiny_model_dir, mode="train")
+    model, template = model_and_template(tiny_model_dir, mode="train")
     row = _row(video, QUESTIONS[0])
     row["messages"].append({"role": "assistant", "content": "red"})
     for _ in range(2):

@@ -4,10 +4,9 @@ pixels, and the model gives the logits it gives from pixels; with the feature ca
 what a follow-up question reuses."""
 import pytest
 import torch
-from swift.model import get_model_processor
-from swift.template import get_template
 
 import swift_sophia.ms_swift.register  # noqa: F401
+from helpers import model_and_template
 from swift_sophia.model.frame_features import FrameFeatureWriter
 from swift_sophia.video import frames as V
 from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
@@ -27,14 +26,6 @@ def video(tmp_path_factory):
     return path
 
 
-def _model_and_template(model_dir):
-    model, processor = get_model_processor(model_dir, model_type="sophia")
-    template = get_template(processor, template_type="sophia")
-    template.set_mode("transformers")
-    template.model = model
-    return model.eval(), template
-
-
 def _row(video, question="<video>What color is the first shot?"):
     return {"messages": [{"role": "user", "content": question}], "videos": [video]}
 
@@ -52,7 +43,7 @@ def test_streamed_features_give_the_logits_of_pixels(tiny_model_dir, video, monk
     monkeypatch.setenv("SOPHIA_FEATURE_CACHE_GB", "0")
     monkeypatch.setattr(V, "RESIZE_CHUNK_FRAMES", 2)  # the video's 6 frames in 3 chunks
     monkeypatch.setenv("SOPHIA_STREAM_FEATURES", "0")
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     plain = template.data_collator([template.encode(_row(video))])
     assert plain["pixel_values_videos"].shape[0] == 6 and "video_feature_slots" not in plain
     expected = _logits(model, plain)
@@ -77,7 +68,7 @@ def test_streamed_features_are_cached_for_the_follow_up_question(tiny_model_dir,
     monkeypatch.setenv("PRUNE_ALPHA", "50")
     monkeypatch.setenv("PRUNE_BETA", "30")
     monkeypatch.setenv("SOPHIA_STREAM_FEATURES", "1")
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     first = template.data_collator([template.encode(_row(video))])
     assert len(model.video_feature_cache) == 1  # stored by the template, with the video's shots
     _logits(model, first)
@@ -94,7 +85,7 @@ def test_streamed_features_are_cached_for_the_follow_up_question(tiny_model_dir,
 def test_streaming_is_off_by_default_on_the_cpu_and_a_bad_setting_is_named(tiny_model_dir, video, monkeypatch):
     monkeypatch.delenv("SOPHIA_STREAM_FEATURES", raising=False)
     monkeypatch.setenv("SOPHIA_FEATURE_CACHE_GB", "0")
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     assert template.encode(_row(video))["pixel_values_videos"].shape[0] == 6
     monkeypatch.setenv("SOPHIA_STREAM_FEATURES", "sometimes")
     with pytest.raises(ValueError, match="SOPHIA_STREAM_FEATURES='sometimes' is not valid"):
@@ -103,7 +94,7 @@ def test_streaming_is_off_by_default_on_the_cpu_and_a_bad_setting_is_named(tiny_
 
 def test_training_never_streams(tiny_model_dir, video, monkeypatch):
     monkeypatch.setenv("SOPHIA_STREAM_FEATURES", "1")
-    model, template = _model_and_template(tiny_model_dir)
+    model, template = model_and_template(tiny_model_dir)
     template.set_mode("train")
     row = _row(video)
     row["messages"].append({"role": "assistant", "content": "red"})
@@ -114,7 +105,7 @@ def test_training_never_streams(tiny_model_dir, video, monkeypatch):
 def test_writer_takes_chunks_in_any_order_and_lays_them_out_for_the_pruner(tiny_model_dir):
     """In host memory (an hour's features on a GPU wait there while the pruner chooses) the writer keeps the pruner's
     descriptors; either way the features are those of the whole batch of pixels."""
-    model, _ = _model_and_template(tiny_model_dir)
+    model, _ = model_and_template(tiny_model_dir)
     inner = model.model
     size = inner.config.vision_config.image_size[0]
     pixels = torch.randn(10, 3, size, size)
