@@ -214,30 +214,37 @@ class SophiaTemplate(Template):
                 return clip, FeatureSlot(key, name, entry)
         # the shot detector reuses the content hash just computed (an inline video is hashed once)
         started = None if on_indices is None else functools.partial(on_indices, video_hash=video_hash)
-        writers, on_frames = [], None
-        if streams:
-            from swift.utils import get_logger
-
-            get_logger().info_once("[sophia] each video's frames go through the vision tower while the video decodes "
-                                   "(streamed features; SOPHIA_STREAM_FEATURES=0 turns it off)")
-            def begin(src, indices, total):
-                writers.append(self.model.video_feature_writer(len(indices)))
-                if started is not None:
-                    started(src, indices, total)
-
-            def on_frames(start, frames):
-                writer = writers[0]
-                writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
         try:
-            clip = load_video(source, self.frame_sampling, size=size, on_indices=begin if streams else started,
-                              on_frames=on_frames)
+            clip, features = (self._load_streamed(source, size, started) if streams else
+                              (load_video(source, self.frame_sampling, size=size, on_indices=started), None))
         except VideoError as exc:  # name the video as the request gave it, not as the fetched bytes
             raise type(exc)(str(exc).replace(describe(source), name)) from exc
         clip.name = name
         entry = VideoFeatures(list(clip.indices), clip.total_frames, clip.fps)
-        if streams:
-            entry.features, entry.descriptors = writers[0].result()
+        if features is not None:
+            entry.features, entry.descriptors = features
         return clip, FeatureSlot(key, name, entry, fresh=streams)
+
+    def _load_streamed(self, source, size: int, on_indices=None):
+        """`load_video` with each decoded chunk of frames sent through the model's vision tower at once, while the
+        next chunks decode: (the clip, without frames; (features, descriptors) as the model lays them out)."""
+        from swift.utils import get_logger
+
+        get_logger().info_once("[sophia] each video's frames go through the vision tower while the video decodes "
+                               "(streamed features; SOPHIA_STREAM_FEATURES=0 turns it off)")
+        writers = []
+
+        def begin(src, indices, total):
+            writers.append(self.model.video_feature_writer(len(indices)))
+            if on_indices is not None:
+                on_indices(src, indices, total)
+
+        def on_frames(start, frames):
+            writer = writers[0]
+            writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
+
+        clip = load_video(source, self.frame_sampling, size=size, on_indices=begin, on_frames=on_frames)
+        return clip, writers[0].result()
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
         """Per video, in tag order (system prompt first, then the messages), the token ids of its pruning query:
