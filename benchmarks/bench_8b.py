@@ -750,8 +750,8 @@ class Bench:
         from concurrent.futures import ThreadPoolExecutor
 
         from swift_sophia.model.feature_cache import FeatureSlot, VideoFeatures
+        from swift_sophia.model.frame_features import load_video_features
         from swift_sophia.video import shots as shots_mod
-        from swift_sophia.video.frames import frames_to_pixel_values, load_video
         from swift_sophia.video.shot_cache import clear_content_hash_memo
 
         detector = shots_mod.get_default_detector(self.args.detector_device)
@@ -763,25 +763,14 @@ class Bench:
                 clear_content_hash_memo()
                 model.video_feature_cache.clear()
                 free_memory()
-                writers, started = [], []
-
-                def begin(src, idx, total, pool):
-                    writers.append(model.video_feature_writer(len(idx)))
-                    started.append(pool.submit(shots_mod.sampled_shots, src, idx, total_frames=total,
-                                               detector=detector))
-
-                def on_frames(start, frames):
-                    writer = writers[0]
-                    writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
-
-                row = {}
+                started, row = [], {}
                 try:
                     with torch.no_grad(), ThreadPoolExecutor(1) as pool:
                         self.clock.sync()
                         t0, c0 = time.perf_counter(), cpu_seconds()
-                        clip = load_video(path, sampling, size=size, on_frames=on_frames,
-                                          on_indices=lambda src, idx, n: begin(src, idx, n, pool))
-                        features, descriptors = writers[0].result()
+                        clip, (features, descriptors) = load_video_features(
+                            model, path, sampling, size, on_indices=lambda src, idx, n: started.append(pool.submit(
+                                shots_mod.sampled_shots, src, idx, total_frames=n, detector=detector)))
                         self.clock.sync()
                         row["decode_and_vision_s"] = time.perf_counter() - t0
                         shots = started[0].result()
@@ -808,7 +797,7 @@ class Bench:
                         raise
                     row["status"] = oom_text(exc)
                 finally:
-                    writers = ask = result = features = descriptors = entry = None  # noqa: F841
+                    ask = result = features = descriptors = entry = None  # noqa: F841
                     free_memory()
                 out[case] = row
                 print(f"streamed, shots {case}: {row}", flush=True)

@@ -512,9 +512,8 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                 slot.entry.features, slot.entry.descriptors = piece, piece_descriptors
                 self.video_feature_cache.put(slot.key, slot.entry)
         if not on_host:
-            if len(pieces) == 1 and pieces[0][0].device == like.device and pieces[0][0].dtype == like.dtype:
-                return pieces[0][0], None
-            return torch.cat([p.to(device=like.device, dtype=like.dtype) for p, _ in pieces]), None
+            placed = [p.to(device=like.device, dtype=like.dtype) for p, _ in pieces]
+            return (placed[0] if len(placed) == 1 else torch.cat(placed)), None
         if len(pieces) == 1 and pieces[0][1] is not None and pieces[0][0].dtype == like.dtype and \
                 pieces[0][0].device.type == "cpu":  # one video already laid out for the pruner
             return pieces[0][0], pieces[0][1].to(like.device)

@@ -147,8 +147,8 @@ class SophiaTemplate(Template):
             if frame_shots is not None:
                 encoded["video_frame_shots"] = frame_shots
             cache = self._feature_cache()
-            for slot in slots:
-                if slot is not None and slot.fresh and cache is not None:
+            for slot in slots if cache is not None else ():
+                if slot is not None and slot.fresh:
                     cache.put(slot.key, slot.entry)
             if any(slot is not None for slot in slots):
                 encoded["video_feature_slots"] = slots
@@ -226,25 +226,15 @@ class SophiaTemplate(Template):
         return clip, FeatureSlot(key, name, entry, fresh=streams)
 
     def _load_streamed(self, source, size: int, on_indices=None):
-        """`load_video` with each decoded chunk of frames sent through the model's vision tower at once, while the
-        next chunks decode: (the clip, without frames; (features, descriptors) as the model lays them out)."""
+        """`load_video_features`: each decoded chunk of frames through the model's vision tower while the next ones
+        decode."""
         from swift.utils import get_logger
+
+        from ..model.frame_features import load_video_features
 
         get_logger().info_once("[sophia] each video's frames go through the vision tower while the video decodes "
                                "(streamed features; SOPHIA_STREAM_FEATURES=0 turns it off)")
-        writers = []
-
-        def begin(src, indices, total):
-            writers.append(self.model.video_feature_writer(len(indices)))
-            if on_indices is not None:
-                on_indices(src, indices, total)
-
-        def on_frames(start, frames):
-            writer = writers[0]
-            writer.add(start, frames_to_pixel_values(frames, size, writer.dtype, device=writer.device))
-
-        clip = load_video(source, self.frame_sampling, size=size, on_indices=begin, on_frames=on_frames)
-        return clip, writers[0].result()
+        return load_video_features(self.model, source, self.frame_sampling, size, on_indices)
 
     def _video_queries(self, inputs: StdTemplateInputs) -> List[List[int]]:
         """Per video, in tag order (system prompt first, then the messages), the token ids of its pruning query:

@@ -17,6 +17,7 @@ and, unlike swscale's single-threaded bicubic, is vectorised and uses every core
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -514,18 +515,15 @@ def load_video(video, sampling: Union[int, FrameSampling], *, size: Optional[int
         except Exception as exc:  # noqa: BLE001
             raise cannot_decode(exc) from exc
     else:
-        chunks = iter_resized(reader, indices, (int(size), int(size)), src=source)
-        try:
-            while True:
-                try:
-                    start, part = next(chunks)
-                except StopIteration:
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    raise cannot_decode(exc) from exc
+        def decoded():  # the decoders' errors name the video; on_frames' own pass through as they are
+            try:
+                yield from iter_resized(reader, indices, (int(size), int(size)), src=source)
+            except Exception as exc:  # noqa: BLE001
+                raise cannot_decode(exc) from exc
+
+        with contextlib.closing(decoded()) as chunks:  # stops the decoders at once when on_frames fails
+            for start, part in chunks:
                 on_frames(start, part)
-        finally:
-            chunks.close()
     if isinstance(source, BytesIO):
         source.seek(0)
     return VideoClip(frames=frames, indices=indices, total_frames=total, fps=reader.fps, source=source, name=name)
