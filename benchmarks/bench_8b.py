@@ -750,7 +750,7 @@ class Bench:
         from concurrent.futures import ThreadPoolExecutor
 
         from swift_sophia.model.feature_cache import FeatureSlot, VideoFeatures
-        from swift_sophia.model.frame_features import load_video_features
+        from swift_sophia.ms_swift.streamed_features import load_video_features
         from swift_sophia.video import shots as shots_mod
         from swift_sophia.video.shot_cache import clear_content_hash_memo
 

@@ -230,7 +230,7 @@ class SophiaTemplate(Template):
         decode."""
         from swift.utils import get_logger
 
-        from ..model.frame_features import load_video_features
+        from .streamed_features import load_video_features
 
         get_logger().info_once("[sophia] each video's frames go through the vision tower while the video decodes "
                                "(streamed features; SOPHIA_STREAM_FEATURES=0 turns it off)")
