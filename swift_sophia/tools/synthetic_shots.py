@@ -291,6 +291,7 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     import torch
     from swift.model import get_model_processor
     from swift.template import get_template
+    from swift.utils import to_device
 
     from ..ms_swift import register  # noqa: F401
     os.environ.update(PRUNE_ALPHA=str(alpha), PRUNE_BETA=str(beta), VIDEO_SEGMENTS=str(frames),
@@ -316,7 +317,8 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
             for row in rows:
                 seen.clear()
                 batch = template.data_collator([template.encode(row)])
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+                # on a GPU machine ms-swift places the model there; the collated batch is on the CPU
+                model(**to_device({k: v for k, v in batch.items() if k != "labels"}, model.device))
                 if len(seen) != 1:
                     raise RuntimeError(f"expected one pruner selection for {row['videos'][0]}, got {len(seen)}")
                 out.append(seen[0])
