@@ -2,7 +2,10 @@
 threads, and from several worker processes: seconds, cores busy (CPU time of this process and its children over
 wall time) and a checksum of the frames (equal in every row). Median of repeated runs.
 
-    python benchmarks/bench_detector_frames.py VIDEO [--decoders N] [--repeats 3]
+    python benchmarks/bench_detector_frames.py VIDEO [--decoders N [N ...]] [--repeats 3]
+
+Each of N decoders gets cores / N decoder threads (SOPHIA_DECODE_SEGMENTS=N, as `swift infer` and `swift deploy`
+would run with it).
 """
 import argparse
 import os
@@ -20,13 +23,14 @@ from swift_sophia.video.frames import PyAVReader
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("video")
-    parser.add_argument("--decoders", type=int, default=max(2, (os.cpu_count() or 1) // 4))
+    parser.add_argument("--decoders", type=int, nargs="+", default=[max(2, (os.cpu_count() or 1) // 4)])
     parser.add_argument("--repeats", type=int, default=3)
     a = parser.parse_args()
     data = open(a.video, "rb").read()
-    cases = [("1 decoder", a.video, 1),
-             (f"{a.decoders} decoders in threads (the video as bytes)", data, a.decoders),
-             (f"{a.decoders} worker processes (the video as a file)", a.video, a.decoders)]
+    cases = [("1 decoder", a.video, 1)]
+    for n in a.decoders:
+        cases += [(f"{n} decoders in threads (the video as bytes)", data, n),
+                  (f"{n} worker processes (the video as a file)", a.video, n)]
     rows = {}
     for _ in range(a.repeats):
         for name, src, decoders in cases:
