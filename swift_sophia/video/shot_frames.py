@@ -27,6 +27,18 @@ DECODE_H, DECODE_W = 2 * INPUT_H, 2 * INPUT_W  # decord output, then 2x2 mean po
 PYAV_INTERPOLATION = 'BILINEAR'  # swscale's filter that gives decord's 96x54 frames
 PYAV_RUN_FRAMES = 4096
 POOL_CHUNK_FRAMES = 256  # frames read from a worker process and pooled at a time
+# a worker process starts Python and PyAV in about 0.1-0.2 s: give each at least this many frames (about 1 s of work)
+WORKER_MIN_FRAMES = 1024
+
+
+def detector_processes(frames: int) -> int:
+    """Worker processes that decode a file's `frames` detector frames: `SOPHIA_DECODE_SEGMENTS` when set, else one per
+    core (each then with one decoder thread), each with at least WORKER_MIN_FRAMES frames. A worker decodes and scales
+    one frame after another, about 1 ms a frame; four of them, with four decoder threads each, kept 2.7 of an H100
+    host's 16 cores busy (docs/benchmarks.md), and on 2 cores a second decoder thread made a worker slower."""
+    if os.environ.get('SOPHIA_DECODE_SEGMENTS', '').strip():
+        return decode_segments(frames)
+    return max(1, min(os.cpu_count() or 1, frames // WORKER_MIN_FRAMES))
 
 
 def _pool_to_input(frames: np.ndarray) -> np.ndarray:
@@ -103,8 +115,9 @@ def decode_small_frames(src: VideoSource, indices: Optional[Sequence[int]] = Non
                 raise VideoDecodeError(f'decord cannot decode {describe(src)} ({exc}) and PyAV counts '
                                        f'{len(reader)} frames, not {n}') from None
     runs = decode_segments(len(idx)) if reader.parallel else 1
-    if runs > 1 and isinstance(src, (str, os.PathLike)) and idx == sorted(set(idx)):
-        return _small_frames_in_processes(reader, os.fspath(src), idx, runs)
+    processes = detector_processes(len(idx)) if reader.parallel else 1
+    if processes > 1 and isinstance(src, (str, os.PathLike)) and idx == sorted(set(idx)):
+        return _small_frames_in_processes(reader, os.fspath(src), idx, processes)
     # PyAV splits a request among its decoders, each starting at the keyframe before its first frame: requests of
     # PYAV_RUN_FRAMES a decoder keep the frames decoded in vain (up to a GOP a run) few
     chunk = max(chunk, PYAV_RUN_FRAMES * runs)

@@ -214,6 +214,29 @@ def test_pyav_detector_frames_of_a_file_come_from_worker_processes(clip4, monkey
     assert np.abs(one[90].reshape(-1, 3).mean(0) - PALETTE[2]).max() < 12
 
 
+def test_a_files_detector_frames_use_a_worker_process_per_core_by_default(clip4, monkeypatch):
+    """Without SOPHIA_DECODE_SEGMENTS, a file's detector frames are decoded by one worker process per core (each with
+    one decoder thread), each given at least WORKER_MIN_FRAMES frames: the same frames as one decoder."""
+    monkeypatch.setattr(V, "SEGMENT_MIN_FRAMES", 4)
+    monkeypatch.setenv("SOPHIA_DECODE_SEGMENTS", "1")
+    one = SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4))
+    monkeypatch.delenv("SOPHIA_DECODE_SEGMENTS")
+    monkeypatch.setattr(SF.os, "cpu_count", lambda: 6)
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(SF.subprocess, "Popen", lambda *a, **k: started.append(a[0]) or popen(*a, **k))
+    threads = []
+    request = SF.pyav_runs.request
+    monkeypatch.setattr(SF.pyav_runs, "request", lambda *a: threads.append(a[-1]) or request(*a))
+    monkeypatch.setattr(SF, "WORKER_MIN_FRAMES", 16)  # 160 frames: up to 10 workers, 6 cores
+    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
+    assert len(started) == 6 and threads == [1] * 6
+    started.clear()
+    monkeypatch.setattr(SF, "WORKER_MIN_FRAMES", 100)  # one worker's worth: decoded in this process
+    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
+    assert started == []
+
+
 def test_a_worker_process_that_cannot_decode_names_the_video(clip4, short3, monkeypatch):
     """A worker that fails (here: asked for frames past the end of a shorter file) is an error naming the video and
     what failed, and no worker is left running."""
