@@ -5,11 +5,14 @@
 # (training videos: 2 to 32 shots, 8 to 128 frames: the decoder learns more than one length, and easy videos
 # among hard ones; on the CPU both helped, docs/miniature_study.md),
 # balanced answers, uncompressed AVI videos written on the spot (no encoder needed), a frame budget of 16 frames.
-# About 21 minutes on one H100 and 16 CPU cores (stage 2's 800 steps about 10 of them; STAGE2_SECONDS=N stops it
-# after N s and goes on from its last checkpoint, saved every STAGE2_SAVE_STEPS steps). Stage 3 at lr 1e-2: at 1e-3
+# About 21 minutes on one H100 and 16 CPU cores (stage 2's 800 steps about 10 of them). Stage 3 at lr 1e-2: at 1e-3
 # for 80 steps the pruner kept its untrained order (docs/miniature_study.md, second GPU run). Every size is an
 # environment variable (see examples/miniature_study.sh) and may be overridden.
 #   bash examples/gpu_study.sh [WORK_DIR]     (default: output/gpu_study)
+# In pieces, where a machine is lent for a few minutes at a time (checkpoints every STAGE2_SAVE_STEPS steps):
+#   UNTIL_STAGE=2 STAGE2_SECONDS=300 SAVE_ONLY_MODEL=false bash examples/gpu_study.sh WORK_DIR   # stages 1, 2 (part)
+#   FROM_STAGE=2 RESUME=1 SAVE_ONLY_MODEL=false UNTIL_STAGE=2 bash examples/gpu_study.sh WORK_DIR  # more of stage 2
+#   FROM_STAGE=3 bash examples/gpu_study.sh WORK_DIR                      # stage 3, evaluations, frame analysis
 set -euo pipefail
 export SHAPE="${SHAPE:-study-small}" PRECISION="${PRECISION:-bf16}"
 export FRAMES="${FRAMES:-128}" SHOTS="${SHOTS:-32}" MIN_SHOTS="${MIN_SHOTS:-2}" SIZE="${SIZE:-112}" NOISE="${NOISE:-4}"

@@ -22,7 +22,9 @@
 #              SAVE_ONLY_MODEL (true: checkpoints without the optimizer state)
 #   evaluation BUDGET (default K / 2), EVAL_JOBS (evaluations at once), INFER_BATCH, NIAH (auto | 0 | 1),
 #              NIAH_FRAMES NIAH_SAMPLES
-# FROM_STAGE=2 (or 3, or 4: evaluation only) keeps WORK_DIR's model, data and earlier stages.
+# FROM_STAGE=2 (or 3, or 4: evaluation only) keeps WORK_DIR's model, data and earlier stages; UNTIL_STAGE=1 (or 2, 3)
+# stops after that stage; RESUME=1 with FROM_STAGE=2 goes on with stage 2 from its last checkpoint (its optimizer
+# and schedule too: that needs SAVE_ONLY_MODEL=false) instead of starting it again.
 # Shots: the true boundaries of the generated videos are written into a shot cache of the study's own
 # (SOPHIA_SHOT_CACHE=WORK/shot_cache), not TransNetV2's (docs/miniature_study.md says why).
 set -euo pipefail
@@ -50,7 +52,7 @@ TRAIN=("${PREC[@]}" --check_model false --dataloader_num_workers "$WORKERS" --re
        --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1 --save_strategy epoch --save_total_limit 1)
 start=$SECONDS
 step() { printf '\n==> [%4ds %s] %s\n' "$((SECONDS - start))" "$(date +%T)" "$*" | tee -a "$WORK/timings.txt"; }
-FROM_STAGE="${FROM_STAGE:-1}"
+FROM_STAGE="${FROM_STAGE:-1}" UNTIL_STAGE="${UNTIL_STAGE:-4}" RESUME="${RESUME:-0}"
 [ "$FROM_STAGE" -le 1 ] && rm -rf "$WORK"
 mkdir -p "$WORK"
 report() { python -m swift_sophia.tools.study_report table "$WORK" > /dev/null || echo "(table not written)"; }
@@ -88,9 +90,17 @@ swift sft --model "$WORK/model" --model_type sophia --external_plugins "$PLUGIN"
 fi
 NUM_TRAIN=$(wc -l < "$WORK/data/train.jsonl")
 
+[ "$UNTIL_STAGE" -le 1 ] && { step "stopped after stage 1 (UNTIL_STAGE=1)"; exit 0; }
+
 if [ "$FROM_STAGE" -le 2 ]; then
-rm -rf "$WORK/stage2"
-step "stage 2: joint fine-tuning (all modules), pruning off, lr $STAGE2_LR"
+resume=()
+if [ "$RESUME" = 1 ] && [ -n "$(checkpoint "$WORK/stage2")" ]; then
+    resume=(--resume_from_checkpoint "$(checkpoint "$WORK/stage2")")
+    step "stage 2: going on from ${resume[1]}"
+else
+    rm -rf "$WORK/stage2"
+    step "stage 2: joint fine-tuning (all modules), pruning off, lr $STAGE2_LR"
+fi
 limit=() saving=()
 [ "$STAGE2_SECONDS" != 0 ] && limit=(timeout -s INT "$STAGE2_SECONDS")
 [ "$STAGE2_SAVE_STEPS" != 0 ] && saving=(--save_strategy steps --save_steps "$STAGE2_SAVE_STEPS")
@@ -98,9 +108,12 @@ limit=() saving=()
     --dataset "$WORK/data/train.jsonl" --output_dir "$WORK/stage2" "${TRAIN[@]}" \
     --tuner_type full --freeze_vit false --freeze_llm false --freeze_aligner false \
     --learning_rate "$STAGE2_LR" --warmup_ratio 0.05 --num_train_epochs "$STAGE2_EPOCHS" --logging_steps 4 "${saving[@]}" \
+    "${resume[@]}" \
     || { code=$?; [ "$code" = 124 ] && [ -n "$(checkpoint "$WORK/stage2")" ] || exit $code
          echo "stage 2 stopped after $STAGE2_SECONDS s: going on from $(checkpoint "$WORK/stage2")"; }
 fi
+
+[ "$UNTIL_STAGE" -le 2 ] && { step "stopped after stage 2 (UNTIL_STAGE=2)"; exit 0; }
 
 if [ "$FROM_STAGE" -le 3 ]; then
 rm -rf "$WORK/stage3"
@@ -114,6 +127,7 @@ swift sft --model "$(checkpoint "$WORK/stage2")" --external_plugins "$PLUGIN" \
     --learning_rate "$STAGE3_LR" --lr_scheduler_type cosine --warmup_ratio 0.03 \
     --num_train_epochs "$STAGE3_EPOCHS" --logging_steps 4
 fi
+[ "$UNTIL_STAGE" -le 3 ] && { step "stopped after stage 3 (UNTIL_STAGE=3)"; exit 0; }
 
 rm -rf "$WORK/eval" "$WORK/niah" "$WORK/kept.json"
 mkdir -p "$WORK/eval"

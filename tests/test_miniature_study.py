@@ -52,3 +52,29 @@ def test_miniature_study_reports_every_condition(tmp_path):
     assert set(res["training"]) == {"stage1", "stage2", "stage3"}
     timings = open(work / "timings.txt").read()
     assert "stage 3" in timings and "done" in timings
+
+
+def test_the_study_stops_after_stage_2_and_goes_on_with_it(tmp_path):
+    """A study in pieces (a machine lent for a few minutes at a time): UNTIL_STAGE=2 stops after stage 2, and
+    FROM_STAGE=2 RESUME=1 goes on with stage 2 from its last checkpoint (its optimizer and schedule restored), not
+    from step 1."""
+    work = tmp_path / "study"
+    sizes = dict(NUM_TRAIN="16", NUM_VAL="2", FRAMES=str(FRAMES), SHOTS=str(SHOTS), BATCH="8", CONTAINER="avi",
+                 BALANCE="1", SAVE_ONLY_MODEL="false", UNTIL_STAGE="2")
+    script = ["bash", os.path.join(ROOT, "examples", "miniature_study.sh"), str(work)]
+
+    def run(**more):
+        proc = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env(**sizes, **more))
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    def steps():
+        lines = [json.loads(line) for line in open(work / "stage2" / "logging.jsonl")]
+        return [r["global_step/max_steps"] for r in lines if "loss" in r]
+
+    run(STAGE2_EPOCHS="1")  # 2 steps of 8 videos
+    assert (work / "stage2" / "checkpoint-2").is_dir() and not (work / "stage3").exists()
+    assert steps() == ["1/2"]
+    run(STAGE2_EPOCHS="2", FROM_STAGE="2", RESUME="1")  # 4 steps in all: steps 3 and 4 run now
+    assert (work / "stage2" / "checkpoint-4").is_dir() and not (work / "stage3").exists()
+    assert steps() == ["1/2", "4/4"]  # a stage 2 started again would log its first step, 1/4
+    assert "stage 2: going on from" in open(work / "timings.txt").read()
