@@ -33,12 +33,22 @@ WORKER_MIN_FRAMES = 1024
 
 def detector_processes(frames: int) -> int:
     """Worker processes that decode a file's `frames` detector frames: `SOPHIA_DECODE_SEGMENTS` when set, else one per
-    core (each then with one decoder thread), each with at least WORKER_MIN_FRAMES frames. A worker decodes and scales
+    core (each then with one decoder thread; in a data loader's worker, one per core of its share), each with at
+    least WORKER_MIN_FRAMES frames. A worker decodes and scales
     one frame after another, about 1 ms a frame; four of them, with four decoder threads each, kept 2.7 of an H100
     host's 16 cores busy (docs/benchmarks.md), and on 2 cores a second decoder thread made a worker slower."""
     if os.environ.get('SOPHIA_DECODE_SEGMENTS', '').strip():
         return decode_segments(frames)
-    return max(1, min(os.cpu_count() or 1, frames // WORKER_MIN_FRAMES))
+    return max(1, min(_cores_of_this_process(), frames // WORKER_MIN_FRAMES))
+
+
+def _cores_of_this_process() -> int:
+    """The machine's cores, shared among the data loader's workers when this is one (`swift sft` decodes uncached
+    videos in several at once)."""
+    cores = os.cpu_count() or 1
+    torch = sys.modules.get('torch')
+    worker = torch.utils.data.get_worker_info() if torch is not None else None
+    return max(1, cores // worker.num_workers) if worker is not None else cores
 
 
 def _pool_to_input(frames: np.ndarray) -> np.ndarray:

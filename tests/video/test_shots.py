@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -231,6 +232,11 @@ def test_a_files_detector_frames_use_a_worker_process_per_core_by_default(clip4,
     monkeypatch.setattr(SF, "WORKER_MIN_FRAMES", 16)  # 160 frames: up to 10 workers, 6 cores
     np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
     assert len(started) == 6 and threads == [1] * 6
+    started.clear()
+    # in one of a data loader's 3 workers: its share of the cores
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=3))
+    np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
+    assert len(started) == 2
     started.clear()
     monkeypatch.setattr(SF, "WORKER_MIN_FRAMES", 100)  # one worker's worth: decoded in this process
     np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
