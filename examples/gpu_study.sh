@@ -9,7 +9,7 @@
 # for 80 steps the pruner kept its untrained order (docs/miniature_study.md, second GPU run). Every size is an
 # environment variable (see examples/miniature_study.sh) and may be overridden.
 #   bash examples/gpu_study.sh [WORK_DIR]     (default: output/gpu_study)
-# In pieces, where a machine is lent for a few minutes at a time (checkpoints every STAGE2_SAVE_STEPS steps):
+# In pieces, where jobs have a time limit (checkpoints every STAGE2_SAVE_STEPS steps):
 #   UNTIL_STAGE=2 STAGE2_SECONDS=300 SAVE_ONLY_MODEL=false bash examples/gpu_study.sh WORK_DIR   # stages 1, 2 (part)
 #   FROM_STAGE=2 RESUME=1 SAVE_ONLY_MODEL=false UNTIL_STAGE=2 bash examples/gpu_study.sh WORK_DIR  # more of stage 2
 #   FROM_STAGE=3 bash examples/gpu_study.sh WORK_DIR                      # stage 3, evaluations, frame analysis

@@ -55,7 +55,7 @@ def test_miniature_study_reports_every_condition(tmp_path):
 
 
 def test_the_study_stops_after_stage_2_and_goes_on_with_it(tmp_path):
-    """A study in pieces (a machine lent for a few minutes at a time): UNTIL_STAGE=2 stops after stage 2, and
+    """A study in pieces (jobs with a time limit): UNTIL_STAGE=2 stops after stage 2, and
     FROM_STAGE=2 RESUME=1 goes on with stage 2 from its last checkpoint (its optimizer and schedule restored), not
     from step 1."""
     work = tmp_path / "study"
