@@ -34,9 +34,9 @@ WORKER_MIN_FRAMES = 1024
 def detector_processes(frames: int) -> int:
     """Worker processes that decode a file's `frames` detector frames: `SOPHIA_DECODE_SEGMENTS` when set, else one per
     core (each then with one decoder thread; in a data loader's worker, one per core of its share), each with at
-    least WORKER_MIN_FRAMES frames. A worker decodes and scales
-    one frame after another, about 1 ms a frame; four of them, with four decoder threads each, kept 2.7 of an H100
-    host's 16 cores busy (docs/benchmarks.md), and on 2 cores a second decoder thread made a worker slower."""
+    least WORKER_MIN_FRAMES frames. A worker decodes and scales one frame after another, about 1 ms a frame; four of
+    them, with four decoder threads each, kept 2.7 of an H100 host's 16 cores busy (docs/benchmarks.md), and on 2
+    cores a second decoder thread made a worker slower."""
     if os.environ.get('SOPHIA_DECODE_SEGMENTS', '').strip():
         return decode_segments(frames)
     return max(1, min(_cores_of_this_process(), frames // WORKER_MIN_FRAMES))
@@ -144,7 +144,7 @@ def _small_frames_in_processes(reader: PyAVReader, path: str, idx: List[int], ru
     frame holds the GIL, so decoders in threads of this process would scale their frames one at a time."""
     out = np.empty((len(idx), INPUT_H, INPUT_W, 3), dtype=np.uint8)
     frame_bytes = DECODE_H * DECODE_W * 3
-    threads = reader.threads_per_run(runs)
+    threads = reader.num_threads or max(1, _cores_of_this_process() // runs)  # the cores the processes share
     workers = []
     try:
         for run in _split(range(len(idx)), runs):

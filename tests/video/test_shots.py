@@ -235,8 +235,9 @@ def test_a_files_detector_frames_use_a_worker_process_per_core_by_default(clip4,
     started.clear()
     # in one of a data loader's 3 workers: its share of the cores
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(num_workers=3))
+    threads.clear()
     np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
-    assert len(started) == 2
+    assert len(started) == 2 and threads == [1] * 2
     started.clear()
     monkeypatch.setattr(SF, "WORKER_MIN_FRAMES", 100)  # one worker's worth: decoded in this process
     np.testing.assert_array_equal(SF.decode_small_frames(clip4, reader=V.PyAVReader(clip4)), one)
