@@ -40,7 +40,7 @@ def _module_eager(module):
 
 def _attention_router(original):
     def sophia_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                 hier_layout=None, sophia_attention_backend="auto", **kwargs):
+                                 hier_layout=None, sophia_attention_backend="auto", sophia_value_gate=None, **kwargs):
         if hier_layout is None:
             fn = original if original is not None else _module_eager(module)
             return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -52,15 +52,27 @@ def _attention_router(original):
         group = sequence_parallel.active_group()  # ms-swift's --sequence_parallel_size: q, k, v are sequence shards
         if group is not None:
             out = sequence_parallel.sharded_hierarchical_attention(
-                query, key, value, hier_layout, group, in_place=in_place, scale=scaling,
-                implementation=sophia_attention_backend)
+                query, key, value, hier_layout, group, in_place=in_place, value_gate=sophia_value_gate,
+                scale=scaling, implementation=sophia_attention_backend)
         else:
+            value = gate_values(value, sophia_value_gate)
             out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
                                          implementation=sophia_attention_backend, out=query if in_place else None)
         return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights
 
     sophia_attention_forward.sophia_router = True
     return sophia_attention_forward
+
+
+def gate_values(value: torch.Tensor, gate) -> torch.Tensor:
+    """`value` [B, H, N, D] with every token's values times its gate ([B, <= N]; tokens past it keep theirs). The
+    gates are the pruner's straight-through gates in stage 3, exactly 1 in the forward pass: what reaches the
+    pruner is how much the loss would change if the other tokens read more, or less, from a kept shot."""
+    if gate is None:
+        return value
+    if gate.shape[-1] < value.shape[2]:
+        gate = torch.nn.functional.pad(gate, (0, value.shape[2] - gate.shape[-1]), value=1.0)
+    return value * gate.to(value.dtype)[:, None, :, None]
 
 
 def _mask_router(original):

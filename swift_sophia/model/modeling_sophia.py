@@ -395,7 +395,7 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
 
         # 1. Shot-adaptive pruning and 2. the hierarchy of every video, in one table with the text embeddings:
         # [text embeddings; per video: kept level-0 frames, levels 1..L-1; one zero row for padding].
-        table = self._embedding_table(text_embeds, frames, runs, frame_shots=video_frame_shots,
+        table, gates = self._embedding_table(text_embeds, frames, runs, frame_shots=video_frame_shots,
                                       query_embeds=query_embeds, descriptors=descriptors)
         del frames, descriptors
 
@@ -414,6 +414,10 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                              torch.where(source < plain_tokens, rank[source.clamp(0, plain_tokens - 1)],
                                          source - plain_tokens + text.numel()))
         extended = table.index_select(0, source).view(batch, plan.length, hidden)
+        if gates is not None:  # stage 3: the pruner's straight-through gates, on the values of the kept frames
+            attend_gates = dict(sophia_value_gate=gates.index_select(0, source).view(batch, plan.length))
+        else:
+            attend_gates = {}
         del table, source, rank
         cache = cache_mask = None
         if use_cache:
@@ -436,7 +440,7 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
             with step:
                 outputs = self.language_model(inputs_embeds=extended, position_ids=plan.position_ids,
                                               past_key_values=cache, use_cache=bool(use_cache), return_dict=True,
-                                              **attend, **kwargs)
+                                              **attend, **attend_gates, **kwargs)
         finally:
             if release is not None:
                 release.remove()
@@ -543,17 +547,18 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
         make the same calls and reduce the same gradients."""
         hidden = text_embeds.shape[-1]
         mapped, unused = self._map_queries(query_embeds, text_embeds)
-        kept, offset = [], 0
+        kept, gates, offset = [], [], 0
         budgets = frame_budgets(self.config, [run.frames for run in runs], text_embeds.device, frames.dtype)
         for i, (run, budget) in enumerate(zip(runs, budgets)):
             video = frames[offset:offset + run.frames]
             shots = shots_of(frame_shots, offset, run.frames)
-            video, run.kept = self._prune(
+            video, run.kept, gate = self._prune(
                 video, shots, query=mapped[i] if mapped else None, budget=budget,
                 descriptors=None if descriptors is None else descriptors[offset:offset + run.frames])
             video = video.to(text_embeds.device)  # the kept frames only, from host memory where they waited
             offset += run.frames
             kept.append(video)
+            gates.append(gate)
             if budget is not None and not self.training:
                 logger.info(f"[sophia] video {i}: {len(run.kept)} of {run.frames} frames kept (frame budget "
                             f"{budget}{', auto' if self.config.prune_max_frames == 'auto' else ''})")
@@ -564,7 +569,7 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                 raise ValueError("use_hierarchy=False (SOPHIA_HIERARCHY=0) is an evaluation ablation; train with "
                                  "the hierarchy on")
             return torch.cat([text_embeds] + [video.reshape(-1, hidden) for video in kept]
-                             + [text_embeds.new_zeros(1, hidden)])
+                             + [text_embeds.new_zeros(1, hidden)]), None
         aggregated = self.aggregator(kept)
         if self.training:  # connected to the loss even when no video reaches a level (one-frame videos)
             unused = unused + aggregated.sum() * 0.0
@@ -574,7 +579,7 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
             rows.append(video.reshape(-1, hidden))
             rows.extend(level.reshape(-1, hidden) for level in video_levels)
         rows.append(text_embeds.new_zeros(1, hidden))
-        return torch.cat(rows)
+        return torch.cat(rows), _value_gates(text_embeds.shape[0], kept, levels, gates)
 
     def _pruning(self) -> bool:
         return prunes(self.config)
@@ -641,14 +646,30 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                descriptors: Optional[torch.Tensor] = None):
         alpha, beta = self.config.prune_alpha, self.config.prune_beta
         if alpha <= 0 and beta <= 0 and (budget is None or video.shape[0] <= budget):
-            return video, list(range(video.shape[0]))
+            return video, list(range(video.shape[0])), None
         tau = self.pruner.temperature(self.config) if self.training else None
         selection = self.pruner.select(video, shots, query, alpha=alpha, beta=beta, tau=tau, query_mapped=True,
                                        max_frames=budget, descriptors=descriptors)
         kept = video[selection.keep.to(video.device)]
-        if tau is not None:  # straight-through gates: exactly 1 forward, the pruner's gradient path backward
-            kept = kept * selection.gate.to(video.dtype)[:, None, None]
-        return kept, selection.keep.tolist()
+        gate = selection.gate if tau is not None and selection.gate.requires_grad else None
+        return kept, selection.keep.tolist(), gate
+
+
+def _value_gates(text_rows: int, kept, levels, gates) -> Optional[torch.Tensor]:
+    """One gate per row of the embedding table (`_embedding_table`), or None when no video was pruned with
+    straight-through gates: a kept frame's M rows carry its shot's gate, every other row (text, aggregated levels,
+    padding) a constant 1."""
+    if all(gate is None for gate in gates):
+        return None
+    like = next(gate for gate in gates if gate is not None)
+    rows = [like.new_ones(text_rows)]
+    for video, video_levels, gate in zip(kept, levels, gates):
+        frames, tokens = video.shape[:2]
+        rows.append(gate[:, None].expand(frames, tokens).reshape(-1) if gate is not None
+                    else like.new_ones(frames * tokens))
+        rows.extend(like.new_ones(level.numel() // level.shape[-1]) for level in video_levels)
+    rows.append(like.new_ones(1))
+    return torch.cat(rows)
 
 
 @dataclass

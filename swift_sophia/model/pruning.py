@@ -32,9 +32,13 @@ Rules (the points the paper leaves open are fixed here):
   ``logits = logit_scale * score / tau + Gumbel noise`` (cosine scores live in [-1, 1]; ``logit_scale``
   = 10 by default), the kept shots are the top ``S - drop`` logits (the same top-k structure as
   inference: a sample without replacement from ``softmax(logit_scale * score / tau)``), and
-  ``gate = hard + soft - soft.detach()`` with ``soft = softmax(logits)``: exactly 1.0 for every kept frame,
-  while its gradient flows into the shot scores and through them into the query MLP (and the frame
-  features). Annealing ``tau`` both sharpens the relaxation and shrinks the exploration noise relative to
+  a kept shot's ``gate = 1 + soft - soft.detach()`` with ``soft`` the softmax of the kept shots' logits:
+  exactly 1.0 for every kept frame, while its gradient flows into the shot scores and through them into the
+  query MLP (and the frame features). The model puts the gates on the attention values of the kept frames'
+  tokens, so that a shot's gradient is how much the loss wants the sequence to read from it; the softmax over
+  the kept shots makes the gates share that reading, so a loss that wants more of every kept shot alike moves
+  no score (docs/pruning.md measures both choices).
+  Annealing ``tau`` both sharpens the relaxation and shrinks the exploration noise relative to
   the score gaps, so training converges to the inference selection (with the noise scaled by ``1 / tau``
   as in ``F.gumbel_softmax``, the hard sample would not depend on ``tau`` at all and, on cosine scores,
   would stay close to uniformly random). Intra-shot selection has no parameters and stays deterministic.
@@ -361,10 +365,9 @@ class FramePruner(nn.Module):
             dropped += thinned
         keep = torch.nonzero(keep_mask).flatten()
         if logits is not None and (n_drop > 0 or by_budget):  # straight-through gates of the kept shots
-            soft = torch.softmax(logits, dim=0)
-            hard = torch.zeros_like(soft)
-            hard[kept_shots.to(soft.device)] = 1.0
-            shot_gate = hard + (soft - soft.detach())
+            kept = kept_shots.to(logits.device)
+            soft = torch.softmax(logits[kept], dim=0)  # over the kept shots: how the sequence's reading is shared
+            shot_gate = torch.zeros_like(logits).index_put((kept,), 1.0 + (soft - soft.detach()))
             gate = shot_gate[shot_of_frame[keep].to(shot_gate.device)].to(frame_feats.dtype)
         else:
             gate = frame_feats.new_ones(len(keep))

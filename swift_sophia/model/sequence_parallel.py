@@ -76,13 +76,17 @@ class _GatherSequence(torch.autograd.Function):
         return grad[:, ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size].contiguous(), None
 
 
-def sharded_hierarchical_attention(query, key, value, layout, group, *, in_place=False, **kernel_kwargs):
+def sharded_hierarchical_attention(query, key, value, layout, group, *, in_place=False, value_gate=None,
+                                   **kernel_kwargs):
     """`hierarchical_attention` on sequence shards: q [B, Hq, N/P, D], k, v [B, Hkv, N/P, D] (rank r holds tokens
     [r N/P, (r+1) N/P) of the rows `layout` describes; tokens past the layout are padding); Hq and Hkv divisible
     by P. Returns [B, Hq, N/P, D], equal to the same tokens of the unsharded kernel's output."""
     from sophia_kernels import hierarchical_attention
 
+    from .attention import gate_values
+
     q, k, v = (_AllToAll.apply(x, group, True) for x in (query, key, value))
+    v = gate_values(v, value_gate)  # the gates of the whole sequence ([B, N], as the layout)
     out = hierarchical_attention(q, k, v, layout, out=q if in_place else None, **kernel_kwargs)
     return _AllToAll.apply(out, group, False)
 

@@ -1,6 +1,9 @@
 """SophiaForConditionalGeneration on the tiny config: save/load, the extended sequence, generation, errors."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from helpers import left_pad, video_prompt
@@ -263,3 +266,68 @@ def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkey
         model.generate(**_batch(tokenizer, model, frames=(6,)), max_new_tokens=5, do_sample=False)
     layers = model.config.text_config.num_hidden_layers
     assert len(calls) == layers  # the prefill only, once per layer
+
+
+def test_stage_3_gates_scale_what_the_sequence_reads_from_a_kept_shot(model_and_tokenizer):
+    """In training with Gumbel gates, the gradient that reaches a kept shot's gate is the loss's sensitivity to the
+    values every decoder layer reads from that shot's tokens (how much the answer depends on reading the shot), not
+    to the size of its input features, which the decoder's first norm removes. Checked against central differences
+    that scale the shot's rows of every layer's value projection."""
+    model, tokenizer = model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    config.prune_alpha, config.prune_beta, config.gumbel_anneal_rate = 50.0, 0.0, 0.0
+    torch.manual_seed(0)
+    model = SophiaForConditionalGeneration(config).double().train()  # float64: differences of a loss near 10
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].double()
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    seen, embeds = [], []
+    select = model.model.pruner.select
+
+    def recording_select(*args, **kwargs):
+        seen.append((args[0], select(*args, **kwargs)))
+        return seen[-1][1]
+
+    model.model.pruner.select = recording_select
+    model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embeds.append(kwargs["inputs_embeds"].detach()), with_kwargs=True)
+
+    def loss():
+        seen.clear()
+        torch.manual_seed(0)  # the same Gumbel noise, so the same frames, in every pass
+        logits = model(**inputs).logits
+        assert logits.dtype == torch.float64
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    gate_grads = []
+    value = loss()
+    seen[0][1].gate.register_hook(gate_grads.append)
+    value.backward()
+    frames, selection = seen[0]
+    shot = int(selection.kept_shots[0])
+    mine = selection.shot_of_frame[selection.keep] == shot
+    analytic = float(gate_grads[0][mine].sum())
+
+    # the shot's rows of the extended sequence: the rows equal to its kept frames' features
+    tokens = frames[selection.keep[mine]].reshape(-1, frames.shape[-1]).detach()
+    row = embeds[0][0]
+    positions = [int(torch.nonzero((row == t).all(dim=-1))[0]) for t in tokens]
+    scale = {"factor": 1.0}
+
+    def scaled(module, args, out):
+        out = out.clone()
+        out[0, positions] *= scale["factor"]
+        return out
+
+    hooks = [layer.self_attn.v_proj.register_forward_hook(scaled) for layer in model.model.language_model.layers]
+    eps = 1e-2  # parts of the model compute in float32: smaller steps drown in its rounding
+    scale["factor"] = 1 + eps
+    up = float(loss())
+    scale["factor"] = 1 - eps
+    down = float(loss())
+    for hook in hooks:
+        hook.remove()
+    numeric = (up - down) / (2 * eps)
+    assert abs(numeric) > 1e-5
+    assert analytic == pytest.approx(numeric, rel=1e-3)

@@ -228,6 +228,38 @@ def test_gradient_reaches_query_mlp_in_training_only():
     assert not sel.gate.requires_grad
 
 
+def test_gates_share_the_reading_among_the_kept_shots():
+    """The straight-through gates relax how the sequence's reading is shared among the kept shots: a loss that
+    asks for more of every kept shot alike (as a model without the shot it needs asks for more of what it has)
+    moves no score, and a loss that asks for one kept shot raises its score above the other kept shots'."""
+    f, shots, q = query_world()
+    p = FramePruner(16)
+    with torch.no_grad():
+        p.query_mlp[2].weight.normal_(0, 0.1)
+    p.train()
+    torch.manual_seed(0)
+    sel = p.select(f, shots, q, alpha=34, beta=0, tau=1.0)
+    kept = sel.kept_shots.tolist()
+    assert len(kept) == 2
+    first = torch.stack([sel.gate[sel.shot_of_frame[sel.keep] == s][0] for s in kept])  # one gate per kept shot
+    (-first.sum()).backward()
+    assert all(x.grad is None or x.grad.abs().max() < 1e-7 for x in p.parameters())
+
+    for favoured in kept:
+        p.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        sel = p.select(f, shots, q, alpha=34, beta=0, tau=1.0)
+        gate = sel.gate[sel.shot_of_frame[sel.keep] == favoured][0]
+        (-gate).backward()  # the loss falls as the favoured shot is read more
+        with torch.no_grad():
+            for x in p.parameters():
+                x -= 0.1 * x.grad
+        after = p.eval().select(f, shots, q, alpha=34, beta=0).shot_scores
+        other = next(s for s in kept if s != favoured)
+        assert after[favoured] - after[other] > sel.shot_scores[favoured] - sel.shot_scores[other]
+        p.train()
+
+
 def test_training_selection_structure_and_low_temperature_limit():
     f, shots, q = query_world()
     p = FramePruner(16)
