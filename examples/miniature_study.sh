@@ -16,7 +16,8 @@
 #              SHOTS) SIZE NOISE STRIPE_RATE BALANCE (1: balanced answers) CONTAINER (mp4,
 #              or avi: uncompressed, written without PyAV) DATA_WORKERS, or DATA: a
 #              dataset written before by `sophia synthetic-shots` with the same FRAMES/SHOTS (used in place)
-#   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR, and
+#   training   BATCH WORKERS STAGE1_EPOCHS STAGE2_EPOCHS STAGE3_EPOCHS STAGE1_LR STAGE2_LR STAGE3_LR, STAGE3_ACCUM
+#              (stage 3's gradient accumulation: its gradient is noisy, larger batches help), and
 #              STAGE2_SECONDS: stop stage 2 after that long and go on from its last checkpoint (every epoch, or
 #              every STAGE2_SAVE_STEPS steps),
 #              SAVE_ONLY_MODEL (true: checkpoints without the optimizer state)
@@ -35,7 +36,7 @@ MIN_SHOTS="${MIN_SHOTS:-$SHOTS}" SIZE="${SIZE:-56}" NOISE="${NOISE:-4}" STRIPE_R
 CONTAINER="${CONTAINER:-mp4}" DATA_WORKERS="${DATA_WORKERS:-1}" SAVE_ONLY_MODEL="${SAVE_ONLY_MODEL:-false}"
 BATCH="${BATCH:-8}" WORKERS="${WORKERS:-0}"
 STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_EPOCHS="${STAGE3_EPOCHS:-0.5}"
-STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}"
+STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}" STAGE3_ACCUM="${STAGE3_ACCUM:-1}"
 STAGE2_SECONDS="${STAGE2_SECONDS:-0}" STAGE2_SAVE_STEPS="${STAGE2_SAVE_STEPS:-0}"
 EVAL_JOBS="${EVAL_JOBS:-1}" INFER_BATCH="${INFER_BATCH:-8}" NIAH="${NIAH:-auto}"
 NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
@@ -125,7 +126,7 @@ swift sft --model "$(checkpoint "$WORK/stage2")" --external_plugins "$PLUGIN" \
     --tuner_type full --freeze_parameters_ratio 1 --trainable_parameters model.pruner \
     --model_kwargs "{\"prune_alpha\": 30, \"prune_beta\": 30, \"gumbel_anneal_rate\": $ANNEAL}" \
     --learning_rate "$STAGE3_LR" --lr_scheduler_type cosine --warmup_ratio 0.03 \
-    --num_train_epochs "$STAGE3_EPOCHS" --logging_steps 4
+    --num_train_epochs "$STAGE3_EPOCHS" --gradient_accumulation_steps "$STAGE3_ACCUM" --logging_steps 4
 fi
 [ "$UNTIL_STAGE" -le 3 ] && { step "stopped after stage 3 (UNTIL_STAGE=3)"; exit 0; }
 

@@ -7,9 +7,9 @@ of three, that shows a named shape; answers balanced over six colours; training 
   stays near chance.
 - Stage 3 (the pruner alone, alpha = beta = 30, Gumbel annealed): the untrained pruner ranks shots by what they
   look like, and here drops the answer shot more often than a random choice would (23 of 64 kept when written,
-  random 43); after stage 3 it keeps it clearly more often (33 of 64 when written).
+  random 43); after stage 3 it keeps it more often than a random choice (50 of 64 when written).
 
-About 3 minutes on 2 cores. docs/miniature_study.md has the same checks at larger sizes."""
+About 5 minutes on 2 cores. docs/miniature_study.md has the same checks at larger sizes."""
 import json
 import math
 import os
@@ -63,9 +63,9 @@ def test_sft_learns_to_answer_from_the_video_and_stage_3_to_keep_its_shot(tmp_pa
     assert video >= 0.65, video  # 53/64 = 0.83 when written; chance 1/6, three backgrounds 1/3
     assert text_only <= 0.35, text_only
 
-    epochs = 3
+    epochs = 6
     anneal = math.log(10) / (0.7 * NUM_TRAIN * epochs)  # tau reaches its floor at 70 % of the stage, as the study
-    _sft(stage2, data, tmp_path / "stage3", "--gradient_accumulation_steps", "1", "--freeze_parameters_ratio", "1",
+    _sft(stage2, data, tmp_path / "stage3", "--gradient_accumulation_steps", "4", "--freeze_parameters_ratio", "1",
          "--trainable_parameters", "model.pruner", "--model_kwargs",
          json.dumps({"prune_alpha": 30, "prune_beta": 30, "gumbel_anneal_rate": anneal}),
          "--learning_rate", "1e-2", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
@@ -81,4 +81,5 @@ def test_sft_learns_to_answer_from_the_video_and_stage_3_to_keep_its_shot(tmp_pa
         return sum(any(a <= f < b for f in frames) for frames, (a, b) in zip(frames_per_row, spans))
 
     before, after = answer_shot_kept(kept["prune30_stage2_pruner"]), answer_shot_kept(kept["prune30"])
-    assert after >= before + 5, (before, after)  # 23 -> 33 of 64 when written; a random third dropped: 43
+    # 23 -> 50 of 64 when written; dropping one of the three shots at random keeps it in 43
+    assert after >= 46 and after >= before + 15, (before, after)

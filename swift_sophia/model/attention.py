@@ -55,24 +55,14 @@ def _attention_router(original):
                 query, key, value, hier_layout, group, in_place=in_place, value_gate=sophia_value_gate,
                 scale=scaling, implementation=sophia_attention_backend)
         else:
-            value = gate_values(value, sophia_value_gate)
+            if sophia_value_gate is not None:  # stage 3 (value_gates.py)
+                sophia_value_gate.watch(value)
             out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
                                          implementation=sophia_attention_backend, out=query if in_place else None)
         return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights
 
     sophia_attention_forward.sophia_router = True
     return sophia_attention_forward
-
-
-def gate_values(value: torch.Tensor, gate) -> torch.Tensor:
-    """`value` [B, H, N, D] with every token's values times its gate ([B, <= N]; tokens past it keep theirs). The
-    gates are the pruner's straight-through gates in stage 3, exactly 1 in the forward pass: what reaches the
-    pruner is how much the loss would change if the other tokens read more, or less, from a kept shot."""
-    if gate is None:
-        return value
-    if gate.shape[-1] < value.shape[2]:
-        gate = torch.nn.functional.pad(gate, (0, value.shape[2] - gate.shape[-1]), value=1.0)
-    return value * gate.to(value.dtype)[:, None, :, None]
 
 
 def _mask_router(original):

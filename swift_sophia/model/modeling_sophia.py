@@ -48,6 +48,7 @@ from .frame_features import FrameFeatureWriter
 from .kv_cache import PrefillCache, cache_index
 from .lean_prefill import lean_prefill, supports_lean_prefill
 from .pruning import FramePruner, GumbelTemperature, QueryLinear
+from .value_gates import ValueGateGradient
 
 logger = logging.get_logger(__name__)
 
@@ -414,10 +415,11 @@ class SophiaModel(SophiaPreTrainedModel, InternVLModel):
                              torch.where(source < plain_tokens, rank[source.clamp(0, plain_tokens - 1)],
                                          source - plain_tokens + text.numel()))
         extended = table.index_select(0, source).view(batch, plan.length, hidden)
+        attend_gates = {}
         if gates is not None:  # stage 3: the pruner's straight-through gates, on the values of the kept frames
-            attend_gates = dict(sophia_value_gate=gates.index_select(0, source).view(batch, plan.length))
-        else:
-            attend_gates = {}
+            probe = ValueGateGradient(batch, plan.length, extended.device)
+            extended = probe.attach(extended, gates.index_select(0, source).view(batch, plan.length))
+            attend_gates = dict(sophia_value_gate=probe)
         del table, source, rank
         cache = cache_mask = None
         if use_cache:

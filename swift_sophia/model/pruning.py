@@ -34,10 +34,10 @@ Rules (the points the paper leaves open are fixed here):
   inference: a sample without replacement from ``softmax(logit_scale * score / tau)``), and
   a kept shot's ``gate = 1 + soft - soft.detach()`` with ``soft`` the softmax of the kept shots' logits:
   exactly 1.0 for every kept frame, while its gradient flows into the shot scores and through them into the
-  query MLP (and the frame features). The model puts the gates on the attention values of the kept frames'
-  tokens, so that a shot's gradient is how much the loss wants the sequence to read from it; the softmax over
-  the kept shots makes the gates share that reading, so a loss that wants more of every kept shot alike moves
-  no score (docs/pruning.md measures both choices).
+  query MLP (and the frame features). The model gives the gates the gradient of the attention values of
+  the kept frames' tokens (``value_gates.py``): a shot's gradient is how much the loss wants the sequence to
+  read from it; the softmax over the kept shots makes the gates share that reading, so a loss that wants more
+  of every kept shot alike moves no score (docs/pruning.md measures both choices).
   Annealing ``tau`` both sharpens the relaxation and shrinks the exploration noise relative to
   the score gaps, so training converges to the inference selection (with the noise scaled by ``1 / tau``
   as in ``F.gumbel_softmax``, the hard sample would not depend on ``tau`` at all and, on cosine scores,

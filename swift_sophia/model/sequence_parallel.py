@@ -83,10 +83,9 @@ def sharded_hierarchical_attention(query, key, value, layout, group, *, in_place
     by P. Returns [B, Hq, N/P, D], equal to the same tokens of the unsharded kernel's output."""
     from sophia_kernels import hierarchical_attention
 
-    from .attention import gate_values
-
     q, k, v = (_AllToAll.apply(x, group, True) for x in (query, key, value))
-    v = gate_values(v, value_gate)  # the gates of the whole sequence ([B, N], as the layout)
+    if value_gate is not None:  # this rank's heads over the whole sequence (value_gates.py)
+        value_gate.watch(v)
     out = hierarchical_attention(q, k, v, layout, out=q if in_place else None, **kernel_kwargs)
     return _AllToAll.apply(out, group, False)
 

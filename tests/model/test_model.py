@@ -331,3 +331,30 @@ def test_stage_3_gates_scale_what_the_sequence_reads_from_a_kept_shot(model_and_
     numeric = (up - down) / (2 * eps)
     assert abs(numeric) > 1e-5
     assert analytic == pytest.approx(numeric, rel=1e-3)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_stage_3_pruner_gradient_is_the_same_with_gradient_checkpointing(model_and_tokenizer, reentrant):
+    """ms-swift checkpoints the decoder layers by default, reentrant on one process and under DeepSpeed: stage 3's
+    pruner gets the same gradient as without checkpointing."""
+    model, tokenizer = model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    config.prune_alpha, config.prune_beta, config.gumbel_anneal_rate = 50.0, 0.0, 0.0
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SophiaForConditionalGeneration(config).train()
+        with torch.no_grad():
+            model.model.pruner.query_mlp[2].weight.normal_(0, 0.1)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("model.pruner."))  # stage 3: the pruner alone
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        torch.manual_seed(1)
+        model(**inputs, labels=labels).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.model.pruner.query_mlp.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
