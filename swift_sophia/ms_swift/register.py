@@ -8,6 +8,7 @@ module does not.
 from __future__ import annotations
 
 import atexit
+from datetime import timedelta
 
 import torch.distributed as dist
 from swift.model import ModelGroup, ModelLoader, ModelMeta, MultiModelKeys, register_model, register_model_arch
@@ -26,8 +27,15 @@ def _destroy_process_groups() -> None:
     alive, and a gloo rank whose groups were destroyed in the static teardown sometimes aborted after training had
     finished ("terminate called without an active exception", exit status -6; seen under ZeRO-3 and sequence
     parallelism on CPU processes)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        # gloo's threads of a rank whose peers already tore their groups down abort the process: meet first
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except Exception:  # a rank that failed or left: destroy anyway, the exit status is already decided
+            pass
+    dist.destroy_process_group()
 
 
 atexit.register(_destroy_process_groups)  # every `swift` command that loads the plugin
