@@ -254,3 +254,37 @@ def test_feature_cache_follow_up_equals_the_uncached_prefill_on_gpu(tiny, monkey
         again = model(**inputs).logits
     assert torch.equal(cached, plain)
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("reentrant", [None, True, False])
+def test_stage_3_pruner_gradient_with_the_triton_kernel(tiny, reentrant):
+    """Stage 3 on the GPU: the pruner's gradient from the attention values (value_gates.py) through the Triton
+    kernel equals the PyTorch reference's, with gradient checkpointing (reentrant or not) or without."""
+    from transformers import AutoTokenizer
+
+    from swift_sophia.model.modeling_sophia import SophiaForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    grads = {}
+    for backend in ("reference", "triton"):
+        model = SophiaForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32, prune_alpha=50.0,
+                                                               prune_beta=0.0, gumbel_anneal_rate=0.0).cuda().train()
+        model.config.attention_backend = backend
+        with torch.no_grad():
+            model.model.pruner.query_mlp[2].weight.normal_(0, 0.1, generator=torch.Generator("cuda").manual_seed(0))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("model.pruner."))
+        if reentrant is not None and backend == "triton":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        inputs = _inputs(tokenizer, model, frames=(16, 9))
+        frames = inputs["video_frame_counts"].tolist()
+        inputs["video_frame_shots"] = torch.cat([torch.arange(f) * 4 // f for f in frames]).cuda()
+        query = torch.tensor([tokenizer.encode("Which shot shows the dog?")] * len(frames)).cuda()
+        inputs.update(video_query_ids=query, video_query_mask=torch.ones_like(query))
+        labels = inputs["input_ids"].clone()
+        labels[:, :-4] = -100
+        torch.manual_seed(1)
+        model(**inputs, labels=labels).loss.backward()
+        grads[backend] = torch.cat([p.grad.flatten() for p in model.model.pruner.query_mlp.parameters()])
+    assert grads["reference"].abs().sum() > 0
+    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=2e-2, atol=1e-5)
