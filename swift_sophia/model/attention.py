@@ -56,7 +56,7 @@ def _attention_router(original):
                 scale=scaling, implementation=sophia_attention_backend)
         else:
             if sophia_value_gate is not None:  # stage 3 (value_gates.py)
-                sophia_value_gate.watch(value)
+                value = sophia_value_gate.watch(value)
             out = hierarchical_attention(query, key, value, hier_layout, scale=scaling,
                                          implementation=sophia_attention_backend, out=query if in_place else None)
         return out.transpose(1, 2).contiguous(), None  # the kernel never materialises attention weights

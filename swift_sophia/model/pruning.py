@@ -368,7 +368,7 @@ class FramePruner(nn.Module):
             kept = kept_shots.to(logits.device)
             soft = torch.softmax(logits[kept], dim=0)  # over the kept shots: how the sequence's reading is shared
             shot_gate = torch.zeros_like(logits).index_put((kept,), 1.0 + (soft - soft.detach()))
-            gate = shot_gate[shot_of_frame[keep].to(shot_gate.device)].to(frame_feats.dtype)
+            gate = shot_gate[shot_of_frame[keep].to(shot_gate.device)]  # float32: it only carries a gradient
         else:
             gate = frame_feats.new_ones(len(keep))
         return FrameSelection(

@@ -85,7 +85,7 @@ def sharded_hierarchical_attention(query, key, value, layout, group, *, in_place
 
     q, k, v = (_AllToAll.apply(x, group, True) for x in (query, key, value))
     if value_gate is not None:  # this rank's heads over the whole sequence (value_gates.py)
-        value_gate.watch(v)
+        v = value_gate.watch(v)
     out = hierarchical_attention(q, k, v, layout, out=q if in_place else None, **kernel_kwargs)
     return _AllToAll.apply(out, group, False)
 

@@ -8,12 +8,12 @@ gradient path that every layer reads from a keyword argument, and reentrant grad
 default on one process and under DeepSpeed) neither differentiates keyword arguments nor lets every layer's
 recomputation run backward through the same pruner graph.
 
-So the values are left alone. :class:`ValueGateGradient` goes into the decoder as the keyword argument
-``sophia_value_gate``; the attention router calls :meth:`ValueGateGradient.watch` on the values each layer hands to
-the kernel, and a hook adds ``<dL/dv, v>`` per token to one ``[B, N]`` buffer when that gradient is computed (in a
-reentrant checkpoint's recomputation as well). :meth:`ValueGateGradient.attach` ties the decoder's input to the
-per-token gates through an identity whose backward runs only once the gradient of that input is complete, that is
-after every layer's backward, and hands the buffer to the gates."""
+So the values pass unchanged. :class:`ValueGateGradient` goes into the decoder as the keyword argument
+``sophia_value_gate``; the attention router hands the values of each layer through :meth:`ValueGateGradient.watch`,
+an identity whose backward adds ``<dL/dv, v>`` per token to one ``[B, N]`` buffer (the values are saved like any
+other activation: freed after the backward, recomputed under checkpointing). :meth:`ValueGateGradient.attach` ties
+the decoder's input to the per-token gates through an identity whose backward runs only once the gradient of that
+input is complete, that is after every layer's backward, and hands the buffer to the gates."""
 from __future__ import annotations
 
 import torch
@@ -25,20 +25,31 @@ class ValueGateGradient:
     def __init__(self, batch: int, length: int, device):
         self.buffer = torch.zeros(batch, length, dtype=torch.float32, device=device)
 
-    def watch(self, value: torch.Tensor) -> None:
-        """``value`` ``[B, H, N, D]`` (N may extend past the gated tokens: padding); no-op without a gradient."""
-        if not value.requires_grad:
-            return
-        length = min(value.shape[2], self.buffer.shape[1])
-
-        def add(grad: torch.Tensor) -> None:
-            self.buffer[:, :length] += (grad[:, :, :length].float() * value[:, :, :length].float()).sum(dim=(1, 3))
-
-        value.register_hook(add)
+    def watch(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` ``[B, H, N, D]`` unchanged (N may extend past the gated tokens: padding); its backward adds to
+        the buffer. Returns ``value`` itself when it has no gradient."""
+        return _AddValueGrad.apply(value, self) if value.requires_grad else value
 
     def attach(self, inputs_embeds: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """``inputs_embeds`` unchanged, now also a function of ``gates`` ``[B, N]``, whose gradient is the buffer."""
         return _HandOver.apply(inputs_embeds, gates, self)
+
+
+class _AddValueGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, probe):
+        ctx.save_for_backward(value)
+        ctx.probe = probe
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (value,) = ctx.saved_tensors
+        buffer = ctx.probe.buffer
+        length = min(value.shape[2], buffer.shape[1])
+        for head in range(value.shape[1]):  # one head at a time: float32 temporaries of [B, N, D], not [B, H, N, D]
+            buffer[:, :length] += (grad[:, head, :length].float() * value[:, head, :length].float()).sum(dim=-1)
+        return grad, None
 
 
 class _HandOver(torch.autograd.Function):

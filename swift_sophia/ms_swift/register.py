@@ -8,6 +8,7 @@ module does not.
 from __future__ import annotations
 
 import atexit
+import sys
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -22,15 +23,24 @@ from .template import SOPHIA_TEMPLATE
 SOPHIA_MODEL_TYPE = "sophia"
 
 
+_exiting_on_error = False
+
+
+def _note_uncaught(exc_type, exc, tb, _previous=sys.excepthook) -> None:
+    global _exiting_on_error
+    _exiting_on_error = True
+    _previous(exc_type, exc, tb)
+
+
 def _destroy_process_groups() -> None:
     """At exit, before the interpreter's teardown: ms-swift, accelerate and DeepSpeed leave their process groups
     alive, and a gloo rank whose groups were destroyed in the static teardown sometimes aborted after training had
     finished ("terminate called without an active exception", exit status -6; seen under ZeRO-3 and sequence
-    parallelism on CPU processes)."""
+    parallelism on CPU processes). gloo ranks first meet in a barrier, unless this one is exiting on an uncaught
+    exception: only rank 0's wait is bounded, and a failing rank must exit at once so that torchrun stops the job."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_backend() == "gloo":
-        # gloo's threads of a rank whose peers already tore their groups down abort the process: meet first
+    if dist.get_backend() == "gloo" and not _exiting_on_error:
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=60))
         except Exception:  # a rank that failed or left: destroy anyway, the exit status is already decided
@@ -38,6 +48,7 @@ def _destroy_process_groups() -> None:
     dist.destroy_process_group()
 
 
+sys.excepthook = _note_uncaught
 atexit.register(_destroy_process_groups)  # every `swift` command that loads the plugin
 
 # Which modules --freeze_vit / --freeze_aligner / --freeze_llm and LoRA target. The frame pruner belongs to no

@@ -1,5 +1,7 @@
 """SophiaForConditionalGeneration on the tiny config: save/load, the extended sequence, generation, errors."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -302,35 +304,71 @@ def test_stage_3_gates_scale_what_the_sequence_reads_from_a_kept_shot(model_and_
 
     gate_grads = []
     value = loss()
-    seen[0][1].gate.register_hook(gate_grads.append)
+    for _, selection in seen:
+        selection.gate.register_hook(gate_grads.append)
     value.backward()
-    frames, selection = seen[0]
-    shot = int(selection.kept_shots[0])
-    mine = selection.shot_of_frame[selection.keep] == shot
-    analytic = float(gate_grads[0][mine].sum())
-
-    # the shot's rows of the extended sequence: the rows equal to its kept frames' features
-    tokens = frames[selection.keep[mine]].reshape(-1, frames.shape[-1]).detach()
-    row = embeds[0][0]
-    positions = [int(torch.nonzero((row == t).all(dim=-1))[0]) for t in tokens]
-    scale = {"factor": 1.0}
+    gate_grads.reverse()  # the backward reaches the videos' gates last first
+    selections, row_embeds = list(seen), embeds[0]
+    scale = {"factor": 1.0, "row": 0, "positions": []}
 
     def scaled(module, args, out):
         out = out.clone()
-        out[0, positions] *= scale["factor"]
+        out[scale["row"], scale["positions"]] *= scale["factor"]
         return out
 
     hooks = [layer.self_attn.v_proj.register_forward_hook(scaled) for layer in model.model.language_model.layers]
     eps = 1e-2  # parts of the model compute in float32: smaller steps drown in its rounding
-    scale["factor"] = 1 + eps
-    up = float(loss())
-    scale["factor"] = 1 - eps
-    down = float(loss())
+    checked = 0
+    for row, ((frames, selection), grad) in enumerate(zip(selections, gate_grads)):  # one video per row
+        for shot in selection.kept_shots.tolist():
+            mine = selection.shot_of_frame[selection.keep] == shot
+            analytic = float(grad[mine].sum())
+            # the shot's rows of the extended sequence: the rows equal to its kept frames' features
+            tokens = frames[selection.keep[mine]].reshape(-1, frames.shape[-1]).detach()
+            scale.update(row=row, positions=[int(torch.nonzero((row_embeds[row] == t).all(dim=-1))[0])
+                                             for t in tokens])
+            scale["factor"] = 1 + eps
+            up = float(loss())
+            scale["factor"] = 1 - eps
+            down = float(loss())
+            scale["factor"] = 1.0
+            numeric = (up - down) / (2 * eps)
+            assert abs(numeric) > 1e-5
+            assert analytic == pytest.approx(numeric, rel=1e-3), (row, shot)
+            checked += 1
     for hook in hooks:
         hook.remove()
-    numeric = (up - down) / (2 * eps)
-    assert abs(numeric) > 1e-5
-    assert analytic == pytest.approx(numeric, rel=1e-3)
+    assert checked == 3  # two kept shots of the first video (left of the padding), one of the second
+
+
+def test_stage_3_releases_the_attention_values_after_the_backward(model_and_tokenizer):
+    """The values each layer hands to stage 3's gate gradient are freed with the step, as any activation: at 100K
+    tokens a step that kept them would hold gigabytes more with every step."""
+    from swift_sophia.model.value_gates import ValueGateGradient
+
+    model, tokenizer = model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    config.prune_alpha, config.prune_beta = 50.0, 0.0
+    model = SophiaForConditionalGeneration(config).train()
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    watched = []
+    watch = ValueGateGradient.watch
+
+    def recording_watch(self, value):
+        watched.append(weakref.ref(value))
+        return watch(self, value)
+
+    ValueGateGradient.watch = recording_watch
+    try:
+        for _ in range(2):
+            model(**inputs, labels=labels).loss.backward()
+    finally:
+        ValueGateGradient.watch = watch
+    gc.collect()
+    assert len(watched) == 2 * len(model.model.language_model.layers)
+    assert all(ref() is None for ref in watched)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
