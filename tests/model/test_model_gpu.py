@@ -286,5 +286,6 @@ def test_stage_3_pruner_gradient_with_the_triton_kernel(tiny, reentrant):
         torch.manual_seed(1)
         model(**inputs, labels=labels).loss.backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in model.model.pruner.query_mlp.parameters()])
-    assert grads["reference"].abs().sum() > 0
-    torch.testing.assert_close(grads["triton"], grads["reference"], rtol=2e-2, atol=1e-5)
+    ref, tri = grads["reference"], grads["triton"]
+    assert ref.abs().sum() > 0 and torch.isfinite(tri).all()
+    assert (tri - ref).norm() / ref.norm() < 1e-3  # float32 kernel against float32 reference, as above
