@@ -270,20 +270,27 @@ def test_decoding_never_runs_the_hierarchical_kernel(model_and_tokenizer, monkey
     assert len(calls) == layers  # the prefill only, once per layer
 
 
+def _stage_3(model_and_tokenizer):
+    """Stage 3's settings on a copy of the tiny config (half the shots dropped, a constant Gumbel temperature), two
+    videos with shots and a query, and labels on the last tokens."""
+    model, tokenizer = model_and_tokenizer
+    config = copy.deepcopy(model.config)
+    config.prune_alpha, config.prune_beta, config.gumbel_anneal_rate = 50.0, 0.0, 0.0
+    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    return config, inputs, labels
+
+
 def test_stage_3_gates_scale_what_the_sequence_reads_from_a_kept_shot(model_and_tokenizer):
     """In training with Gumbel gates, the gradient that reaches a kept shot's gate is the loss's sensitivity to the
     values every decoder layer reads from that shot's tokens (how much the answer depends on reading the shot), not
     to the size of its input features, which the decoder's first norm removes. Checked against central differences
     that scale the shot's rows of every layer's value projection."""
-    model, tokenizer = model_and_tokenizer
-    config = copy.deepcopy(model.config)
-    config.prune_alpha, config.prune_beta, config.gumbel_anneal_rate = 50.0, 0.0, 0.0
+    config, inputs, labels = _stage_3(model_and_tokenizer)
     torch.manual_seed(0)
     model = SophiaForConditionalGeneration(config).double().train()  # float64: differences of a loss near 10
-    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].double()
-    labels = inputs["input_ids"].clone()
-    labels[:, :-3] = -100
     seen, embeds = [], []
     select = model.model.pruner.select
 
@@ -346,13 +353,8 @@ def test_stage_3_releases_the_attention_values_after_the_backward(model_and_toke
     tokens a step that kept them would hold gigabytes more with every step."""
     from swift_sophia.model.value_gates import ValueGateGradient
 
-    model, tokenizer = model_and_tokenizer
-    config = copy.deepcopy(model.config)
-    config.prune_alpha, config.prune_beta = 50.0, 0.0
+    config, inputs, labels = _stage_3(model_and_tokenizer)
     model = SophiaForConditionalGeneration(config).train()
-    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
-    labels = inputs["input_ids"].clone()
-    labels[:, :-3] = -100
     watched = []
     watch = ValueGateGradient.watch
 
@@ -375,12 +377,7 @@ def test_stage_3_releases_the_attention_values_after_the_backward(model_and_toke
 def test_stage_3_pruner_gradient_is_the_same_with_gradient_checkpointing(model_and_tokenizer, reentrant):
     """ms-swift checkpoints the decoder layers by default, reentrant on one process and under DeepSpeed: stage 3's
     pruner gets the same gradient as without checkpointing."""
-    model, tokenizer = model_and_tokenizer
-    config = copy.deepcopy(model.config)
-    config.prune_alpha, config.prune_beta, config.gumbel_anneal_rate = 50.0, 0.0, 0.0
-    inputs = _with_shots_and_query(_batch(tokenizer, model, frames=(8, 6)), tokenizer, (4, 3))
-    labels = inputs["input_ids"].clone()
-    labels[:, :-3] = -100
+    config, inputs, labels = _stage_3(model_and_tokenizer)
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
