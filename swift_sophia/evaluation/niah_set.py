@@ -10,9 +10,17 @@ haystack never sits in memory whole.
 Generated needle (no --needle): a black-and-white pattern frame (checkerboard, stripes, rings) that appears nowhere
 in the coloured haystack; the question asks which pattern it is. Generated haystack (no --haystack): shots of a
 plain colour with a drifting shape (swift_sophia.video.synthetic_clips).
+
+Given needles (--needles, load_needles): a jsonl file of needles, each with its own question, options and answer.
+Sample s of the cell numbered c (cells in --frames, then --depths order) asks needle (c x samples + s) mod the
+number of needles (needle_index): the needles follow each other down every cell and on through the grid, so over the
+grid every needle is asked as often as any other (within one), and in every cell too when samples is a multiple of
+their number. A file whose every run of `samples` consecutive needles has balanced answers (as `sophia
+synthetic-shots --niah-inputs` writes it) gives balanced answers in every cell.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -61,6 +69,76 @@ def pattern_needle(rng: random.Random, size: int, num_frames: int = 1) -> Needle
     i = rng.randrange(len(PATTERNS))
     frame = pattern_frame(PATTERNS[i], size)
     return Needle(np.repeat(frame[None], num_frames, axis=0), PATTERN_QUESTION, list(PATTERNS), LETTERS[i])
+
+
+NEEDLE_KEYS = ("needle", "question", "options", "answer")
+OPTIONAL_NEEDLE_KEYS = ("needle_frames",)
+
+
+def load_needles(path: str, size: int, num_frames: Optional[int] = None) -> List[Needle]:
+    """The needles of a jsonl file, one JSON object a line: {"needle": an image or a clip (a relative path is
+    relative to the file's folder), "question": text, "options": [text, ...], "answer": a letter or an option's
+    text, optionally "needle_frames": the frames it spans, else `num_frames`, as load_needle}. Each needle is read
+    once; any problem is a SetError naming the file and the line."""
+    if not os.path.isfile(path):
+        raise SetError(f"needles file not found: {path}")
+    from ..video.source import VideoError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    needles = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                needles.append(_needle_of_line(line, folder, size, num_frames))
+            except (SetError, VideoError) as exc:
+                raise SetError(f"{path} line {number}: {exc}") from None
+    if not needles:
+        raise SetError(f"{path}: no needles in it")
+    return needles
+
+
+def _needle_of_line(line: str, folder: str, size: int, num_frames: Optional[int]) -> Needle:
+    entry = _needle_entry(line)
+    return load_needle(os.path.join(folder, entry["needle"]), size, entry.get("needle_frames", num_frames),
+                       entry["question"], entry["options"], entry["answer"])
+
+
+def _needle_entry(line: str) -> dict:
+    """One line of a needles file, its keys and values checked (SetError naming the problem)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SetError(f"not valid JSON ({exc})") from None
+    if not isinstance(entry, dict):
+        raise SetError(f"expected a JSON object with keys {', '.join(NEEDLE_KEYS)}, got {line.strip()[:80]}")
+    missing = [key for key in NEEDLE_KEYS if key not in entry]
+    if missing:
+        raise SetError(f"missing key {', '.join(missing)} (each line needs {', '.join(NEEDLE_KEYS)})")
+    unknown = sorted(set(entry) - set(NEEDLE_KEYS) - set(OPTIONAL_NEEDLE_KEYS))
+    if unknown:
+        raise SetError(f"unknown key {', '.join(unknown)} (keys: {', '.join(NEEDLE_KEYS + OPTIONAL_NEEDLE_KEYS)})")
+    needle, question, options = entry["needle"], entry["question"], entry["options"]
+    if not isinstance(needle, str) or not needle:
+        raise SetError(f"needle must be the path of an image or a clip, got {needle!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise SetError(f"question must be text, got {question!r}")
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+        raise SetError(f"options must be a list of two or more texts, got {options!r}")
+    frames = entry.get("needle_frames")
+    if frames is not None and (type(frames) is not int or frames < 1):
+        raise SetError(f"needle_frames must be a positive integer, got {frames!r}")
+    try:
+        answer_letter(entry["answer"], options, "needle")
+    except SetError:
+        raise SetError(f"answer {entry['answer']!r} is neither a letter nor one of the options {options}") from None
+    return entry
+
+
+def needle_index(cell_index: int, sample: int, samples: int, count: int) -> int:
+    """Which of `count` needles sample `sample` of the cell numbered `cell_index` asks (see the module's text)."""
+    return (cell_index * samples + sample) % count
 
 
 def load_needle(path: str, size: int, num_frames: Optional[int], question: str, options: Sequence[str],
@@ -155,27 +233,37 @@ def write_frames(path: str, chunks: Iterator[np.ndarray], fps: float) -> int:
 
 
 def build_cells(out_dir: str, *, frames: Sequence[int], depths: Sequence[int], size: int,
-                haystack: Optional[str] = None, needle: Optional[Needle] = None, samples: int = 1,
-                fps: float = 1.0, seed: int = 0) -> List[Question]:
-    """Write every cell's videos under out_dir/videos; the questions, one subset per cell."""
+                haystack: Optional[str] = None, needle: Optional[Needle] = None, needles: Sequence[Needle] = (),
+                samples: int = 1, fps: float = 1.0, seed: int = 0) -> List[Question]:
+    """Write every cell's videos under out_dir/videos; the questions, one subset per cell. `needle` (one) or
+    `needles` (shared out by needle_index, each question recording its needle's number), else generated ones."""
     if haystack and not os.path.isfile(haystack):
         raise SetError(f"haystack video not found: {haystack}")
-    if needle is not None and samples != 1:
-        raise SetError("--samples > 1 needs generated needles (a given needle would be asked the same way)")
+    if needle is not None and needles:
+        raise ValueError("give one needle or a list of needles, not both")
+    given = [needle] if needle is not None else list(needles)
+    if len(given) == 1 and samples != 1:
+        raise SetError("--samples > 1 needs several needles (--needles) or generated ones: a single given needle "
+                       "would be asked the same way in every sample")
     video_dir = os.path.join(out_dir, "videos")
     os.makedirs(video_dir, exist_ok=True)
     questions = []
-    for n in frames:
-        for d in depths:
-            cell = cell_name(n, d)
-            for s in range(samples):
-                rng = random.Random(f"{seed}-{n}-{d}-{s}")
-                cell_needle = needle or pattern_needle(rng, size)
-                path = os.path.join(video_dir, f"{cell}_{s}.mp4")
-                count = write_frames(path, haystack_with_needle(n, d, cell_needle, size, haystack, rng), fps)
-                if count != n:
-                    raise SetError(f"cell {cell}: wrote {count} frames, expected {n}")
-                questions.append(Question(qid=f"{cell}/{s}", subset=cell, question=cell_needle.question,
-                                          options=cell_needle.options, answer=cell_needle.answer, video=path,
-                                          extra={"frames": n, "depth": d}))
+    cells = [(n, d) for n in frames for d in depths]
+    for cell_index, (n, d) in enumerate(cells):
+        cell = cell_name(n, d)
+        for s in range(samples):
+            rng = random.Random(f"{seed}-{n}-{d}-{s}")
+            extra = {"frames": n, "depth": d}
+            if given:
+                extra["needle"] = needle_index(cell_index, s, samples, len(given))
+                cell_needle = given[extra["needle"]]
+            else:
+                cell_needle = pattern_needle(rng, size)
+            path = os.path.join(video_dir, f"{cell}_{s}.mp4")
+            count = write_frames(path, haystack_with_needle(n, d, cell_needle, size, haystack, rng), fps)
+            if count != n:
+                raise SetError(f"cell {cell}: wrote {count} frames, expected {n}")
+            questions.append(Question(qid=f"{cell}/{s}", subset=cell, question=cell_needle.question,
+                                      options=cell_needle.options, answer=cell_needle.answer, video=path,
+                                      extra=extra))
     return questions

@@ -6,6 +6,7 @@ import random
 import shlex
 import subprocess
 import sys
+from collections import Counter
 
 import av
 import numpy as np
@@ -15,8 +16,9 @@ from PIL import Image
 from deploy_process import free_port
 from swift_cli import env
 from swift_sophia.evaluation.heatmap import BEYOND_COLOR, draw
-from swift_sophia.evaluation.niah_set import PATTERNS, build_cells, load_needle, pattern_frame
+from swift_sophia.evaluation.niah_set import PATTERNS, build_cells, load_needle, load_needles, pattern_frame
 from swift_sophia.evaluation.report import latest_run, predictions
+from swift_sophia.evaluation.vmcq import SetError
 from swift_sophia.video.synthetic_clips import random_clip_spec, render_clip, write_mp4
 
 
@@ -70,6 +72,113 @@ def test_given_haystack_and_needle_image(tmp_path):
         assert q.question == "Which pattern?" and q.answer == "B"
     with pytest.raises(ValueError, match="needle file not found: .*missing.png"):
         load_needle(str(tmp_path / "missing.png"), 48, 1, "q", ["a", "b"], "a")
+
+
+def _pattern_needles(folder):
+    """needles.jsonl with the four patterns as needles: images, and one 2-frame clip in a subfolder (paths relative
+    to the file), each answered by its pattern (by text, or by letter)."""
+    os.makedirs(folder / "clips")
+    lines = []
+    for i, name in enumerate(PATTERNS):
+        if i == 3:
+            path = "clips/rings.mp4"
+            write_mp4(str(folder / path), np.repeat(pattern_frame(name, 64)[None], 6, axis=0))
+        else:
+            path = f"{i}.png"
+            Image.fromarray(pattern_frame(name, 64)).save(folder / path)
+        lines.append({"needle": path, "question": "Which pattern?", "options": list(PATTERNS),
+                      "answer": "ABCD"[i] if i == 2 else name, **({"needle_frames": 2} if i == 3 else {})})
+    (folder / "needles.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(folder / "needles.jsonl")
+
+
+def _needle_pattern(frames):
+    needle = frames[_grey(frames)[0]].astype(int)
+    distance = {p: np.abs(needle - pattern_frame(p, 48)).mean() for p in PATTERNS}
+    return min(distance, key=distance.get)
+
+
+def test_needles_file_cycles_through_its_needles(tmp_path):
+    """Sample s of cell c asks needle (c x samples + s) mod 4: each cell asks two different needles, the grid asks
+    every needle (so every answer) equally often, and every video holds the needle its question asks about."""
+    needles = load_needles(_pattern_needles(tmp_path / "in"), 48)
+    assert [n.answer for n in needles] == ["A", "B", "C", "D"]
+    assert [len(n.frames) for n in needles] == [1, 1, 1, 2]
+    questions = build_cells(str(tmp_path / "set"), frames=[8, 12], depths=[0, 50, 100], size=48, needles=needles,
+                            samples=2)
+    assert [q.extra["needle"] for q in questions] == [0, 1, 2, 3] * 3
+    assert Counter(q.answer for q in questions) == {"A": 3, "B": 3, "C": 3, "D": 3}
+    for cell in {q.subset for q in questions}:
+        assert len({q.answer for q in questions if q.subset == cell}) == 2
+    for q in questions:
+        frames = _frames(q.video)
+        n, d = q.extra["frames"], q.extra["depth"]
+        k = len(needles[q.extra["needle"]].frames)
+        at = round(d / 100 * (n - k))
+        assert len(frames) == n and _grey(frames) == list(range(at, at + k)), (q.qid, _grey(frames))
+        assert _needle_pattern(frames) == q.options["ABCD".index(q.answer)]
+    # a cell of as many samples as needles asks every needle once
+    questions = build_cells(str(tmp_path / "set4"), frames=[8], depths=[50], size=48, needles=needles, samples=4)
+    assert sorted(q.answer for q in questions) == ["A", "B", "C", "D"]
+
+
+GOOD_NEEDLE = {"needle": "ok.png", "question": "Which pattern?", "options": ["checkerboard", "stripes"],
+               "answer": "checkerboard"}
+
+
+@pytest.mark.parametrize("second_line, message", [
+    ('{"needle": "ok.png", "question": ', r"needles\.jsonl line 2: not valid JSON"),
+    (json.dumps({"needle": "ok.png", "question": "Which?"}), r"needles\.jsonl line 2: missing key options, answer"),
+    (json.dumps(dict(GOOD_NEEDLE, needle="gone.png")), r"needles\.jsonl line 2: needle file not found: .*gone\.png"),
+    (json.dumps(dict(GOOD_NEEDLE, answer="rings")),
+     r"needles\.jsonl line 2: answer 'rings' is neither a letter nor one of the options \['checkerboard', 'stripes'\]"),
+], ids=["bad json", "missing keys", "needle not found", "answer not an option"])
+def test_needles_file_errors_name_the_line(second_line, message, tmp_path):
+    Image.fromarray(pattern_frame("checkerboard", 32)).save(tmp_path / "ok.png")
+    path = tmp_path / "needles.jsonl"
+    path.write_text(json.dumps(GOOD_NEEDLE) + "\n" + second_line + "\n")
+    with pytest.raises(SetError, match=message):
+        load_needles(str(path), 32)
+
+
+def test_missing_needles_file_is_named(tmp_path):
+    with pytest.raises(SetError, match=r"needles file not found: .*absent\.jsonl"):
+        load_needles(str(tmp_path / "absent.jsonl"), 32)
+
+
+def test_needles_excludes_the_single_needle_flags(tmp_path):
+    from swift_sophia.evaluation import niah
+
+    base = ["--model", str(tmp_path / "never-loaded"), "--output-dir", str(tmp_path / "out"), "--needles", "n.jsonl"]
+    with pytest.raises(SystemExit, match="--needles cannot go with --needle, --answer"):
+        niah.main(base + ["--needle", "cat.png", "--answer", "cat"])
+    with pytest.raises(SystemExit, match="--needles cannot go with --question, --option"):
+        niah.main(base + ["--question", "Which?", "--option", "a", "--option", "b"])
+    # one needle has one question: asking it twice per cell measures nothing more
+    Image.fromarray(pattern_frame("checkerboard", 32)).save(tmp_path / "needle.png")
+    needle = load_needle(str(tmp_path / "needle.png"), 32, 1, "Which?", ["a", "b"], "a")
+    with pytest.raises(SetError, match="--samples > 1 needs several needles"):
+        build_cells(str(tmp_path / "set"), frames=[8], depths=[50], size=32, needles=[needle], samples=2)
+
+
+def test_sophia_niah_builds_a_set_from_a_needles_file(tiny_model_dir, tmp_path):
+    source = str(tmp_path / "film.mp4")
+    write_mp4(source, render_clip(random_clip_spec(random.Random(2), 3), 8, size=56, seed=1))  # 24 frames
+    needles = _pattern_needles(tmp_path / "in")
+    out = tmp_path / "niah"
+    proc = subprocess.run([sys.executable, "-m", "swift_sophia", "niah", "--model", tiny_model_dir, "--output-dir",
+                           str(out), "--frames", "8,16", "--depths", "0,100", "--haystack", source, "--needles",
+                           needles, "--samples", "2", "--skip-eval"],
+                          capture_output=True, text=True, timeout=300, env=env(), cwd=str(tmp_path))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["needle"] == needles and manifest["num_needles"] == 4 and manifest["samples"] == 2
+    rows = {c["cell"]: [json.loads(line) for line in open(out / "set" / f"{c['cell']}_val.jsonl")]
+            for c in manifest["cells"]}
+    assert list(rows) == ["frames8_depth0", "frames8_depth100", "frames16_depth0", "frames16_depth100"]
+    assert [r["needle"] for cell in rows.values() for r in cell] == [0, 1, 2, 3] * 2
+    assert [r["answer"] for cell in rows.values() for r in cell] == ["A", "B", "C", "D"] * 2
+    assert all(r["question"] == "<video 1>\nWhich pattern?" for cell in rows.values() for r in cell)
 
 
 def test_heatmap_marks_cells_beyond_max_length(tmp_path):
