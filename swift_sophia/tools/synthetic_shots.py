@@ -20,7 +20,13 @@ the colour alone does not give it away. Rows are written twice from the same vid
 
 `manifest.json` records every video's shots (colours, texture, which shot has the shape, its frame span).
 
+`--niah-inputs` writes the inputs of a needle-in-a-haystack test of this task instead (make_niah_inputs): a
+haystack video of distractor shots only (`haystack.<container>`, --num-shots x --frames-per-shot frames) and
+`needles.jsonl`, one answer shot per needle (every colour with every shape) with the training rows' question and
+options, for `sophia niah --haystack OUT/haystack.mp4 --needles OUT/needles.jsonl`.
+
     sophia synthetic-shots OUT --num-train 256 --num-val 64
+    sophia synthetic-shots NIAH_OUT --niah-inputs --num-shots 128 --frames-per-shot 2
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import json
 import multiprocessing
 import os
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,15 +67,30 @@ def random_video_spec(rng: random.Random, num_shots: int = 16, *, stripe_rate: f
             # the shot before a fixed answer colour must differ from it too
             avoid = {prev, answer if answer is not None and i == answer_shot - 1 else None}
             bg = rng.choice([c for c in names if c not in avoid])
-        shot = {"background": bg, "stripe": None, "shape": None}
         if i == answer_shot:
-            shot["shape"] = shape
-        elif rng.random() < stripe_rate:
-            shot["stripe"] = rng.choice([c for c in names if c != bg])
-        shots.append(shot)
+            shots.append({"background": bg, "stripe": None, "shape": shape})
+        else:
+            shots.append(_distractor_shot(rng, bg, stripe_rate))
         prev = bg
     return {"shots": shots, "answer_shot": answer_shot, "shape": shape,
             "answer": shots[answer_shot]["background"]}
+
+
+def _distractor_shot(rng: random.Random, background: str, stripe_rate: float) -> Dict:
+    """A shot without the shape: plain, or striped with a second colour with probability `stripe_rate`."""
+    stripe = rng.choice([c for c in COLORS if c != background]) if rng.random() < stripe_rate else None
+    return {"background": background, "stripe": stripe, "shape": None}
+
+
+def distractor_shots(rng: random.Random, num_shots: int, *, stripe_rate: float = 0.5) -> List[Dict]:
+    """`num_shots` shots without the shape, drawn as random_video_spec draws every shot but the answer shot
+    (consecutive backgrounds differ): a haystack with no needle in it."""
+    shots, prev = [], None
+    for _ in range(num_shots):
+        background = rng.choice([c for c in COLORS if c != prev])
+        shots.append(_distractor_shot(rng, background, stripe_rate))
+        prev = background
+    return shots
 
 
 def balanced_answers(rng: random.Random, count: int) -> List[str]:
@@ -157,9 +178,7 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
         raise ValueError(f"min_shots must be between 2 and num_shots ({num_shots}), got {min_shots}")
     from ..evaluation.vmcq import LETTERS, Question, write_set
 
-    if container not in WRITERS:
-        raise ValueError(f"container must be one of {', '.join(WRITERS)}, got {container!r}")
-    write = WRITERS[container]
+    write = _writer(container)
     rng = random.Random(seed)
     video_dir = os.path.abspath(os.path.join(output_dir, "videos"))
     os.makedirs(video_dir, exist_ok=True)
@@ -214,6 +233,53 @@ def make_dataset(output_dir: str, num_train: int = 256, num_val: int = 64, *, nu
     with open(os.path.join(output_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
+
+
+def niah_needle_specs() -> List[Tuple[str, str]]:
+    """(background, shape) of every needle: each colour with each shape once, needle k having colour k mod 6 and
+    shape (k + k // 6) mod 3, so that any six consecutive needles (cyclically) ask every colour once, and needles
+    0-5, 6-11 and 12-17 every shape twice. `sophia niah` hands the needles to its cells in order: with --samples 6,
+    every cell asks every colour once and every shape twice."""
+    names = list(COLORS)
+    return [(names[k % len(names)], SHAPES[(k + k // len(names)) % len(SHAPES)])
+            for k in range(len(names) * len(SHAPES))]
+
+
+def make_niah_inputs(output_dir: str, *, num_shots: int = 64, frames_per_shot: int = 2, size: int = 56, fps: int = 8,
+                     seed: int = 0, num_options: int = NUM_OPTIONS, noise: float = 4.0, stripe_rate: float = 0.5,
+                     container: str = "mp4") -> Dict:
+    """The inputs of `sophia niah --haystack ... --needles ...` for this task: `haystack.<container>`, a video of
+    `num_shots` distractor shots (no shape shot; num_shots x frames_per_shot frames, rendered as the training
+    videos' other shots), and `needles.jsonl` with one clip per needle in `needles/`, each an answer shot
+    (frames_per_shot frames of a black shape on a coloured background) with the training rows' question and
+    options and the background colour as the answer (niah_needle_specs: every colour with every shape). The
+    haystack should be at least as long as the largest NIAH cell, so that no frame of it repeats in a cell.
+    Returns what was written."""
+    write = _writer(container)
+    rng = random.Random(seed)
+    haystack = os.path.join(output_dir, f"haystack.{container}")
+    needles_path = os.path.join(output_dir, "needles.jsonl")
+    os.makedirs(os.path.join(output_dir, "needles"), exist_ok=True)
+    haystack_spec = {"shots": distractor_shots(rng, num_shots, stripe_rate=stripe_rate)}
+    render = functools.partial(render_video, frames_per_shot=frames_per_shot, size=size, noise=noise)
+    write(haystack, render(haystack_spec, seed=rng.randrange(1 << 30)), fps=fps)
+    needles = []
+    for background, shape in niah_needle_specs():
+        spec = {"shots": [{"background": background, "stripe": None, "shape": shape}], "answer": background}
+        clip = f"needles/{background}_{shape}.{container}"  # relative to needles.jsonl, as niah reads it
+        write(os.path.join(output_dir, clip), render(spec, seed=rng.randrange(1 << 30)), fps=fps)
+        needles.append({"needle": clip, "question": QUESTION.format(shape=shape),
+                        "options": options_for(spec, rng, num_options), "answer": background,
+                        "needle_frames": frames_per_shot})
+    _write_jsonl(needles_path, needles)
+    return {"haystack": haystack, "needles": needles_path, "frames": num_shots * frames_per_shot,
+            "haystack_shots": haystack_spec["shots"], "num_needles": len(needles)}
+
+
+def _writer(container: str):
+    if container not in WRITERS:
+        raise ValueError(f"container must be one of {', '.join(WRITERS)}, got {container!r}")
+    return WRITERS[container]
 
 
 def _render_and_write(path: str, spec: Dict, seed: int, *, write, frames_per_shot: int, size: int, fps: int,
@@ -327,6 +393,13 @@ def pruned_frames(checkpoint: str, rows: List[Dict], *, alpha: float = 30, beta:
     return out  # sampled positions; with `frames` = the video's frame count these are its native frames
 
 
+def print_niah_inputs(written: Dict) -> None:
+    print(f"haystack of {written['frames']} frames: {written['haystack']}\n"
+          f"{written['num_needles']} needles: {written['needles']}\n"
+          f"sophia niah --model CHECKPOINT --output-dir niah --haystack {written['haystack']} "
+          f"--needles {written['needles']} --samples {len(COLORS)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`sophia synthetic-shots OUT`."""
     p = argparse.ArgumentParser(prog="sophia synthetic-shots", description=__doc__.split("\n\n")[0])
@@ -358,7 +431,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--relocate", action="store_true",
                    help="write nothing new: point the dataset in OUTPUT_DIR, moved from where it was written, at its "
                         "videos where they are now (with --cache-true-shots: and cache its shots here)")
+    p.add_argument("--niah-inputs", action="store_true",
+                   help="write no dataset: the inputs of `sophia niah` for this task, OUTPUT_DIR/haystack.<container> "
+                        "(--num-shots x --frames-per-shot frames of distractor shots; make it at least the largest "
+                        "--frames of sophia niah, so no frame repeats in a cell) and OUTPUT_DIR/needles.jsonl (an "
+                        "answer shot of --frames-per-shot frames for every colour and shape, with the training "
+                        "question and options)")
     a = p.parse_args(argv)
+    if a.niah_inputs and (a.relocate or a.cache_true_shots):
+        p.error("--niah-inputs writes no dataset: it goes without --relocate and --cache-true-shots")
+    if a.niah_inputs:
+        print_niah_inputs(make_niah_inputs(a.output_dir, num_shots=a.num_shots, frames_per_shot=a.frames_per_shot,
+                                           size=a.size, fps=a.fps, seed=a.seed, num_options=a.num_options,
+                                           noise=a.noise, stripe_rate=a.stripe_rate, container=a.container))
+        return 0
     if a.relocate:
         print(f"{relocate(a.output_dir)} files of {os.path.abspath(a.output_dir)} point at its videos")
         m = json.load(open(os.path.join(a.output_dir, "manifest.json")))
@@ -374,5 +460,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"true shots of {cache_true_shots(m, a.cache_true_shots)} videos cached in {a.cache_true_shots}")
     return 0
 
-__all__ = ["make_dataset", "relocate", "balanced_answers", "random_video_spec", "render_video", "options_for",
-           "user_text", "cache_true_shots", "answer_seen", "uniform_frames", "pruned_frames", "main", "QUESTION"]
+__all__ = ["make_dataset", "make_niah_inputs", "niah_needle_specs", "relocate", "balanced_answers",
+           "random_video_spec", "distractor_shots", "render_video", "options_for", "user_text", "cache_true_shots",
+           "answer_seen", "uniform_frames", "pruned_frames", "main", "QUESTION"]

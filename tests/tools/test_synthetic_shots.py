@@ -179,3 +179,57 @@ def test_training_videos_of_several_lengths(tmp_path):
         assert entry["total_frames"] == 2 * len(info["shots"]) and len(entry["cuts"]) == len(info["shots"]) - 1
     with pytest.raises(ValueError, match="min_shots must be between 2 and num_shots"):
         make_dataset(str(tmp_path / "e"), num_train=1, num_val=1, num_shots=3, min_shots=4)
+
+
+def test_niah_inputs_haystack_needles_and_training_prompt(tmp_path):
+    """`--niah-inputs`: a haystack of distractor shots only, one answer-shot clip per (colour, shape) with the training
+    rows' question and options, read by niah's loaders; any six needles in a row ask every colour once."""
+    from collections import Counter
+
+    from swift_sophia.evaluation.niah_set import build_cells, load_needles
+    from swift_sophia.tools.synthetic_shots import QUESTION, main
+    from swift_sophia.video.frames import load_video
+
+    out = tmp_path / "niah_inputs"
+    assert main([str(out), "--niah-inputs", "--num-shots", "6", "--frames-per-shot", "3", "--size", "32",
+                 "--container", "avi", "--seed", "4"]) == 0
+    with pytest.raises(SystemExit):  # it writes no dataset: nothing to relocate or cache
+        main([str(out), "--niah-inputs", "--relocate"])
+    haystack = load_video(str(out / "haystack.avi"), 100).frames
+    assert len(haystack) == 18 and max(_black(f) for f in haystack) < 0.01  # 6 shots x 3 frames, no shape
+    corners = [_nearest_colour(f[:4, :4].reshape(-1, 3).mean(0)) for f in haystack[::3]]
+    assert all(a != b for a, b in zip(corners, corners[1:]))  # hard cuts between shots, as in training
+
+    lines = [json.loads(line) for line in open(out / "needles.jsonl")]
+    needles = load_needles(str(out / "needles.jsonl"), 32)  # the clips as sophia niah reads them
+    assert sorted((n["answer"], n["question"]) for n in lines) == sorted(
+        (c, QUESTION.format(shape=s)) for c in COLORS for s in SHAPES)
+    for i in range(len(lines)):  # --samples 6: every cell asks every colour, and every shape twice
+        window = [lines[(i + j) % len(lines)] for j in range(len(COLORS))]
+        assert {n["answer"] for n in window} == set(COLORS)
+        if i % len(COLORS) == 0:
+            assert set(Counter(n["question"] for n in window).values()) == {2}
+    for line, needle in zip(lines, needles):
+        assert line["options"] == list(COLORS) and needle.options == list(COLORS)
+        assert needle.options[ord(needle.answer) - 65] == line["answer"]
+        assert len(needle.frames) == 3 and all(_black(f) > 0.03 for f in needle.frames)
+        assert all(_nearest_colour(f[:4, :4].reshape(-1, 3).mean(0)) == line["answer"] for f in needle.frames)
+
+    # the NIAH rows ask exactly what the training rows ask
+    m = make_dataset(str(tmp_path / "train"), num_train=12, num_val=0, num_shots=2, frames_per_shot=1, size=16,
+                     container="avi")
+    trained = {}  # shape -> the user turn of a training row
+    for row in map(json.loads, open(tmp_path / "train" / "train.jsonl")):
+        trained[m["videos"][row["videos"][0]]["shape"]] = row["messages"][0]["content"]
+    assert set(trained) == set(SHAPES)
+    questions = build_cells(str(tmp_path / "set"), frames=[12], depths=[50], size=32,
+                            haystack=str(out / "haystack.avi"), needles=needles, samples=6)
+    assert sorted(q.answer for q in questions) == list("ABCDEF")
+    for q in questions:
+        row = q.row()
+        shape = row["question"].rsplit(" ", 1)[1].rstrip("?")
+        assert user_text(row["question"].removeprefix("<video 1>\n"), row["options"]) == trained[shape]
+        frames = _frames(q.video)
+        at = round(0.5 * (12 - 3))  # the 3-frame needle at 50 % of the cell
+        assert [i for i in range(12) if _black(frames[i]) > 0.03] == [at, at + 1, at + 2]
+        assert _nearest_colour(frames[at][:4, :4].reshape(-1, 3).mean(0)) == q.options[ord(q.answer) - 65]
