@@ -22,7 +22,7 @@
 #              every STAGE2_SAVE_STEPS steps),
 #              SAVE_ONLY_MODEL (true: checkpoints without the optimizer state)
 #   evaluation BUDGET (default K / 2), EVAL_JOBS (evaluations at once), INFER_BATCH, NIAH (auto | 0 | 1),
-#              NIAH_FRAMES NIAH_SAMPLES
+#              NIAH_FRAMES NIAH_SAMPLES (questions a cell; 6: every answer colour once in every cell)
 # FROM_STAGE=2 (or 3, or 4: evaluation only) keeps WORK_DIR's model, data and earlier stages; UNTIL_STAGE=1 (or 2, 3)
 # stops after that stage; RESUME=1 with FROM_STAGE=2 goes on with stage 2 from its last checkpoint (its optimizer
 # and schedule too: that needs SAVE_ONLY_MODEL=false) instead of starting it again.
@@ -39,7 +39,7 @@ STAGE1_EPOCHS="${STAGE1_EPOCHS:-1}" STAGE2_EPOCHS="${STAGE2_EPOCHS:-2}" STAGE3_E
 STAGE1_LR="${STAGE1_LR:-3e-4}" STAGE2_LR="${STAGE2_LR:-2e-3}" STAGE3_LR="${STAGE3_LR:-1e-2}" STAGE3_ACCUM="${STAGE3_ACCUM:-1}"
 STAGE2_SECONDS="${STAGE2_SECONDS:-0}" STAGE2_SAVE_STEPS="${STAGE2_SAVE_STEPS:-0}"
 EVAL_JOBS="${EVAL_JOBS:-1}" INFER_BATCH="${INFER_BATCH:-8}" NIAH="${NIAH:-auto}"
-NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-2}"
+NIAH_FRAMES="${NIAH_FRAMES:-8,16,32,64}" NIAH_SAMPLES="${NIAH_SAMPLES:-6}"
 PLUGIN="$(sophia plugin-path)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false SOPHIA_SHOT_CACHE="$WORK/shot_cache"
 export VIDEO_SEGMENTS=$FRAMES
@@ -130,7 +130,7 @@ swift sft --model "$(checkpoint "$WORK/stage2")" --external_plugins "$PLUGIN" \
 fi
 [ "$UNTIL_STAGE" -le 3 ] && { step "stopped after stage 3 (UNTIL_STAGE=3)"; exit 0; }
 
-rm -rf "$WORK/eval" "$WORK/niah" "$WORK/kept.json"
+rm -rf "$WORK/eval" "$WORK/niah" "$WORK/niah_inputs" "$WORK/kept.json"
 mkdir -p "$WORK/eval"
 CKPT="$WORK/stage3/last-checkpoint"
 K=$(python -c "
@@ -180,11 +180,17 @@ if [ "$NIAH" = auto ]; then
     [ "$NIAH" = 0 ] && echo "NIAH skipped: it needs av, evalscope and matplotlib (run sophia niah on $CKPT elsewhere)"
 fi
 if [ "$NIAH" = 1 ]; then
-    step "NIAH heatmap of the trained checkpoint (sophia niah, pruning off)"
+    step "NIAH heatmap of the trained checkpoint (sophia niah: the task's answer shot in a haystack of its other shots, pruning off)"
+    # a haystack as long as the largest cell, of the training videos' distractor shots, and one needle per colour and
+    # shape with the training rows' question: the heatmap asks the task itself at each length and depth
+    LONGEST=$(tr ',' '\n' <<< "$NIAH_FRAMES" | sort -n | tail -1) PER_SHOT=$((FRAMES / SHOTS))
+    sophia synthetic-shots "$WORK/niah_inputs" --niah-inputs --num-shots $(((LONGEST + PER_SHOT - 1) / PER_SHOT)) \
+        --frames-per-shot "$PER_SHOT" --size "$SIZE" --noise "$NOISE" --stripe-rate "$STRIPE_RATE" > "$WORK/niah.log"
     PRUNE_ALPHA=0 PRUNE_BETA=0 sophia niah --model "$CKPT" --output-dir "$WORK/niah" --frames "$NIAH_FRAMES" \
-        --depths 0,25,50,75,100 --samples "$NIAH_SAMPLES" \
-        --swift-args "--infer_backend transformers --max_new_tokens 16 --eval_num_proc 4 --host 127.0.0.1 --port $((19000 + RANDOM % 1000)) --eval_generation_config '{\"retries\": 1}'" \
-        > "$WORK/niah.log" 2>&1 || { tail -30 "$WORK/niah.log"; exit 1; }
+        --depths 0,25,50,75,100 --samples "$NIAH_SAMPLES" --haystack "$WORK/niah_inputs/haystack.mp4" \
+        --needles "$WORK/niah_inputs/needles.jsonl" \
+        --swift-args "--infer_backend transformers --max_new_tokens $MAX_NEW_TOKENS --eval_num_proc 4 --host 127.0.0.1 --port $((19000 + RANDOM % 1000)) --eval_generation_config '{\"retries\": 1}'" \
+        >> "$WORK/niah.log" 2>&1 || { tail -30 "$WORK/niah.log"; exit 1; }
 fi
 
 step "done"

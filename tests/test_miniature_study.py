@@ -1,5 +1,6 @@
 """examples/miniature_study.sh end to end at toy size on the CPU: every stage, every condition and both baselines
-evaluated, the frame analysis and the table (accuracy and Wilson interval of every condition)."""
+evaluated, the frame analysis, the NIAH heatmap of the task's own needles and the table (accuracy and Wilson
+interval of every condition)."""
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ K, BUDGET = 3, 2  # 30/30 keeps 3 of 4 shots and 1 of each shot's 2 frames
 def test_miniature_study_reports_every_condition(tmp_path):
     work = tmp_path / "study"
     sizes = dict(NUM_TRAIN="16", NUM_VAL=str(NUM_VAL), FRAMES=str(FRAMES), SHOTS=str(SHOTS), BATCH="8",
-                 STAGE3_EPOCHS="1", BUDGET=str(BUDGET), EVAL_JOBS="2", NIAH="0", CONTAINER="avi", BALANCE="1")
+                 STAGE3_EPOCHS="1", BUDGET=str(BUDGET), EVAL_JOBS="2", CONTAINER="avi", BALANCE="1",
+                 NIAH="1", NIAH_FRAMES="8,16", NIAH_SAMPLES="1")
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "miniature_study.sh"), str(work)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900, env=env(**sizes))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -50,6 +52,14 @@ def test_miniature_study_reports_every_condition(tmp_path):
         for stage in ("before stage 3", "after stage 3"):
             assert 0 <= res["pruner"][f"{name}, {stage}"]["answer_shot_shown"] <= NUM_VAL
     assert set(res["training"]) == {"stage1", "stage2", "stage3"}
+    # NIAH: every cell asked the task's question about one of its answer shots, hidden among its other shots
+    niah = json.load(open(work / "niah" / "niah_results.json"))
+    assert niah["needle"].endswith("needles.jsonl") and niah["haystack"].endswith("haystack.mp4")
+    assert [(c["frames"], c["depth"]) for c in res["niah"]] == [(n, d) for n in (8, 16) for d in (0, 25, 50, 75, 100)]
+    assert all(c["answered"] == 1 and 0 <= c["accuracy"] <= 1 for c in res["niah"])
+    rows = [json.loads(line) for path in (work / "niah" / "set").glob("*.jsonl") for line in open(path)]
+    assert len(rows) == 10 and all("What color is the background of the shot" in r["question"] for r in rows)
+    assert (work / "niah" / "niah_heatmap.png").stat().st_size > 0
     timings = open(work / "timings.txt").read()
     assert "stage 3" in timings and "done" in timings
 
