@@ -233,15 +233,14 @@ def write_frames(path: str, chunks: Iterator[np.ndarray], fps: float) -> int:
 
 
 def build_cells(out_dir: str, *, frames: Sequence[int], depths: Sequence[int], size: int,
-                haystack: Optional[str] = None, needle: Optional[Needle] = None, needles: Sequence[Needle] = (),
-                samples: int = 1, fps: float = 1.0, seed: int = 0) -> List[Question]:
-    """Write every cell's videos under out_dir/videos; the questions, one subset per cell. `needle` (one) or
-    `needles` (shared out by needle_index, each question recording its needle's number), else generated ones."""
+                haystack: Optional[str] = None, needles: Sequence[Needle] = (), samples: int = 1, fps: float = 1.0,
+                seed: int = 0) -> List[Question]:
+    """Write every cell's videos under out_dir/videos; the questions, one subset per cell. Given `needles` (one or
+    more) are shared out by needle_index, each question recording its needle's number; without them, generated
+    ones."""
     if haystack and not os.path.isfile(haystack):
         raise SetError(f"haystack video not found: {haystack}")
-    if needle is not None and needles:
-        raise ValueError("give one needle or a list of needles, not both")
-    given = [needle] if needle is not None else list(needles)
+    given = list(needles)
     if len(given) == 1 and samples != 1:
         raise SetError("--samples > 1 needs several needles (--needles) or generated ones: a single given needle "
                        "would be asked the same way in every sample")

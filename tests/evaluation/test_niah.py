@@ -63,7 +63,7 @@ def test_given_haystack_and_needle_image(tmp_path):
     needle = load_needle(str(image), 48, 2, "Which pattern?", ["stripes", "checkerboard"], "checkerboard")
     assert needle.answer == "B" and len(needle.frames) == 2
     questions = build_cells(str(tmp_path / "set"), frames=[8, 40], depths=[50], size=48, haystack=source,
-                            needle=needle)
+                            needles=[needle])
     for q, n in zip(questions, [8, 40]):
         frames = _frames(q.video)
         assert len(frames) == n  # 40 > the film's 15 frames: its frames repeat, in order
